@@ -1,0 +1,5 @@
+import sys
+
+from ktstr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""What each nox session does. `noxfile.py` only declares sessions and calls these."""
