@@ -1,0 +1,324 @@
+"""Scheduler definitions: what runs in the guest, with which flags, on which kernels.
+
+A :class:`Scheduler` names a binary (the kernel's own EEVDF/CFS, a sched_ext
+scheduler discovered by name, or an explicit path), its fixed arguments, and
+optional *flags*. Flags combine into *profiles*: the power set of the flags,
+minus combinations that break a flag's ``requires``. Profiles are named
+``default`` (no flags) or the sorted flag names joined by ``+`` so that
+gauntlet ids and result sidecars are deterministic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ktstr.errors import KtstrError
+
+DEFAULT_WATCHDOG_TIMEOUT = 4.0
+"""Seconds the kernel's sched_ext watchdog waits for a runnable task before ejecting."""
+
+SCHEDULER_DIR_ENV = "KTSTR_SCHEDULER_DIR"
+
+
+class _Eevdf:
+    """Marker for "no scheduler binary": the kernel's built-in fair class (EEVDF, or CFS)."""
+
+    _instance: _Eevdf | None = None
+
+    def __new__(cls) -> _Eevdf:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "EEVDF"
+
+    def __reduce__(self) -> str:
+        return "EEVDF"
+
+
+EEVDF = _Eevdf()
+
+
+@dataclass(frozen=True)
+class Discover:
+    """Find the binary called ``name`` at run time (scheduler dir, kernel build, PATH)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise KtstrError(
+                f"Discover({self.name!r}): give a bare binary name such as 'scx_simple'; "
+                "use a Path for an explicit location"
+            )
+
+
+Binary = _Eevdf | Discover | Path
+
+
+class _HasSchedulers(Protocol):
+    """The slice of ``ktstr.kernel.KernelEntry`` that binary discovery needs."""
+
+    @property
+    def schedulers(self) -> Mapping[str, Path]: ...
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """One optional scheduler flag: the arguments it adds and the flags it needs."""
+
+    args: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Accept lists from users; store tuples so the spec stays hashable.
+        object.__setattr__(self, "args", tuple(self.args))
+        object.__setattr__(self, "requires", tuple(self.requires))
+
+
+@dataclass(frozen=True)
+class FlagProfile:
+    """A set of enabled flags; ``name`` is ``default`` or ``a+b`` (sorted)."""
+
+    flags: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.flags) if self.flags else "default"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """A scheduler under test.
+
+    ``checks`` (a :class:`ktstr.checks.Checks`) overrides the default
+    thresholds for every test run under this scheduler; a test's own
+    ``checks=`` wins over it. ``watchdog_timeout`` is handed to the guest,
+    which applies it to the kernel's sched_ext watchdog.
+    """
+
+    name: str
+    binary: Binary = EEVDF
+    args: tuple[str, ...] = ()
+    flags: Mapping[str, FlagSpec] = field(default_factory=dict)
+    sysctls: Mapping[str, str] = field(default_factory=dict)
+    kargs: tuple[str, ...] = ()
+    checks: Any = None
+    watchdog_timeout: float = DEFAULT_WATCHDOG_TIMEOUT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", tuple(self.args))
+        object.__setattr__(self, "kargs", tuple(self.kargs))
+        object.__setattr__(self, "flags", dict(self.flags))
+        object.__setattr__(self, "sysctls", {str(k): str(v) for k, v in self.sysctls.items()})
+        if not self.name or any(c.isspace() for c in self.name) or "@" in self.name:
+            raise KtstrError(
+                f"scheduler name {self.name!r}: use a non-empty name without spaces or '@'"
+            )
+        if isinstance(self.binary, str):
+            raise KtstrError(
+                f"scheduler {self.name}: binary={self.binary!r} is a string; use "
+                f"Discover({self.binary!r}) to look it up or Path({self.binary!r}) for a file"
+            )
+        if not isinstance(self.binary, _Eevdf | Discover | Path):
+            raise KtstrError(
+                f"scheduler {self.name}: binary must be EEVDF, Discover(name) or a Path, "
+                f"got {type(self.binary).__name__}"
+            )
+        if not isinstance(self.watchdog_timeout, int | float) or self.watchdog_timeout <= 0:
+            raise KtstrError(
+                f"scheduler {self.name}: watchdog_timeout must be a positive number of "
+                f"seconds, got {self.watchdog_timeout!r}"
+            )
+        for flag, spec in self.flags.items():
+            if not isinstance(spec, FlagSpec):
+                raise KtstrError(
+                    f"scheduler {self.name}: flag {flag!r} must be a FlagSpec(args, requires)"
+                )
+            if not flag or "+" in flag or flag == "default":
+                raise KtstrError(
+                    f"scheduler {self.name}: flag name {flag!r} is reserved or contains '+'"
+                )
+            for needed in spec.requires:
+                if needed not in self.flags:
+                    raise KtstrError(
+                        f"scheduler {self.name}: flag {flag!r} requires unknown flag "
+                        f"{needed!r} (known: {', '.join(sorted(self.flags))})"
+                    )
+                if needed == flag:
+                    raise KtstrError(f"scheduler {self.name}: flag {flag!r} requires itself")
+        if self.binary is EEVDF and self.flags:
+            raise KtstrError(
+                f"scheduler {self.name}: the kernel's built-in scheduler takes no flags"
+            )
+
+    @property
+    def sched_ext(self) -> bool:
+        """True when this scheduler is a sched_ext program (needs CONFIG_SCHED_CLASS_EXT)."""
+        return self.binary is not EEVDF
+
+    def profiles(self) -> list[FlagProfile]:
+        """Every valid flag combination, ``default`` first, then by size and name."""
+        names = sorted(self.flags)
+        out: list[FlagProfile] = []
+        for size in range(len(names) + 1):
+            for combo in itertools.combinations(names, size):
+                chosen = set(combo)
+                if all(set(self.flags[f].requires) <= chosen for f in combo):
+                    out.append(FlagProfile(tuple(combo)))
+        return out
+
+    def profile(self, name: str) -> FlagProfile:
+        """The profile called ``name`` (``default`` or ``a+b``, any order)."""
+        if name in ("", "default"):
+            return FlagProfile(())
+        wanted = tuple(sorted(part.strip() for part in name.split("+")))
+        for prof in self.profiles():
+            if prof.flags == wanted:
+                return prof
+        unknown = [f for f in wanted if f not in self.flags]
+        if unknown:
+            raise KtstrError(
+                f"scheduler {self.name}: unknown flag(s) {', '.join(unknown)}; known flags: "
+                f"{', '.join(sorted(self.flags)) or 'none'}"
+            )
+        raise KtstrError(
+            f"scheduler {self.name}: flag profile {name!r} breaks a 'requires' rule; valid "
+            f"profiles: {', '.join(p.name for p in self.profiles())}"
+        )
+
+    def command_args(self, profile: FlagProfile | str | None = None) -> list[str]:
+        """Arguments for the binary: fixed ``args`` then each flag's args in profile order."""
+        prof = self.profile(profile) if isinstance(profile, str) else profile
+        out = list(self.args)
+        for flag in prof.flags if prof else ():
+            out.extend(self.flags[flag].args)
+        return out
+
+    def with_args(self, *extra: str, name: str | None = None) -> Scheduler:
+        """A copy with extra fixed arguments (e.g. fault knobs for negative tests)."""
+        return Scheduler(
+            name=name or self.name,
+            binary=self.binary,
+            args=(*self.args, *extra),
+            flags=self.flags,
+            sysctls=self.sysctls,
+            kargs=self.kargs,
+            checks=self.checks,
+            watchdog_timeout=self.watchdog_timeout,
+        )
+
+    def resolve_binary(self, kernel: _HasSchedulers | None = None) -> Path | None:
+        """The host path of the binary to copy into the guest; ``None`` for EEVDF."""
+        binary = self.binary
+        if isinstance(binary, _Eevdf):
+            return None
+        if isinstance(binary, Path):
+            path = binary.expanduser()
+            if not path.is_file():
+                raise KtstrError(f"scheduler {self.name}: binary {path} does not exist")
+            if not os.access(path, os.X_OK):
+                raise KtstrError(f"scheduler {self.name}: binary {path} is not executable")
+            return path.resolve()
+        return discover(binary.name, kernel)
+
+
+def discover(name: str, kernel: _HasSchedulers | None = None) -> Path:
+    """Find scheduler binary ``name``: ``$KTSTR_SCHEDULER_DIR``, the kernel's build, PATH."""
+    looked: list[str] = []
+    sched_dir = os.environ.get(SCHEDULER_DIR_ENV)
+    if sched_dir:
+        candidate = Path(sched_dir).expanduser() / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate.resolve()
+        looked.append(f"${SCHEDULER_DIR_ENV} ({sched_dir})")
+    else:
+        looked.append(f"${SCHEDULER_DIR_ENV} (unset)")
+    if kernel is not None:
+        built = dict(getattr(kernel, "schedulers", {}) or {})
+        path = built.get(name)
+        if path is not None and Path(path).is_file():
+            return Path(path).resolve()
+        kid = getattr(kernel, "id", "the kernel")
+        looked.append(f"schedulers built with kernel {kid} ({', '.join(sorted(built)) or 'none'})")
+    found = shutil.which(name)
+    if found:
+        return Path(found).resolve()
+    looked.append("PATH")
+    raise KtstrError(
+        f"scheduler binary {name!r} not found in {'; '.join(looked)}; build it with "
+        f"`ktstr kernel build` (schedulers come with the kernel) or set ${SCHEDULER_DIR_ENV}"
+    )
+
+
+BUILTIN: dict[str, Scheduler] = {
+    s.name: s
+    for s in (
+        Scheduler("eevdf"),
+        Scheduler(
+            "scx_simple",
+            Discover("scx_simple"),
+            flags={"fifo": FlagSpec(("-f",))},
+        ),
+        Scheduler(
+            "scx_qmap",
+            Discover("scx_qmap"),
+            flags={
+                "batch": FlagSpec(("-b", "8")),
+                "highpri": FlagSpec(("-H",), requires=("batch",)),
+                "slice": FlagSpec(("-s", "5000")),
+            },
+        ),
+        Scheduler(
+            "scx_central",
+            Discover("scx_central"),
+            flags={"slice": FlagSpec(("-s", "5000"))},
+        ),
+        Scheduler(
+            "scx_flatcg",
+            Discover("scx_flatcg"),
+            flags={"fifo": FlagSpec(("-f",))},
+        ),
+    )
+}
+"""The schedulers the nox matrix and the gauntlet know by name."""
+
+DEFAULT_SCHEDULER = "eevdf"
+
+
+def get_scheduler(spec: str | Scheduler | None) -> Scheduler:
+    """A scheduler from a built-in name, a path to a binary, or a :class:`Scheduler`."""
+    if isinstance(spec, Scheduler):
+        return spec
+    if spec is None or not str(spec).strip():
+        return BUILTIN[DEFAULT_SCHEDULER]
+    text = str(spec).strip()
+    if text in BUILTIN:
+        return BUILTIN[text]
+    if "/" in text:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise KtstrError(f"scheduler {text!r}: no such file; give a built-in name or a path")
+        return Scheduler(path.name, path)
+    raise KtstrError(
+        f"unknown scheduler {text!r}; built-in: {', '.join(BUILTIN)}, or give a path to a "
+        "sched_ext binary"
+    )
+
+
+def parse_scheduler_option(spec: str) -> tuple[Scheduler, FlagProfile]:
+    """``NAME`` or ``NAME@PROFILE`` (e.g. ``scx_qmap@batch+highpri``) from CLI or env."""
+    name, _, prof = spec.partition("@")
+    sched = get_scheduler(name)
+    return sched, sched.profile(prof or "default")
+
