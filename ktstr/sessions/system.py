@@ -1,0 +1,47 @@
+"""Host packages the sessions need: check them, and install the missing ones as root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ktstr.errors import KtstrError
+
+PACKAGE_LIST = Path(__file__).with_name("debian-packages.txt")
+
+
+def required_packages() -> list[str]:
+    lines = PACKAGE_LIST.read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def missing_packages(packages: list[str]) -> list[str]:
+    """Packages dpkg does not report as installed."""
+    if not shutil.which("dpkg-query"):
+        return []
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *packages],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    installed = {line.split()[0] for line in out.splitlines() if line.endswith(" installed")}
+    return [p for p in packages if p not in installed]
+
+
+def ensure_packages() -> None:
+    """Install missing Debian packages (as root), or say exactly what to install."""
+    missing = missing_packages(required_packages())
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise KtstrError(f"missing host packages; install them with: apt-get install {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env)
+
+
+if __name__ == "__main__":
+    ensure_packages()
