@@ -37,7 +37,8 @@ def ensure_packages() -> None:
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise KtstrError(f"missing host packages; install them with: apt-get install {' '.join(missing)}")
+        names = " ".join(missing)
+        raise KtstrError(f"missing host packages; install them with: apt-get install {names}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env)
