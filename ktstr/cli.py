@@ -17,6 +17,7 @@ from ktstr.errors import KtstrError
 # Modules that contribute subcommands, in help order.
 COMMAND_MODULES = (
     "ktstr.kernel.cli",
+    "ktstr.results.cli",
 )
 
 

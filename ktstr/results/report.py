@@ -1,0 +1,146 @@
+"""Per-run report: HTML with embedded PNG charts (needs the ``report`` extra: matplotlib).
+
+For every result the report draws a per-worker timeline (cumulative work
+per sample) and a per-CPU timeline (busy fraction per sample) when the
+sidecar carries a ``timeline``::
+
+    "timeline": {"interval_ms": 100,
+                 "workers": {"cg0/0": [work, work, ...], ...},
+                 "cpus": {"0": [busy, busy, ...], ...}}
+
+Without one it falls back to per-worker bars of the summary telemetry.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from ktstr.errors import KtstrError
+from ktstr.results.sidecar import Record, load_run, result_key
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise KtstrError(
+            "ktstr stats report needs matplotlib: pip install 'ktstr[report]'"
+        ) from err
+    return plt
+
+
+def _series(timeline: dict[str, Any], kind: str) -> dict[str, list[float]]:
+    raw = timeline.get(kind) or {}
+    return {
+        str(k): [float(x) for x in v]
+        for k, v in raw.items()
+        if isinstance(v, list) and all(isinstance(x, int | float) for x in v)
+    }
+
+
+def figure_for(record: Record) -> Any:
+    """A matplotlib Figure for one result (two panels)."""
+    plt = _pyplot()
+    fig, (ax_w, ax_c) = plt.subplots(1, 2, figsize=(12, 3.6))
+    fig.suptitle(f"{result_key(record)}  [{record.get('verdict', '?')}]", fontsize=9)
+    timeline = record.get("timeline") or {}
+    step = float(timeline.get("interval_ms") or 100) / 1000.0
+    workers = _series(timeline, "workers")
+    cpus = _series(timeline, "cpus")
+    if workers:
+        for name, values in sorted(workers.items()):
+            ax_w.plot([i * step for i in range(len(values))], values, label=name, lw=1)
+        ax_w.set_xlabel("seconds")
+        ax_w.set_ylabel("work (cumulative)")
+        ax_w.set_title("per-worker progress", fontsize=9)
+        if len(workers) <= 12:
+            ax_w.legend(fontsize=6)
+    else:
+        rows = (record.get("metrics") or {}).get("workers") or []
+        field = _bar_field(rows)
+        labels = [f"{w.get('cgroup', '?')}/{w.get('worker', i)}" for i, w in enumerate(rows)]
+        ax_w.bar(range(len(rows)), [float(w.get(field, 0) or 0) for w in rows])
+        ax_w.set_xticks(range(len(rows)), labels, rotation=60, fontsize=6)
+        ax_w.set_title(f"per-worker {field or 'telemetry'} (no timeline)", fontsize=9)
+    if cpus:
+        names = sorted(cpus, key=lambda c: int(c) if c.isdigit() else c)
+        grid = [cpus[c] for c in names]
+        width = max(len(r) for r in grid)
+        grid = [r + [0.0] * (width - len(r)) for r in grid]
+        image = ax_c.imshow(
+            grid, aspect="auto", interpolation="nearest", vmin=0, vmax=1,
+            extent=(0, width * step, len(names) - 0.5, -0.5),
+        )
+        ax_c.set_yticks(range(len(names)), names, fontsize=6)
+        ax_c.set_xlabel("seconds")
+        ax_c.set_title("per-CPU busy fraction", fontsize=9)
+        fig.colorbar(image, ax=ax_c)
+    else:
+        usage: dict[int, int] = {}
+        for w in (record.get("metrics") or {}).get("workers") or []:
+            for cpu in w.get("cpus_used") or w.get("cpus") or []:
+                if isinstance(cpu, int):
+                    usage[cpu] = usage.get(cpu, 0) + 1
+        ax_c.bar(list(usage), list(usage.values()))
+        ax_c.set_title("workers that ran on each CPU (no timeline)", fontsize=9)
+        ax_c.set_xlabel("CPU")
+    fig.tight_layout()
+    return fig
+
+
+def _bar_field(rows: list[dict[str, Any]]) -> str:
+    for candidate in ("work_units", "work", "iterations", "cpu_ns", "wall_ns"):
+        if any(candidate in r for r in rows):
+            return candidate
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return key
+    return ""
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def write_report(run_dir: Path, output: Path | None = None) -> Path:
+    """Write ``report.html`` (or ``output``; a ``.png`` path gets the first result)."""
+    records = load_run(run_dir)
+    if not records:
+        raise KtstrError(f"{run_dir}: no results to report on")
+    output = output or run_dir / "report.html"
+    if output.suffix == ".png":
+        output.write_bytes(_png(figure_for(records[0])))
+        return output
+    parts = [
+        "<!doctype html><meta charset='utf-8'>",
+        f"<title>ktstr run {html.escape(run_dir.name)}</title>",
+        "<style>body{font-family:sans-serif}pre{background:#eee;padding:4px;font-size:11px}"
+        ".fail{color:#b00}.pass{color:#070}</style>",
+        f"<h1>ktstr run {html.escape(run_dir.name)}</h1><p>{len(records)} result(s)</p>",
+    ]
+    for record in records:
+        verdict = str(record.get("verdict", "?"))
+        wall = (record.get("timings") or {}).get("wall_s")
+        parts.append(
+            f"<h2 class='{'pass' if verdict == 'pass' else 'fail'}'>"
+            f"{html.escape(result_key(record))}: {html.escape(verdict)}</h2>"
+        )
+        if wall is not None:
+            parts.append(f"<p>wall {float(wall):.1f} s</p>")
+        if record.get("reason"):
+            parts.append(f"<pre>{html.escape(str(record['reason']))}</pre>")
+        image = base64.b64encode(_png(figure_for(record))).decode()
+        parts.append(f"<img src='data:image/png;base64,{image}'>")
+    output.write_text("\n".join(parts))
+    return output

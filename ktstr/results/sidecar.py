@@ -1,0 +1,210 @@
+"""JSON sidecars: one file per VM test, grouped by run under ``ktstr-results/<run-id>/``.
+
+A sidecar is a plain dict (schema below) so that other tools can read it
+without importing ktstr. Keys:
+
+``schema``, ``run_id``, ``test`` (pytest node id), ``kernel`` {id, version, key},
+``scheduler`` {name, profile, flags, args}, ``topology`` (label), ``nr_cpus``,
+``memory_mb``, ``duration_s``, ``expect_err``, ``verdict`` (pass | fail | error |
+skip), ``reason``, ``checks`` [{name, passed, value, threshold, detail}],
+``metrics`` {cgroups: {name: {...}}, workers: [{cgroup, worker, ...}]},
+``summary`` {metric: number} (what ``stats compare`` diffs), ``timeline``
+(optional samples for the report), ``console_tail`` (on failure),
+``timings`` {started, finished, wall_s, boot_ms, vm_s}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ktstr.errors import KtstrError
+
+SCHEMA_VERSION = 1
+RUN_ID_ENV = "KTSTR_RUN_ID"
+RESULTS_DIR_ENV = "KTSTR_RESULTS_DIR"
+DEFAULT_RESULTS_DIR = "ktstr-results"
+
+Record = dict[str, Any]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+
+# Telemetry field names by what "worse" means; used to pick how to aggregate.
+LOWER_IS_BETTER = ("gap", "latency", "lat_", "_lat", "stall", "starv", "spread", "off_cpu",
+                   "wait", "imbalance", "cv")
+HIGHER_IS_BETTER = ("work", "iterations", "ops", "rate", "throughput", "loops", "progress")
+
+
+def results_root() -> Path:
+    """``$KTSTR_RESULTS_DIR``, else ``./ktstr-results``."""
+    return Path(os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR).expanduser()
+
+
+def new_run_id(now: float | None = None) -> str:
+    """A sortable timestamp id, ``YYYYmmdd-HHMMSS``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
+
+
+def run_id() -> str:
+    """This process's run id: ``$KTSTR_RUN_ID``, else a timestamp (then exported so that
+    child processes such as pytest-xdist workers share it)."""
+    current = os.environ.get(RUN_ID_ENV)
+    if not current:
+        current = new_run_id()
+        os.environ[RUN_ID_ENV] = current
+    if _UNSAFE.search(current) or current.startswith("."):
+        raise KtstrError(
+            f"{RUN_ID_ENV}={current!r}: use letters, digits, '.', '_', '=' or '-' only"
+        )
+    return current
+
+
+def sidecar_name(test: str, scheduler: str = "", profile: str = "", topology: str = "") -> str:
+    """A file name unique per (test, scheduler, profile, topology)."""
+    parts = [test] + [p for p in (scheduler, profile, topology) if p]
+    return _UNSAFE.sub("_", "__".join(parts)).strip("_")[:200] + ".json"
+
+
+def result_key(record: Mapping[str, Any]) -> str:
+    """Identity of a result across runs: test, scheduler@profile, topology."""
+    sched = record.get("scheduler") or {}
+    return (
+        f"{record.get('test', '?')} [{sched.get('name', '?')}@{sched.get('profile', 'default')}"
+        f" {record.get('topology', '?')}]"
+    )
+
+
+def write_sidecar(record: Record, run: str | None = None, root: Path | None = None) -> Path:
+    """Write ``record`` atomically into the run directory; returns its path."""
+    run = run or record.get("run_id") or run_id()
+    record = {"schema": SCHEMA_VERSION, "run_id": run, **record}
+    directory = (root or results_root()) / run
+    directory.mkdir(parents=True, exist_ok=True)
+    sched = record.get("scheduler") or {}
+    name = sidecar_name(
+        str(record.get("test", "unnamed")),
+        str(sched.get("name", "")),
+        str(sched.get("profile", "")),
+        str(record.get("topology", "")),
+    )
+    fd, tmp = tempfile.mkstemp(prefix=".sidecar-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh, indent=1, sort_keys=True, default=_json_default)
+            fh.write("\n")
+        os.replace(tmp, directory / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return directory / name
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return sorted(value) if isinstance(value, set | frozenset) else list(value)
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+def list_runs(root: Path | None = None) -> list[Path]:
+    """Run directories, oldest first (run ids are sortable timestamps by default)."""
+    base = root or results_root()
+    if not base.is_dir():
+        return []
+    runs = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def resolve_run(spec: str, root: Path | None = None) -> Path:
+    """A run directory from a run id, a path, ``latest`` or ``previous``."""
+    base = root or results_root()
+    if spec in ("latest", "previous"):
+        runs = list_runs(base)
+        need = 1 if spec == "latest" else 2
+        if len(runs) < need:
+            raise KtstrError(
+                f"no {spec} run under {base} ({len(runs)} run(s)); run the VM tests first"
+            )
+        return runs[-need]
+    candidate = Path(spec).expanduser()
+    if candidate.is_dir():
+        return candidate
+    if (base / spec).is_dir():
+        return base / spec
+    known = ", ".join(p.name for p in list_runs(base)[-5:]) or "none"
+    raise KtstrError(f"run {spec!r} not found under {base} (recent runs: {known})")
+
+
+def load_run(run_dir: Path) -> list[Record]:
+    """Every sidecar in ``run_dir``, sorted by result key."""
+    if not run_dir.is_dir():
+        raise KtstrError(f"{run_dir} is not a results directory")
+    records: list[Record] = []
+    for path in sorted(run_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise KtstrError(f"{path}: not a readable sidecar ({err}); delete or fix it") from err
+        if not isinstance(data, dict) or "test" not in data:
+            raise KtstrError(f"{path}: not a ktstr sidecar (no 'test' key)")
+        data.setdefault("_path", str(path))
+        records.append(data)
+    return sorted(records, key=result_key)
+
+
+NEUTRAL = frozenset({"workers", "nr_workers", "cpus", "nr_cpus"})
+
+
+def metric_direction(field: str) -> int:
+    """-1 when smaller values are better, +1 when larger are better, 0 when neutral."""
+    name = field.lower().split(".")[0]
+    if name in NEUTRAL:
+        return 0
+    if any(tag in name for tag in LOWER_IS_BETTER):
+        return -1
+    if any(tag in name for tag in HIGHER_IS_BETTER):
+        return 1
+    return 0
+
+
+def summarize_workers(workers: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Aggregate per-worker telemetry into the run-comparable summary.
+
+    Lower-is-better fields (gaps, latencies) keep their worst value (``.max``);
+    higher-is-better fields (work) keep the total and the weakest worker
+    (``.sum``, ``.min``), since starvation shows in the minimum; others sum.
+    """
+    columns: dict[str, list[float]] = {}
+    count = 0
+    for worker in workers:
+        count += 1
+        for key, value in worker.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if key in ("pid", "tid", "worker", "index", "cpu", "id"):
+                continue
+            columns.setdefault(key, []).append(float(value))
+    summary: dict[str, float] = {"workers": float(count)} if count else {}
+    for key, values in sorted(columns.items()):
+        direction = metric_direction(key)
+        if direction < 0:
+            summary[f"{key}.max"] = max(values)
+        elif direction > 0:
+            summary[f"{key}.sum"] = sum(values)
+            summary[f"{key}.min"] = min(values)
+        else:
+            summary[f"{key}.sum"] = sum(values)
+    return summary
