@@ -1,0 +1,174 @@
+"""The guest-physical memory map and I/O port assignments, in one place.
+
+Every address the VMM writes boot data to, every MMIO window and every port a
+device listens on is defined here, so the loader, the table encoders and the
+runtime cannot disagree. Low memory follows the usual Linux direct-boot layout::
+
+    0x0000_0500  GDT                 0x0000_7000  boot_params (zero page)
+    0x0000_0530  IDT (empty)         0x0000_8ff0  boot stack top (grows down)
+    0x0000_9000  page tables         0x0002_0000  kernel command line
+    0x0009_fc00  MP table            0x000e_0000  ACPI tables (RSDP first)
+    0x0010_0000  kernel (protected-mode payload of the bzImage)
+
+Guest RAM starts at 0 and runs up to the 32-bit MMIO gap; whatever does not fit
+below the gap continues at 4 GiB. The gap holds the virtio-mmio window, the
+IOAPIC and the local APIC.
+"""
+
+from __future__ import annotations
+
+from ktstr.errors import KtstrError
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+PAGE_SIZE = 0x1000
+
+# --- low memory: boot data -------------------------------------------------------------
+
+GDT_ADDR = 0x500
+GDT_MAX_SIZE = 0x30
+"""Up to six 8-byte descriptors (null, unused, code 0x10, data 0x18, TSS 0x20)."""
+IDT_ADDR = 0x530
+IDT_SIZE = 8
+"""One zeroed 8-byte slot; the kernel loads its own IDT before enabling interrupts."""
+
+ZERO_PAGE_ADDR = 0x7000
+"""``struct boot_params``; RSI points here at the 64-bit entry."""
+
+BOOT_STACK_TOP = 0x8FF0
+"""Initial RSP; the stack grows down towards the zero page (which ends at 0x8000)."""
+
+PAGE_TABLES_ADDR = 0x9000
+PAGE_TABLES_END = 0x10000
+"""Room for PML4 + PDPT + up to 5 page directories (2 MiB pages)."""
+
+CMDLINE_ADDR = 0x20000
+CMDLINE_MAX_SIZE = 0x10000
+"""Bytes reserved for the command line, NUL included (the kernel's own cap is smaller)."""
+
+EBDA_START = 0x9FC00
+"""Start of the area e820 reports reserved up to 1 MiB (MP table, ACPI, BIOS area)."""
+MPTABLE_ADDR = 0x9FC00
+MPTABLE_MAX_SIZE = 0xE0000 - MPTABLE_ADDR
+"""The MP config table may run past 0xA0000 (RAM in the memslot, reserved in e820)."""
+
+ACPI_ADDR = 0xE0000
+ACPI_MAX_SIZE = 0x20000
+"""0xE0000..1 MiB: 128 KiB, ~12 KiB are needed for 256 vCPUs (x2APIC MADT + SRAT)."""
+
+HIGH_MEMORY_START = 0x100000
+KERNEL_LOAD_ADDR = 0x100000
+"""Where the bzImage payload goes; the 64-bit entry point is this + 0x200."""
+KERNEL_ENTRY_64_OFFSET = 0x200
+
+LOW_RAM_END = 0xA0000
+"""End of conventional memory (640 KiB)."""
+
+# --- the 32-bit MMIO gap -----------------------------------------------------------------
+
+MMIO_GAP_START = 0xC000_0000
+MMIO_GAP_END = 0x1_0000_0000
+"""RAM stops at 3 GiB and continues at 4 GiB; the gap holds all MMIO."""
+
+VIRTIO_MMIO_BASE = 0xD000_0000
+VIRTIO_MMIO_SLOT_SIZE = 0x1000
+VIRTIO_MMIO_IRQS: tuple[int, ...] = (5, 6, 7, 10, 11, 12, 13, 14, 15, *range(16, 24))
+"""GSIs for virtio-mmio slots in slot order (edge-triggered). IRQ 0/2 are the PIT, 1 the
+keyboard, 3/4 the UARTs, 8 the RTC, 9 the ACPI SCI; 16..23 are the KVM IOAPIC's upper pins."""
+VIRTIO_MMIO_SLOTS = len(VIRTIO_MMIO_IRQS)
+
+SCI_IRQ = 9
+"""FADT SCI_INT. The FADT is hardware-reduced, so Linux never installs an SCI handler, but a
+zero SCI_INT would make Linux treat the MADT's IRQ0 override as the SCI override."""
+
+IOAPIC_ADDR = 0xFEC0_0000
+IOAPIC_SIZE = 0x1000
+IOAPIC_PINS = 24
+LAPIC_ADDR = 0xFEE0_0000
+LAPIC_SIZE = 0x1000
+
+# Addresses KVM itself needs inside the gap (KVM_SET_TSS_ADDR takes 3 pages, the identity
+# map page follows); both must not overlap RAM or other MMIO.
+KVM_TSS_ADDR = 0xFFFB_D000
+KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+# --- I/O ports -----------------------------------------------------------------------------
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+COM2_PORT = 0x2F8
+COM2_IRQ = 3
+UART_PORT_COUNT = 8
+
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64
+I8042_RESET_COMMAND = 0xFE
+"""Written to the command port by the kernel's keyboard-controller reboot."""
+
+BOOT_PORT = 0x3F0
+BOOT_MAGIC = 123
+"""The guest init writes BOOT_MAGIC (one byte) to BOOT_PORT when it starts (boot time)."""
+
+EXIT_PORT = 0x501
+"""The guest writes its exit status (one byte, or a 4-byte little-endian int) here."""
+
+SLEEP_CONTROL_PORT = 0x600
+SLEEP_STATUS_PORT = 0x601
+"""FADT SLEEP_CONTROL_REG / SLEEP_STATUS_REG (system I/O, 8 bits each)."""
+S5_SLP_TYP = 5
+"""The SLP_TYP value the DSDT's \\_S5 package gives; poweroff writes it to the control port."""
+SLEEP_ENABLE = 0x20
+SLEEP_TYPE_SHIFT = 2
+SLEEP_TYPE_MASK = 0x1C
+SLEEP_POWEROFF_VALUE = ((S5_SLP_TYP << SLEEP_TYPE_SHIFT) & SLEEP_TYPE_MASK) | SLEEP_ENABLE
+"""The byte Linux's ``acpi_hw_extended_sleep(S5)`` writes to SLEEP_CONTROL_PORT (0x34)."""
+
+
+def sleep_control_is_poweroff(value: int) -> bool:
+    """True if a byte written to SLEEP_CONTROL_PORT requests S5 (soft off)."""
+    return bool(value & SLEEP_ENABLE) and (value & SLEEP_TYPE_MASK) >> SLEEP_TYPE_SHIFT == (
+        S5_SLP_TYP
+    )
+
+
+def virtio_mmio_slot(index: int) -> tuple[int, int]:
+    """(gpa, irq) of virtio-mmio slot ``index``."""
+    if not 0 <= index < VIRTIO_MMIO_SLOTS:
+        raise KtstrError(
+            f"virtio-mmio slot {index} does not exist: at most {VIRTIO_MMIO_SLOTS} "
+            "virtio devices fit in one VM; attach fewer devices"
+        )
+    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_IRQS[index]
+
+
+MIN_MEMORY_BYTES = 64 * MiB
+
+
+def ram_regions(memory_bytes: int) -> list[tuple[int, int]]:
+    """Guest RAM as (gpa, size) pieces: from 0 up to the MMIO gap, the rest above 4 GiB.
+
+    These are the memslots; e820 (``loader.build_e820``) describes which parts the
+    kernel may use.
+    """
+    if memory_bytes < MIN_MEMORY_BYTES:
+        raise KtstrError(
+            f"guest memory {memory_bytes // MiB} MiB is too small: use at least "
+            f"{MIN_MEMORY_BYTES // MiB} MiB"
+        )
+    if memory_bytes % PAGE_SIZE:
+        raise KtstrError(f"guest memory {memory_bytes} bytes is not a multiple of 4 KiB")
+    low = min(memory_bytes, MMIO_GAP_START)
+    regions = [(0, low)]
+    if memory_bytes > low:
+        regions.append((MMIO_GAP_END, memory_bytes - low))
+    return regions
+
+
+def low_ram_end(regions: list[tuple[int, int]]) -> int:
+    """End of the RAM region that starts at 0 (below the MMIO gap)."""
+    for gpa, size in regions:
+        if gpa == 0:
+            return size
+    raise KtstrError("guest RAM does not start at address 0")
