@@ -37,7 +37,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 
 # Telemetry field names by what "worse" means; used to pick how to aggregate.
 LOWER_IS_BETTER = ("gap", "latency", "lat_", "_lat", "stall", "starv", "spread", "off_cpu",
-                   "wait", "imbalance", "cv")
+                   "wait", "delay", "imbalance", "cv", "violation")
 HIGHER_IS_BETTER = ("work", "iterations", "ops", "rate", "throughput", "loops", "progress")
 
 
@@ -180,6 +180,18 @@ def metric_direction(field: str) -> int:
     return 0
 
 
+_IDENTITY_FIELDS = frozenset({"pid", "tid", "worker", "index", "cpu", "id", "nice", "priority"})
+
+
+def _flatten(row: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """Nested telemetry (``wake_latency: {p99_us: ..}``) as ``wake_latency_p99_us``."""
+    for key, value in row.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}_")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def summarize_workers(workers: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """Aggregate per-worker telemetry into the run-comparable summary.
 
@@ -191,10 +203,10 @@ def summarize_workers(workers: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     count = 0
     for worker in workers:
         count += 1
-        for key, value in worker.items():
+        for key, value in _flatten(worker):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            if key in ("pid", "tid", "worker", "index", "cpu", "id"):
+            if key in _IDENTITY_FIELDS:
                 continue
             columns.setdefault(key, []).append(float(value))
     summary: dict[str, float] = {"workers": float(count)} if count else {}

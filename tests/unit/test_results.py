@@ -172,3 +172,16 @@ def test_report_html(tmp_path: Path) -> None:
     png = tmp_path / "one.png"
     assert _stats(["--root", str(tmp_path), "report", "r", "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_flattens_nested_latency() -> None:
+    rows = [
+        {"cgroup": "a", "index": 0, "pid": 10, "work_units": 5,
+         "wake_latency": {"count": 3, "p99_us": 80.0}},
+        {"cgroup": "a", "index": 1, "pid": 11, "work_units": 7,
+         "wake_latency": {"count": 4, "p99_us": 120.0}},
+    ]
+    summary = summarize_workers(rows)
+    assert summary["wake_latency_p99_us.max"] == 120.0
+    assert "pid.sum" not in summary and "index.sum" not in summary
+    assert summary["work_units.min"] == 5
