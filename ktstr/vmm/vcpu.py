@@ -1,0 +1,349 @@
+"""vCPU threads: the KVM_RUN loop, exit dispatch, and kicking a vCPU out of the guest.
+
+Each vCPU runs ``KVM_RUN`` on its own thread (ctypes releases the GIL for the
+ioctl). Exits are dispatched to the PIO/MMIO buses; anything that ends the VM
+goes through :class:`RunControl` (first reason wins). A Python exception on a
+vCPU thread becomes a VM failure carrying its message, never a thread
+traceback.
+
+Kicking: set ``immediate_exit`` in the shared ``kvm_run`` page (covers a vCPU
+that is about to enter the guest) and send SIGUSR1 to the thread (covers one
+that is inside it). The signal needs a real handler, since an ignored signal
+never interrupts ``KVM_RUN``; :func:`ensure_kick_handler` installs a no-op one,
+from any thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ktstr.vmm import kvm
+from ktstr.vmm.bus import MmioBus, PioBus
+from ktstr.vmm.kvm import KvmIoctlError, VcpuFd
+
+KICK_SIGNAL = signal.SIGUSR1
+
+
+# --- the kick signal handler -------------------------------------------------------------
+
+
+class _sigaction(ctypes.Structure):
+    # glibc x86_64 layout: handler, 1024-bit mask, flags, restorer.
+    _fields_ = [
+        ("sa_handler", ctypes.c_void_p),
+        ("sa_mask", ctypes.c_uint64 * 16),
+        ("sa_flags", ctypes.c_int),
+        ("sa_restorer", ctypes.c_void_p),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_handler_lock = threading.Lock()
+_handler_ready = False
+
+
+def _noop_handler(signum: int, frame: object) -> None:
+    """Runs (later, on the main thread) after a kick; the kick itself is the EINTR."""
+
+
+def ensure_kick_handler() -> None:
+    """Make sure KICK_SIGNAL has a handler (not SIG_DFL/SIG_IGN) in this process.
+
+    On the main thread this is ``signal.signal``. ``signal.signal`` refuses other
+    threads, so there the handler is set with libc ``sigaction``; the handler
+    is libc's ``abs``, an async-signal-safe function that takes an int and does
+    nothing observable.
+    """
+    global _handler_ready
+    with _handler_lock:
+        if _handler_ready:
+            return
+        old = _sigaction()
+        if _libc.sigaction(int(KICK_SIGNAL), None, ctypes.byref(old)) != 0:
+            raise OSError(ctypes.get_errno(), "sigaction query failed")
+        if old.sa_handler not in (None, 0, 1):  # SIG_DFL = 0, SIG_IGN = 1
+            _handler_ready = True
+            return
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(KICK_SIGNAL, _noop_handler)
+        else:
+            new = _sigaction()
+            new.sa_handler = ctypes.cast(_libc.abs, ctypes.c_void_p).value
+            new.sa_flags = 0  # no SA_RESTART: KVM_RUN must return EINTR
+            if _libc.sigaction(int(KICK_SIGNAL), ctypes.byref(new), None) != 0:
+                raise OSError(ctypes.get_errno(), "sigaction install failed")
+        _handler_ready = True
+
+
+# --- stop control ------------------------------------------------------------------------
+
+
+class StopReason:
+    POWEROFF = "poweroff"
+    REBOOT = "reboot"
+    CRASH = "crash"
+    HALTED = "halted"
+    TIMEOUT = "timeout"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+class RunControl:
+    """Shared between vCPU threads, devices and the waiting thread: why the VM ended."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+        self.reason: str | None = None
+        self.detail: str = ""
+        self.error: str | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self.done.is_set()
+
+    def stop(self, reason: str, detail: str = "", error: str | None = None) -> bool:
+        """Record why the VM ends; False if another reason was already recorded."""
+        with self._lock:
+            if self.reason is not None:
+                return False
+            self.reason = reason
+            self.detail = detail
+            self.error = error
+        self.done.set()
+        return True
+
+
+# --- diagnostics -------------------------------------------------------------------------
+
+
+def _seg(name: str, seg: kvm.kvm_segment) -> str:
+    return (
+        f"{name}={seg.selector:04x} base={seg.base:x} limit={seg.limit:x} type={seg.type} "
+        f"p={seg.present} dpl={seg.dpl} db={seg.db} s={seg.s} l={seg.l} g={seg.g} "
+        f"unusable={seg.unusable}"
+    )
+
+
+def describe_state(fd: VcpuFd) -> str:
+    """Registers and system registers, for failure diagnostics."""
+    lines: list[str] = []
+    try:
+        r = fd.get_regs()
+        names = [f[0] for f in kvm.kvm_regs._fields_]
+        lines.append(" ".join(f"{n}={getattr(r, n):x}" for n in names))
+    except OSError as err:
+        lines.append(f"regs unavailable: {err}")
+    try:
+        s = fd.get_sregs()
+        lines.append(
+            f"cr0={s.cr0:x} cr2={s.cr2:x} cr3={s.cr3:x} cr4={s.cr4:x} cr8={s.cr8:x} "
+            f"efer={s.efer:x} apic_base={s.apic_base:x}"
+        )
+        for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+            lines.append(_seg(name, getattr(s, name)))
+        lines.append(f"gdt={s.gdt.base:x}/{s.gdt.limit:x} idt={s.idt.base:x}/{s.idt.limit:x}")
+    except OSError as err:
+        lines.append(f"sregs unavailable: {err}")
+    return "\n".join(lines)
+
+
+# --- the vCPU ----------------------------------------------------------------------------
+
+
+@dataclass
+class VcpuStats:
+    exits: Counter[str]
+
+
+class Vcpu:
+    """One vCPU fd, its ``kvm_run`` mapping and its thread."""
+
+    def __init__(
+        self,
+        index: int,
+        vcpu_id: int,
+        fd: VcpuFd,
+        mmap_size: int,
+        pio: PioBus,
+        mmio: MmioBus,
+        control: RunControl,
+        on_halt: Callable[[Vcpu], None] | None = None,
+    ) -> None:
+        self.index = index
+        self.vcpu_id = vcpu_id
+        self.fd = fd
+        self.pio = pio
+        self.mmio = mmio
+        self.control = control
+        self.on_halt = on_halt
+        self.exit_counts: Counter[str] = Counter()
+        self.halted = False
+        self._map = fd.map_run(mmap_size)
+        self._map_size = mmap_size
+        self.run_state: kvm.kvm_run | None = kvm.kvm_run.from_buffer(self._map)
+        self.thread: threading.Thread | None = None
+        self.started = threading.Event()
+
+    # --- thread control ---
+
+    def start(self) -> None:
+        ensure_kick_handler()
+        self.thread = threading.Thread(
+            target=self._thread_main, name=f"ktstr-vcpu{self.index}", daemon=True
+        )
+        self.thread.start()
+
+    def kick(self) -> None:
+        if self.run_state is not None:
+            self.run_state.immediate_exit = 1
+        thread = self.thread
+        if thread is not None and thread.is_alive() and thread.ident is not None:
+            # The thread may exit between the check and the kill.
+            with contextlib.suppress(OSError):
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    def _thread_main(self) -> None:
+        self.started.set()
+        try:
+            self._loop()
+        except BaseException as exc:  # every failure must end the VM, not the thread
+            self.control.stop(
+                StopReason.ERROR,
+                error=f"vcpu {self.index}: {type(exc).__name__}: {exc}",
+            )
+
+    def _loop(self) -> None:
+        run = self.run_state
+        assert run is not None
+        while not self.control.stopping:
+            try:
+                self.fd.run()
+            except KvmIoctlError as err:
+                if err.errno in (errno.EINTR, errno.EAGAIN):
+                    self.exit_counts["signal"] += 1
+                    continue
+                raise
+            reason = run.exit_reason
+            self.exit_counts[kvm.exit_reason_name(reason)] += 1
+            if reason == kvm.KVM_EXIT_IO:
+                self._io(run)
+            elif reason == kvm.KVM_EXIT_MMIO:
+                self._mmio(run)
+            elif reason == kvm.KVM_EXIT_INTR:
+                continue
+            elif reason == kvm.KVM_EXIT_HLT:
+                self.halted = True
+                if self.on_halt is not None:
+                    self.on_halt(self)
+                return
+            elif reason == kvm.KVM_EXIT_SHUTDOWN:
+                self.control.stop(StopReason.REBOOT, f"vcpu {self.index}: triple fault (shutdown)")
+                return
+            elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
+                self._system_event(run)
+                return
+            elif reason == kvm.KVM_EXIT_FAIL_ENTRY:
+                fe = run.u.fail_entry
+                self._fail(
+                    f"KVM_EXIT_FAIL_ENTRY: hardware_entry_failure_reason="
+                    f"0x{fe.hardware_entry_failure_reason:x} cpu={fe.cpu}"
+                )
+                return
+            elif reason == kvm.KVM_EXIT_INTERNAL_ERROR:
+                ie = run.u.internal
+                data = " ".join(f"{ie.data[i]:x}" for i in range(min(ie.ndata, 16)))
+                self._fail(
+                    f"KVM_EXIT_INTERNAL_ERROR: suberror={ie.suberror} "
+                    f"({_INTERNAL_SUBERRORS.get(ie.suberror, 'unknown')}) data=[{data}]"
+                )
+                return
+            else:
+                self._fail(f"unhandled exit reason {reason} ({kvm.exit_reason_name(reason)})")
+                return
+
+    def _fail(self, what: str) -> None:
+        self.control.stop(
+            StopReason.ERROR,
+            error=f"vcpu {self.index} (apic id {self.vcpu_id}): {what}\n{describe_state(self.fd)}",
+        )
+
+    def _system_event(self, run: kvm.kvm_run) -> None:
+        kind = run.u.system_event.type
+        if kind == kvm.KVM_SYSTEM_EVENT_SHUTDOWN:
+            self.control.stop(StopReason.POWEROFF, f"vcpu {self.index}: system event shutdown")
+        elif kind == kvm.KVM_SYSTEM_EVENT_RESET:
+            self.control.stop(StopReason.REBOOT, f"vcpu {self.index}: system event reset")
+        elif kind == kvm.KVM_SYSTEM_EVENT_CRASH:
+            self.control.stop(StopReason.CRASH, f"vcpu {self.index}: system event crash")
+        else:
+            self._fail(f"unhandled system event type {kind}")
+
+    def _io(self, run: kvm.kvm_run) -> None:
+        io = run.u.io
+        size, port, count, off = io.size, io.port, io.count, io.data_offset
+        total = size * count
+        if size not in (1, 2, 4) or off + total > self._map_size or off < ctypes.sizeof(run):
+            raise RuntimeError(
+                f"bad io exit: port=0x{port:x} size={size} count={count} data_offset={off}"
+            )
+        mapping = self._map
+        if io.direction == kvm.KVM_EXIT_IO_OUT:
+            for i in range(count):
+                start = off + i * size
+                self.pio.write(port, bytes(mapping[start : start + size]))
+        else:
+            for i in range(count):
+                start = off + i * size
+                mapping[start : start + size] = self.pio.read(port, size)
+
+    def _mmio(self, run: kvm.kvm_run) -> None:
+        mm = run.u.mmio
+        length = mm.len
+        if not 1 <= length <= 8:
+            raise RuntimeError(f"bad mmio exit: addr=0x{mm.phys_addr:x} len={length}")
+        if mm.is_write:
+            self.mmio.write(mm.phys_addr, bytes(mm.data)[:length])
+        else:
+            data = self.mmio.read(mm.phys_addr, length)
+            ctypes.memmove(mm.data, data, length)
+
+    # --- teardown ---
+
+    def join(self, deadline: float) -> bool:
+        """Kick until the thread exits or ``deadline`` (monotonic) passes; True if it exited."""
+        thread = self.thread
+        if thread is None:
+            return True
+        while thread.is_alive():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.kick()
+            thread.join(min(0.05, remaining))
+        return True
+
+    def close(self) -> None:
+        """Unmap ``kvm_run`` and close the fd (only once the thread is gone)."""
+        if self.thread is not None and self.thread.is_alive():
+            return  # leaking beats a use-after-unmap on a thread stuck in a device
+        if self.run_state is not None:
+            self.run_state = None
+            self._map.close()
+        self.fd.close()
+
+
+_INTERNAL_SUBERRORS = {
+    kvm.KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
+    kvm.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+    kvm.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+    kvm.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
+}
