@@ -1,0 +1,232 @@
+"""What a test declares about its disks: size, filesystem, throttle, access mode.
+
+Everything here is validated before any VM starts (`DiskConfig.validate`,
+`validate_disks`) so a bad declaration is one clear KtstrError, not a guest
+that fails to mount. The guest side imports nothing from here (it gets plain
+mount specs, see `mount_specs`), so this module may stay host-only.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ktstr.errors import KtstrError
+
+MIB = 1 << 20
+# mkfs.btrfs refuses devices below 109 MiB (114294784 bytes in btrfs-progs 6.x).
+BTRFS_MIN_MB = 110
+EXT4_MIN_MB = 2
+# An upper bound that catches unit mistakes (GB typed as MB) yet allows big scratch disks.
+MAX_CAPACITY_MB = 1 << 20  # 1 TiB
+MAX_DISKS = 16
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+class Filesystem(enum.Enum):
+    """What the guest finds on the disk: nothing (RAW) or a freshly made filesystem."""
+
+    RAW = "raw"
+    BTRFS = "btrfs"
+    EXT4 = "ext4"
+
+    @property
+    def mkfs(self) -> str | None:
+        """The mkfs program that builds this filesystem's template, None for RAW."""
+        return None if self is Filesystem.RAW else f"mkfs.{self.value}"
+
+
+@dataclass(frozen=True)
+class DiskThrottle:
+    """Token-bucket limits enforced by the virtio-blk device.
+
+    A rate of None or 0 means unthrottled. A burst capacity is the bucket
+    size; it defaults to one second of the rate and may not be smaller.
+    Exhausted tokens delay requests, they never fail them.
+    """
+
+    iops: int | None = None
+    bytes_per_sec: int | None = None
+    iops_burst_capacity: int | None = None
+    bytes_burst_capacity: int | None = None
+
+    def validate(self, where: str = "disk") -> None:
+        for rate_name, burst_name in (
+            ("iops", "iops_burst_capacity"),
+            ("bytes_per_sec", "bytes_burst_capacity"),
+        ):
+            rate = getattr(self, rate_name)
+            burst = getattr(self, burst_name)
+            for name, value in ((rate_name, rate), (burst_name, burst)):
+                if value is not None and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 0
+                ):
+                    raise KtstrError(
+                        f"{where}: throttle {name}={value!r} must be a non-negative integer "
+                        "or None"
+                    )
+            if not rate:
+                if burst:
+                    raise KtstrError(
+                        f"{where}: throttle {burst_name}={burst} is set without {rate_name}; "
+                        f"set {rate_name} too, or drop the burst"
+                    )
+                continue
+            if burst is not None and burst != 0 and burst < rate:
+                raise KtstrError(
+                    f"{where}: throttle {burst_name}={burst} is smaller than {rate_name}={rate}; "
+                    "the bucket must hold at least one second of tokens"
+                )
+
+    @property
+    def effective_iops(self) -> tuple[int, int] | None:
+        """(rate, burst) for the IOPS bucket, or None when unthrottled."""
+        return _effective(self.iops, self.iops_burst_capacity)
+
+    @property
+    def effective_bytes(self) -> tuple[int, int] | None:
+        """(rate, burst) for the bandwidth bucket, or None when unthrottled."""
+        return _effective(self.bytes_per_sec, self.bytes_burst_capacity)
+
+    @property
+    def active(self) -> bool:
+        return self.effective_iops is not None or self.effective_bytes is not None
+
+
+def _effective(rate: int | None, burst: int | None) -> tuple[int, int] | None:
+    if not rate:
+        return None
+    return rate, (burst or rate)
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """One virtio-blk disk of a test.
+
+    The guest sees disks in declaration order as /dev/vda, /dev/vdb, ...;
+    each is mounted at /mnt/<name> (or /mnt/disk<index> when unnamed) unless
+    `no_auto_mount` is set or it is RAW.
+    """
+
+    capacity_mb: int = 256
+    filesystem: Filesystem = Filesystem.RAW
+    throttle: DiskThrottle = field(default_factory=DiskThrottle)
+    read_only: bool = False
+    name: str | None = None
+    no_auto_mount: bool = False
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity_mb * MIB
+
+    def label(self, index: int) -> str:
+        """The name the guest mounts it under: `name`, else `disk<index>`."""
+        return self.name if self.name is not None else f"disk{index}"
+
+    def mount_point(self, index: int) -> str | None:
+        if self.no_auto_mount or self.filesystem is Filesystem.RAW:
+            return None
+        return f"/mnt/{self.label(index)}"
+
+    def validate(self, index: int = 0) -> None:
+        where = f"disk {self.name!r}" if self.name is not None else f"disk {index}"
+        if not isinstance(self.filesystem, Filesystem):
+            raise KtstrError(
+                f"{where}: filesystem={self.filesystem!r} is not a Filesystem; use one of "
+                + ", ".join(f"Filesystem.{f.name}" for f in Filesystem)
+            )
+        cap = self.capacity_mb
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
+            raise KtstrError(f"{where}: capacity_mb={cap!r} must be a positive integer (MiB)")
+        if cap > MAX_CAPACITY_MB:
+            raise KtstrError(
+                f"{where}: capacity_mb={cap} exceeds the {MAX_CAPACITY_MB} MiB limit; "
+                "capacity is in MiB, not bytes or KiB"
+            )
+        minimum = {Filesystem.BTRFS: BTRFS_MIN_MB, Filesystem.EXT4: EXT4_MIN_MB}.get(
+            self.filesystem, 1
+        )
+        if cap < minimum:
+            raise KtstrError(
+                f"{where}: capacity_mb={cap} is too small for {self.filesystem.value}; "
+                f"use at least {minimum}"
+            )
+        if self.name is not None and (
+            not isinstance(self.name, str)
+            or not _NAME_RE.match(self.name)
+            or self.name in (".", "..")
+        ):
+            raise KtstrError(
+                f"{where}: name={self.name!r} is not a valid mount directory name; use 1-64 of "
+                "letters, digits, '_', '-', '.' (not starting with '.' or '-')"
+            )
+        if not isinstance(self.throttle, DiskThrottle):
+            raise KtstrError(f"{where}: throttle={self.throttle!r} is not a DiskThrottle")
+        self.throttle.validate(where)
+
+
+def normalize_disks(disk: DiskConfig | Sequence[DiskConfig] | None) -> list[DiskConfig]:
+    """Accept what `@ktstr_test(disk=...)` takes: one config, a list, or None."""
+    if disk is None:
+        return []
+    if isinstance(disk, DiskConfig):
+        return [disk]
+    disks = list(disk)
+    for i, d in enumerate(disks):
+        if not isinstance(d, DiskConfig):
+            raise KtstrError(f"disk {i}: {d!r} is not a DiskConfig")
+    return disks
+
+
+def validate_disks(disk: DiskConfig | Sequence[DiskConfig] | None) -> list[DiskConfig]:
+    """Validate every disk and the set as a whole; return them as a list."""
+    disks = normalize_disks(disk)
+    if len(disks) > MAX_DISKS:
+        raise KtstrError(f"{len(disks)} disks declared; at most {MAX_DISKS} are supported")
+    seen: dict[str, int] = {}
+    for i, d in enumerate(disks):
+        d.validate(i)
+        label = d.label(i)
+        if label in seen:
+            raise KtstrError(
+                f"disks {seen[label]} and {i} both mount as /mnt/{label}; give them distinct names"
+            )
+        seen[label] = i
+    return disks
+
+
+def device_name(index: int) -> str:
+    """The guest block device name for the index'th virtio disk: vda, vdb, ..., vdz, vdaa."""
+    letters = ""
+    n = index
+    while True:
+        letters = chr(ord("a") + n % 26) + letters
+        n = n // 26 - 1
+        if n < 0:
+            return "vd" + letters
+
+
+def mount_specs(disks: Sequence[DiskConfig]) -> list[dict[str, object]]:
+    """Plain-data specs for the guest (`ktstr.guest.disks.mount_disks`), JSON-serialisable."""
+    return [
+        {
+            "index": i,
+            "device": device_name(i),
+            "serial": disk_serial(i),
+            "filesystem": d.filesystem.value,
+            "mount_point": d.mount_point(i),
+            "read_only": d.read_only,
+            "capacity_bytes": d.capacity_bytes,
+        }
+        for i, d in enumerate(disks)
+    ]
+
+
+def disk_serial(index: int) -> str:
+    """The VIRTIO_BLK_T_GET_ID serial (<= 20 bytes): how the guest matches a device to a spec.
+
+    Keyed by index, not name, so it is unique and short whatever the names are.
+    """
+    return f"ktstr-disk{index}"

@@ -1,0 +1,85 @@
+"""Token buckets for disk throttling: requests are delayed, never failed.
+
+A bucket may go into debt: a request larger than what is available (even
+larger than the whole bucket) is admitted at once and the debt is paid off
+by the delay it gets and by the delays of the requests behind it. That keeps
+the long-run rate exact and never starves a large request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from ktstr.disk import DiskThrottle
+
+Clock = Callable[[], float]
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `capacity` stored; starts full."""
+
+    def __init__(self, rate: float, capacity: float, clock: Clock = time.monotonic) -> None:
+        if rate <= 0 or capacity < rate:
+            raise ValueError(f"bad bucket: rate={rate} capacity={capacity}")
+        self.rate = float(rate)
+        self.capacity = float(capacity)
+        self._clock = clock
+        self._tokens = float(capacity)
+        self._last = clock()
+
+    @property
+    def tokens(self) -> float:
+        """Tokens available now (negative while in debt)."""
+        self._refill(self._clock())
+        return self._tokens
+
+    def _refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self._last)
+        self._last = max(self._last, now)
+        self._tokens = min(self.capacity, self._tokens + elapsed * self.rate)
+
+    def reserve(self, amount: float) -> float:
+        """Take `amount` tokens; return how many seconds the caller must wait first."""
+        self._refill(self._clock())
+        self._tokens -= amount
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+class Throttle:
+    """The buckets of one disk: IOPS and bytes/s, either optional. Thread-safe."""
+
+    def __init__(
+        self,
+        config: DiskThrottle,
+        clock: Clock = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        iops = config.effective_iops
+        bw = config.effective_bytes
+        self.iops = TokenBucket(iops[0], iops[1], clock) if iops else None
+        self.bytes = TokenBucket(bw[0], bw[1], clock) if bw else None
+        self._sleep = sleep
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.iops is not None or self.bytes is not None
+
+    def reserve(self, nbytes: int) -> float:
+        """Charge one operation of `nbytes`; return the delay before it may run."""
+        with self._lock:
+            delay = 0.0
+            if self.iops is not None:
+                delay = max(delay, self.iops.reserve(1))
+            if self.bytes is not None and nbytes:
+                delay = max(delay, self.bytes.reserve(nbytes))
+            return delay
+
+    def wait(self, nbytes: int) -> float:
+        """Charge and sleep out the delay; return the time slept."""
+        delay = self.reserve(nbytes)
+        if delay > 0:
+            self._sleep(delay)
+        return delay
