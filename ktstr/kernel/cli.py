@@ -30,6 +30,12 @@ def register(sub: Any) -> None:
                        help="skip the sched_ext example schedulers")
     build.set_defaults(func=cmd_build)
 
+    scx = ksub.add_parser("schedulers", help="build the sched_ext example schedulers")
+    scx.add_argument("id", nargs="?", default=None, help="catalog id (default: catalog default)")
+    scx.add_argument("--source", type=Path, metavar="PATH", help="a local kernel tree instead")
+    scx.add_argument("--flavour", choices=("test", "sandbox"), default="test")
+    scx.set_defaults(func=cmd_schedulers)
+
     lst = ksub.add_parser("list", help="list cached kernels")
     lst.add_argument("--json", action="store_true", help="one JSON object per line")
     lst.set_defaults(func=cmd_list)
@@ -61,6 +67,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"{entry.id} {entry.flavour} {entry.version}: {entry.bzimage} "
           f"(sched_ext {'yes' if entry.sched_ext else 'no'}; schedulers: {scheds}; "
           f"{took:.2f} s)")
+    return 0
+
+
+def cmd_schedulers(args: argparse.Namespace) -> int:
+    from ktstr.kernel import DEFAULT_KERNEL, ensure_kernel, ensure_schedulers
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    entry = ensure_kernel(args.id or DEFAULT_KERNEL, flavour=args.flavour, source=args.source,
+                          schedulers=False)
+    for name, path in sorted(ensure_schedulers(entry).items()):
+        print(f"{name} {path}")
     return 0
 
 
