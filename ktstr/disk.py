@@ -64,8 +64,7 @@ class DiskThrottle:
                     not isinstance(value, int) or isinstance(value, bool) or value < 0
                 ):
                     raise KtstrError(
-                        f"{where}: throttle {name}={value!r} must be a non-negative integer "
-                        "or None"
+                        f"{where}: throttle {name}={value!r} must be a non-negative integer or None"
                     )
             if not rate:
                 if burst:

@@ -19,7 +19,11 @@ from ktstr.errors import KtstrError
 def test_defaults_match_reference() -> None:
     d = DiskConfig()
     assert (d.capacity_mb, d.filesystem, d.read_only, d.name, d.no_auto_mount) == (
-        256, Filesystem.RAW, False, None, False
+        256,
+        Filesystem.RAW,
+        False,
+        None,
+        False,
     )
     assert d.throttle == DiskThrottle()
     assert not d.throttle.active

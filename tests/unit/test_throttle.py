@@ -78,9 +78,7 @@ def test_long_run_rate_is_exact() -> None:
 
 def test_both_buckets_take_the_larger_delay() -> None:
     clock = Clock()
-    t = Throttle(
-        DiskThrottle(iops=1000, bytes_per_sec=1 << 20), clock=clock, sleep=clock.sleep
-    )
+    t = Throttle(DiskThrottle(iops=1000, bytes_per_sec=1 << 20), clock=clock, sleep=clock.sleep)
     assert t.reserve(1 << 20) == 0.0  # burst covers one MiB and one op
     # Bandwidth is the binding limit for big requests...
     assert t.reserve(1 << 19) == pytest.approx(0.5)

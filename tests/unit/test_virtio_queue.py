@@ -220,9 +220,7 @@ _ADDRS = st.one_of(
     st.integers(0, REGIONS[1][0] + REGIONS[1][1] + 4096),  # anywhere, holes included
     st.sampled_from([HOLE, REGIONS[0][1] - 1, REGIONS[1][0] - 1, 2**64 - 1, 2**63]),
 )
-_LENGTHS = st.one_of(
-    *[st.integers(0, 4096)] * 3, st.sampled_from([2**32 - 1, 2**31, 1 << 21])
-)
+_LENGTHS = st.one_of(*[st.integers(0, 4096)] * 3, st.sampled_from([2**32 - 1, 2**31, 1 << 21]))
 
 
 @st.composite

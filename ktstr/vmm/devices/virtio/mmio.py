@@ -118,8 +118,8 @@ class VirtioMmioTransport:
         self.queues = [Virtqueue(backend.queue_max_size) for _ in range(backend.num_queues)]
         self._lock = threading.Lock()
         self._irq_lock = threading.Lock()
-        self.offered = backend.device_features() | VIRTIO_F_VERSION_1 | (
-            VIRTIO_RING_F_INDIRECT_DESC
+        self.offered = (
+            backend.device_features() | VIRTIO_F_VERSION_1 | (VIRTIO_RING_F_INDIRECT_DESC)
         )
         self._reset_registers()
 
@@ -191,9 +191,11 @@ class VirtioMmioTransport:
         if offset == VENDOR_ID_REG:
             return VENDOR_ID
         if offset == DEVICE_FEATURES:
-            return (self.offered >> (32 * self.device_features_sel)) if (
-                self.device_features_sel < 2
-            ) else 0
+            return (
+                (self.offered >> (32 * self.device_features_sel))
+                if (self.device_features_sel < 2)
+                else 0
+            )
         if offset == QUEUE_NUM_MAX:
             return q.max_size if q else 0
         if offset == QUEUE_READY:
