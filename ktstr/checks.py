@@ -1,0 +1,362 @@
+"""Checks over scenario telemetry and scheduler health, with overridable thresholds.
+
+Defaults (all fields of :class:`Checks`, overridable per scheduler and per test):
+
+- **starvation**: a worker is starved if it made *zero* progress, or if its
+  longest gap between progress checkpoints reached ``starvation_gap_ms``
+  (500 ms) while it was on a CPU less than ``starvation_cpu_pct`` (10 %) of
+  its wall time. The second clause exists because a kernel keeps some
+  service for starved normal tasks (RT throttling, the fair deadline
+  server: about 5 % of a CPU, in bursts about a second apart), so a worker
+  under a SCHED_FIFO hog is not at exactly zero. A busy but fair CPU gives
+  many short gaps and a fair share, so it does not trip either clause.
+- **isolation**: a worker was seen (sched_getcpu in the worker, or the
+  kernel's last-CPU field) on a CPU outside its cgroup's cpuset.
+- **fairness**: within a cgroup, max - min of per-worker off-CPU % <= 15 points.
+- **max_gap**: no worker's longest gap between checkpoints exceeds 2000 ms.
+- optional (None = off): p99 wake latency (us), throughput CV within a
+  cgroup, migrations per work unit, minimum work units per second.
+- **health**: in a console/kernel log, sched_ext ejecting the scheduler,
+  or a kernel BUG/WARNING/Oops/panic/RCU stall/hung task.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from ktstr.errors import KtstrError
+from ktstr.scenario.model import format_cpu_list
+from ktstr.scenario.telemetry import ScenarioResult, WorkerStats
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Thresholds; ``None`` disables a check."""
+
+    starvation: bool = True
+    starvation_gap_ms: float = 500.0
+    starvation_cpu_pct: float = 10.0
+    isolation: bool = True
+    fairness_spread_pct: float | None = 15.0
+    max_gap_ms: float | None = 2000.0
+    wake_p99_us: float | None = None
+    throughput_cv: float | None = None
+    migration_ratio: float | None = None
+    """Migrations per work unit, per worker."""
+    min_work_rate: float | None = None
+    """Work units per second, per worker."""
+    health: bool = True
+
+    def override(self, overrides: Checks | Mapping[str, Any] | None) -> Checks:
+        """A copy with ``overrides`` applied (a mapping of field names, or only the
+        fields of another Checks that differ from the defaults)."""
+        if overrides is None:
+            return self
+        if isinstance(overrides, Checks):
+            default = Checks()
+            overrides = {
+                f.name: getattr(overrides, f.name)
+                for f in fields(Checks)
+                if getattr(overrides, f.name) != getattr(default, f.name)
+            }
+        known = {f.name for f in fields(Checks)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise KtstrError(
+                f"checks: unknown threshold {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            )
+        return replace(self, **dict(overrides))
+
+    @classmethod
+    def resolve(
+        cls,
+        scheduler: Checks | Mapping[str, Any] | None = None,
+        test: Checks | Mapping[str, Any] | None = None,
+    ) -> Checks:
+        """Defaults, then the scheduler's overrides, then the test's."""
+        return cls().override(scheduler).override(test)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CheckResult:
+    name: str
+    passed: bool
+    value: float | None
+    threshold: float | None
+    message: str
+    cgroup: str | None = None
+    worker: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CheckResult:
+        return cls(**{k: data.get(k) for k in (f.name for f in fields(cls))})
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.message}"
+
+
+@dataclass
+class AssertResult:
+    """What a scenario function returns: pass/fail plus the reasons."""
+
+    passed: bool = True
+    results: list[CheckResult] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+
+    @classmethod
+    def ok(cls, *details: str) -> AssertResult:
+        return cls(True, [], list(details))
+
+    @classmethod
+    def fail(cls, *details: str) -> AssertResult:
+        return cls(False, [], list(details))
+
+    @classmethod
+    def from_checks(cls, results: Iterable[CheckResult]) -> AssertResult:
+        results = list(results)
+        return cls(
+            passed=all(r.passed for r in results),
+            results=results,
+            details=[r.line() for r in results if not r.passed],
+        )
+
+    @classmethod
+    def of(cls, result: ScenarioResult) -> AssertResult:
+        """The verdict already evaluated into a ScenarioResult by the runner."""
+        checks = [CheckResult.from_dict(c) for c in result.checks]
+        return cls.from_checks(checks)
+
+    def merge(self, other: AssertResult) -> AssertResult:
+        return AssertResult(
+            self.passed and other.passed,
+            self.results + other.results,
+            self.details + other.details,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "results": [r.to_dict() for r in self.results],
+            "details": list(self.details),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AssertResult:
+        return cls(
+            bool(data.get("passed")),
+            [CheckResult.from_dict(r) for r in data.get("results", [])],
+            list(data.get("details", [])),
+        )
+
+
+# ---- telemetry checks -------------------------------------------------------------
+
+
+def _where(w: WorkerStats) -> str:
+    cpus = format_cpu_list(w.cpus_used) or "unknown"
+    return f"worker {w.label} in cgroup {w.cgroup} (CPUs {cpus})"
+
+
+def is_starved(w: WorkerStats, checks: Checks) -> bool:
+    if w.work_units == 0:
+        return True
+    return (
+        w.max_gap_ms >= checks.starvation_gap_ms
+        and w.cpu_share * 100 < checks.starvation_cpu_pct
+    )
+
+
+def check_starvation(workers: list[WorkerStats], checks: Checks) -> CheckResult:
+    starved = [w for w in workers if is_starved(w, checks)]
+    if not starved:
+        return CheckResult(
+            "starvation", True, 0, 0,
+            f"all {len(workers)} workers progressed (no zero-progress worker; none with a "
+            f"gap >= {checks.starvation_gap_ms:g} ms at < {checks.starvation_cpu_pct:g}% on-CPU)",
+        )
+    w = max(starved, key=lambda w: (w.work_units == 0, w.max_gap_ms))
+    if w.work_units == 0:
+        why = f"made 0 work units in {w.wall_ns / 1e9:.2f} s"
+    else:
+        why = (
+            f"went {w.max_gap_ms:.0f} ms without progress (>= {checks.starvation_gap_ms:g} ms) "
+            f"and was on-CPU {w.cpu_share * 100:.1f}% (< {checks.starvation_cpu_pct:g}%)"
+        )
+    others = f"; {len(starved)} starved workers in total" if len(starved) > 1 else ""
+    return CheckResult(
+        "starvation", False, len(starved), 0, f"{_where(w)} {why}{others}",
+        cgroup=w.cgroup, worker=w.label,
+    )
+
+
+def check_isolation(workers: list[WorkerStats]) -> CheckResult:
+    bad = [w for w in workers if w.isolation_violations]
+    if not bad:
+        return CheckResult("isolation", True, 0, 0, "no worker ran outside its cpuset")
+    w = bad[0]
+    return CheckResult(
+        "isolation", False, len(bad), 0,
+        f"worker {w.label} in cgroup {w.cgroup} ran on CPU "
+        f"{format_cpu_list(w.isolation_violations)} outside its cpuset "
+        f"{format_cpu_list(w.allowed_cpus) or '(empty)'}"
+        + (f"; {len(bad)} workers in total" if len(bad) > 1 else ""),
+        cgroup=w.cgroup, worker=w.label,
+    )
+
+
+def _by_cgroup(workers: list[WorkerStats]) -> dict[str, list[WorkerStats]]:
+    out: dict[str, list[WorkerStats]] = {}
+    for w in workers:
+        out.setdefault(w.cgroup, []).append(w)
+    return out
+
+
+def check_fairness(workers: list[WorkerStats], limit: float) -> CheckResult:
+    worst: tuple[float, str, WorkerStats, WorkerStats] | None = None
+    for name, ws in _by_cgroup(workers).items():
+        if len(ws) < 2:
+            continue
+        lo = min(ws, key=lambda w: w.off_cpu_pct)
+        hi = max(ws, key=lambda w: w.off_cpu_pct)
+        spread = hi.off_cpu_pct - lo.off_cpu_pct
+        if worst is None or spread > worst[0]:
+            worst = (spread, name, lo, hi)
+    if worst is None:
+        return CheckResult("fairness", True, 0.0, limit, "no cgroup has two or more workers")
+    spread, name, lo, hi = worst
+    msg = (
+        f"cgroup {name}: off-CPU spread {spread:.1f} points "
+        f"({'>' if spread > limit else '<='} {limit:g}); worker {hi.label} "
+        f"{hi.off_cpu_pct:.1f}% off-CPU on CPUs {format_cpu_list(hi.cpus_used) or '-'}, "
+        f"worker {lo.label} {lo.off_cpu_pct:.1f}% on CPUs {format_cpu_list(lo.cpus_used) or '-'}"
+    )
+    return CheckResult("fairness", spread <= limit, round(spread, 3), limit, msg, cgroup=name,
+                       worker=hi.label)
+
+
+def _worst(
+    name: str, workers: list[WorkerStats], key: Any, limit: float, unit: str, what: str,
+    higher_is_bad: bool = True,
+) -> CheckResult:
+    values = [(key(w), w) for w in workers if key(w) is not None]
+    if not values:
+        return CheckResult(name, True, None, limit, f"no worker reports {what}")
+    value, w = max(values, key=lambda t: t[0]) if higher_is_bad else min(values, key=lambda t: t[0])
+    ok = value <= limit if higher_is_bad else value >= limit
+    rel = ("<=" if ok else ">") if higher_is_bad else (">=" if ok else "<")
+    return CheckResult(
+        name, ok, round(value, 3), limit,
+        f"{_where(w)}: {what} {value:.1f}{unit} ({rel} {limit:g}{unit})",
+        cgroup=w.cgroup, worker=w.label,
+    )
+
+
+def evaluate(
+    result: ScenarioResult | Mapping[str, Any],
+    checks: Checks | Mapping[str, Any] | None = None,
+    log_text: str | None = None,
+) -> list[CheckResult]:
+    """Every enabled check over ``result`` (and ``log_text`` for scheduler health)."""
+    if not isinstance(result, ScenarioResult):
+        result = ScenarioResult.from_dict(dict(result))
+    if not isinstance(checks, Checks):
+        checks = Checks().override(checks)
+    workers = result.workers
+    out: list[CheckResult] = []
+    if not workers:
+        out.append(CheckResult("workers", False, 0, 1, "the scenario ran no workers"))
+    errors = [w for w in workers if w.error]
+    if errors:
+        w = errors[0]
+        out.append(CheckResult(
+            "worker_errors", False, len(errors), 0,
+            f"worker {w.label} in cgroup {w.cgroup} failed: {w.error}",
+            cgroup=w.cgroup, worker=w.label,
+        ))
+    if workers and checks.starvation:
+        out.append(check_starvation(workers, checks))
+    if workers and checks.isolation:
+        out.append(check_isolation(workers))
+    if workers and checks.fairness_spread_pct is not None:
+        out.append(check_fairness(workers, checks.fairness_spread_pct))
+    if workers and checks.max_gap_ms is not None:
+        out.append(_worst("max_gap", workers, lambda w: w.max_gap_ms, checks.max_gap_ms,
+                          " ms", "longest gap between progress checkpoints"))
+    if workers and checks.wake_p99_us is not None:
+        out.append(_worst(
+            "wake_p99", workers,
+            lambda w: w.wake_latency.p99_us if w.wake_latency and w.wake_latency.count else None,
+            checks.wake_p99_us, " us", "p99 wake latency",
+        ))
+    if workers and checks.throughput_cv is not None:
+        worst = max(result.cgroups, key=lambda c: c.throughput_cv, default=None)
+        if worst is not None:
+            ok = worst.throughput_cv <= checks.throughput_cv
+            out.append(CheckResult(
+                "throughput_cv", ok, round(worst.throughput_cv, 4), checks.throughput_cv,
+                f"cgroup {worst.name} (CPUs {format_cpu_list(worst.cpus)}): work-rate CV "
+                f"{worst.throughput_cv:.3f} across {worst.workers} workers "
+                f"({'<=' if ok else '>'} {checks.throughput_cv:g})",
+                cgroup=worst.name,
+            ))
+    if workers and checks.migration_ratio is not None:
+        out.append(_worst(
+            "migration_ratio", workers,
+            lambda w: w.migrations / w.work_units if w.work_units else None,
+            checks.migration_ratio, "", "migrations per work unit",
+        ))
+    if workers and checks.min_work_rate is not None:
+        out.append(_worst(
+            "min_work_rate", workers, lambda w: w.work_rate, checks.min_work_rate, "/s",
+            "work rate", higher_is_bad=False,
+        ))
+    if log_text is not None and checks.health:
+        out.extend(scheduler_health(log_text))
+    return out
+
+
+# ---- scheduler health from a console / kernel log ------------------------------------
+
+_CLEAN_SCX_EXIT = re.compile(r"unregistered from (user space|BPF)|\(done\)")
+_SCX_EXIT = re.compile(r"sched_ext: BPF scheduler \"?([^\" ]*)\"? (?:disabled|errored)(.*)")
+_KERNEL_PROBLEMS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("kernel_bug", re.compile(r"\bBUG:|kernel BUG at")),
+    ("kernel_warning", re.compile(r"\bWARNING: CPU: \d+|------------\[ cut here \]")),
+    ("kernel_oops", re.compile(r"\bOops: |\bKernel panic\b|general protection fault")),
+    ("rcu_stall", re.compile(r"rcu: INFO: \S+ detected stalls|rcu_\w+ detected stalls|"
+                             r"rcu: INFO: \S+ self-detected stall")),
+    ("hung_task", re.compile(r"INFO: task \S+ blocked for more than \d+ seconds")),
+)
+
+
+def scheduler_health(log_text: str) -> list[CheckResult]:
+    """One result per health category, failing with the first offending log line."""
+    lines = log_text.splitlines()
+    out: list[CheckResult] = []
+    ejected = None
+    for line in lines:
+        m = _SCX_EXIT.search(line)
+        if m and not _CLEAN_SCX_EXIT.search(line):
+            ejected = line.strip()
+            break
+    out.append(CheckResult(
+        "sched_ext_ejected", ejected is None, 1 if ejected else 0, 0,
+        f"the kernel ejected the BPF scheduler: {ejected}" if ejected
+        else "no sched_ext ejection in the log",
+    ))
+    for name, pattern in _KERNEL_PROBLEMS:
+        hits = [line.strip() for line in lines if pattern.search(line)]
+        out.append(CheckResult(
+            name, not hits, len(hits), 0,
+            f"{len(hits)} line(s), first: {hits[0]}" if hits else f"no {name.replace('_', ' ')}",
+        ))
+    return out

@@ -1,0 +1,414 @@
+"""Carry out steps: create cgroups, fork workers, apply ops, hold, collect telemetry.
+
+``execute_defs`` and ``execute_steps`` are what a test's ``scenario(ctx)``
+calls inside the guest; host mode calls them with a context built from the
+host. The context only needs ``topology``, ``duration`` and ``cgroup_root``
+(see :class:`ScenarioContextLike`); the optional attributes of
+:class:`ScenarioContext` are read with defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol, runtime_checkable
+
+from ktstr.errors import KtstrError
+from ktstr.scenario import worker as wk
+from ktstr.scenario.cgroups import CgroupBackend, backend_for
+from ktstr.scenario.cpuset import resolve_affinity, resolve_cpuset
+from ktstr.scenario.model import (
+    AddCgroup,
+    Affinity,
+    CgroupDef,
+    ClearCpuset,
+    CpusetSpec,
+    MoveAllTasks,
+    Op,
+    PolicyKind,
+    RemoveCgroup,
+    SetAffinity,
+    SetCpuset,
+    Spawn,
+    Step,
+    StopCgroup,
+    SwapCpusets,
+    format_cpu_list,
+)
+from ktstr.scenario.telemetry import CgroupStats, ScenarioResult, WorkerStats
+from ktstr.scenario.work import Work
+from ktstr.topology import Topology
+
+_POLICY = {
+    PolicyKind.NORMAL: os.SCHED_OTHER,
+    PolicyKind.BATCH: os.SCHED_BATCH,
+    PolicyKind.IDLE: os.SCHED_IDLE,
+    PolicyKind.FIFO: os.SCHED_FIFO,
+    PolicyKind.RR: os.SCHED_RR,
+}
+_SAMPLE_S = 0.05
+
+
+@runtime_checkable
+class ScenarioContextLike(Protocol):
+    """The minimum a ctx object must offer (the guest runtime's ctx satisfies it)."""
+
+    topology: Topology
+    duration: float
+    cgroup_root: str
+
+
+@dataclass
+class ScenarioContext:
+    """A ready-made context: the host runner builds one, tests may too."""
+
+    topology: Topology
+    duration: float
+    cgroup_root: str
+    """An existing cgroup directory (v2, or a v1 cpuset directory) this run may populate."""
+    cpu_ids: tuple[int, ...] | None = None
+    """Real CPU id of each topology CPU; None = identity (the guest)."""
+    workers: int | None = None
+    """Default workers per cgroup for catalog scenarios (None: scale to the CPUs)."""
+    checks: Any = None
+    """A :class:`ktstr.checks.Checks` (None = defaults)."""
+    scratch_dir: str = tempfile.gettempdir()
+    seed: int = 0
+
+
+@dataclass
+class _Cgroup:
+    name: str
+    definition: CgroupDef
+    spec: CpusetSpec | None
+    affinity: Affinity
+    next_index: int = 0
+
+
+class Runner:
+    """Live state of one scenario: cgroups, workers, and the telemetry of stopped workers."""
+
+    def __init__(self, ctx: ScenarioContextLike, name: str = "scenario", lifetime_s: float = 600):
+        self.ctx = ctx
+        self.name = name
+        self.topology: Topology = ctx.topology
+        self.backend: CgroupBackend = backend_for(ctx.cgroup_root)
+        ids = getattr(ctx, "cpu_ids", None)
+        self.cpu_ids: tuple[int, ...] = tuple(ids) if ids else tuple(range(self.topology.nr_cpus))
+        if len(self.cpu_ids) != self.topology.nr_cpus:
+            raise KtstrError(
+                f"context: cpu_ids has {len(self.cpu_ids)} entries for "
+                f"{self.topology.nr_cpus} topology CPUs"
+            )
+        self.scratch_dir: str = getattr(ctx, "scratch_dir", None) or tempfile.gettempdir()
+        self.rng = random.Random(getattr(ctx, "seed", 0) or 0)
+        self.lifetime_s = lifetime_s
+        self.cgroups: dict[str, _Cgroup] = {}
+        self.effective: dict[str, tuple[int, ...]] = {}
+        self.last_cpus: dict[str, tuple[int, ...]] = {}
+        self.live: list[wk.WorkerHandle] = []
+        self.finished: list[WorkerStats] = []
+        self.notes: list[str] = []
+        self._shared: list[Any] = []
+        self._created: list[str] = []
+        self.started = time.monotonic()
+
+    # -- cpu mapping --------------------------------------------------------
+
+    def real(self, cpus: Iterable[int]) -> tuple[int, ...]:
+        return tuple(sorted(self.cpu_ids[c] for c in cpus))
+
+    # -- ops ------------------------------------------------------------------
+
+    def apply(self, op: Op) -> None:
+        if isinstance(op, AddCgroup):
+            self.add(op.cgroup, op.parent)
+        elif isinstance(op, RemoveCgroup):
+            self.remove(op.name)
+        elif isinstance(op, SetCpuset):
+            self._need(op.name).spec = op.cpuset
+            self.apply_cpusets()
+        elif isinstance(op, ClearCpuset):
+            self._need(op.name).spec = None
+            self.apply_cpusets()
+        elif isinstance(op, SwapCpusets):
+            a, b = self._need(op.a), self._need(op.b)
+            a.spec, b.spec = b.spec, a.spec
+            self.apply_cpusets()
+        elif isinstance(op, Spawn):
+            cg = self._need(op.name)
+            self.spawn(cg, op.workers, op.work or cg.definition.work)
+        elif isinstance(op, StopCgroup):
+            self._need(op.name)
+            self.stop_workers([h for h in self.live if h.cgroup == op.name])
+        elif isinstance(op, MoveAllTasks):
+            self._need(op.src)
+            dst = self._need(op.dst)
+            for h in [h for h in self.live if h.cgroup == op.src]:
+                self.backend.attach(dst.name, h.pid)
+                h.cgroup = dst.name
+                h.set_allowed(frozenset(self.real(self.effective[dst.name])))
+        elif isinstance(op, SetAffinity):
+            cg = self._need(op.name)
+            cg.affinity = op.affinity
+            for i, h in enumerate(h for h in self.live if h.cgroup == op.name):
+                mask = resolve_affinity(
+                    op.affinity, self.topology, self.effective[op.name], i, self.rng
+                )
+                cpus = self.real(mask) if mask is not None else self.real(self.effective[op.name])
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(h.pid, cpus)
+        else:  # pragma: no cover - the Op union is closed
+            raise KtstrError(f"unknown op {op!r}")
+
+    def _need(self, name: str) -> _Cgroup:
+        cg = self.cgroups.get(name)
+        if cg is None:
+            raise KtstrError(
+                f"scenario {self.name}: no cgroup {name!r} (have: "
+                f"{', '.join(sorted(self.cgroups)) or 'none'})"
+            )
+        return cg
+
+    def add(self, definition: CgroupDef, parent: str = "") -> None:
+        if parent:
+            self._need(parent)
+        entries = definition.flatten(parent)
+        for full, d in entries:
+            if full in self.cgroups:
+                raise KtstrError(f"scenario {self.name}: cgroup {full!r} already exists")
+        # Resolve first so an impossible cpuset fails before anything is created.
+        for full, d in entries:
+            self.cgroups[full] = _Cgroup(full, d, d.cpuset, d.affinity)
+        try:
+            self.resolve_all()
+        except KtstrError:
+            for full, _ in entries:
+                del self.cgroups[full]
+            raise
+        for full, _ in entries:
+            self.backend.create(full)
+            self._created.append(full)
+        self.apply_cpusets()
+        for full, d in entries:
+            if d.workers:
+                self.spawn(self.cgroups[full], d.workers, d.work)
+
+    def remove(self, name: str) -> None:
+        self._need(name)
+        doomed = [n for n in self.cgroups if n == name or n.startswith(name + "/")]
+        self.stop_workers([h for h in self.live if h.cgroup in doomed])
+        self.backend.remove(name)
+        for n in doomed:
+            self.last_cpus[n] = self.real(self.effective.get(n, ()))
+            del self.cgroups[n]
+            self.effective.pop(n, None)
+            if n in self._created:
+                self._created.remove(n)
+
+    def resolve_all(self) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        root = tuple(range(self.topology.nr_cpus))
+        for name in sorted(self.cgroups, key=lambda n: n.count("/")):
+            parent = os.path.dirname(name)
+            base = out[parent] if parent else root
+            spec = self.cgroups[name].spec
+            try:
+                out[name] = base if spec is None else resolve_cpuset(spec, self.topology, base)
+            except KtstrError as err:
+                raise KtstrError(f"cgroup {name}: {err}") from None
+        return out
+
+    def apply_cpusets(self) -> None:
+        new = self.resolve_all()
+        self.backend.apply_cpus(
+            explicit={
+                n: (self.real(new[n]) if cg.spec is not None else None)
+                for n, cg in self.cgroups.items()
+            },
+            effective={n: self.real(c) for n, c in new.items()},
+            previous={n: self.real(c) for n, c in self.effective.items() if n in new},
+        )
+        self.effective = new
+        for h in self.live:
+            allowed = frozenset(self.real(new[h.cgroup]))
+            if allowed != h.allowed:
+                h.set_allowed(allowed)
+
+    def spawn(self, cg: _Cgroup, count: int, work: Work) -> list[wk.WorkerHandle]:
+        d = cg.definition
+        shared = work.make_shared(count, self.scratch_dir)
+        self._shared.append(shared)
+        handles: list[wk.WorkerHandle] = []
+        try:
+            for member in range(count):
+                mask = resolve_affinity(
+                    cg.affinity, self.topology, self.effective[cg.name], member, self.rng
+                )
+                spec = wk.WorkerSpec(
+                    cgroup=cg.name,
+                    index=cg.next_index,
+                    work=work,
+                    attach=partial(self.backend.attach, cg.name),
+                    affinity=self.real(mask) if mask is not None else None,
+                    policy=_POLICY[d.policy.kind],
+                    priority=d.policy.priority,
+                    policy_name=d.policy.describe(),
+                    nice=d.nice,
+                    member=member,
+                    shared=shared,
+                    scratch_dir=self.scratch_dir,
+                    max_lifetime_s=self.lifetime_s,
+                    seed=self.rng.randrange(1 << 30),
+                )
+                cg.next_index += 1
+                h = wk.spawn(spec)
+                h.allowed = frozenset(self.real(self.effective[cg.name]))
+                handles.append(h)
+                self.live.append(h)
+            wk.wait_started(handles)
+        except wk.WorkerError as err:
+            raise KtstrError(f"scenario {self.name}: {err}") from None
+        return handles
+
+    def stop_workers(self, handles: Sequence[wk.WorkerHandle]) -> None:
+        if not handles:
+            return
+        for h in handles:
+            self.last_cpus[h.cgroup] = self.real(self.effective.get(h.cgroup, ()))
+        self.finished.extend(wk.stop(list(handles)))
+        gone = {id(h) for h in handles}
+        self.live = [h for h in self.live if id(h) not in gone]
+
+    # -- time -----------------------------------------------------------------
+
+    def hold(self, seconds: float) -> None:
+        """Sleep while sampling worker placement and noticing workers that died."""
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(_SAMPLE_S, left))
+            for h in self.live:
+                h.sample_proc()
+            dead = [h for h in self.live if h.state in (wk.DONE, wk.FAILED)]
+            if dead:
+                self.stop_workers(dead)
+
+    # -- results / teardown -------------------------------------------------------
+
+    def finish(self) -> ScenarioResult:
+        self.stop_workers(list(self.live))
+        by_cg: dict[str, list[WorkerStats]] = {}
+        for w in self.finished:
+            by_cg.setdefault(w.cgroup, []).append(w)
+        cgroups = []
+        for name, workers in by_cg.items():
+            cpus = self.real(self.effective[name]) if name in self.effective else \
+                self.last_cpus.get(name, ())
+            cgroups.append(CgroupStats.aggregate(name, cpus, workers))
+        return ScenarioResult(
+            name=self.name,
+            topology=self.topology.label,
+            duration_s=time.monotonic() - self.started,
+            workers=sorted(self.finished, key=lambda w: (w.cgroup, w.index)),
+            cgroups=sorted(cgroups, key=lambda c: c.name),
+            notes=self.notes,
+        )
+
+    def close(self) -> None:
+        """Kill every worker and remove every cgroup this runner created (idempotent)."""
+        for h in self.live:
+            wk.kill_and_reap(h.pid)
+        self.live = []
+        for name in sorted(self._created, key=lambda n: n.count("/"), reverse=True):
+            with contextlib.suppress(KtstrError, OSError):
+                self.backend.remove(name)
+        self._created = []
+        for shared in self._shared:
+            _close_shared(shared)
+        self._shared = []
+
+
+def _close_shared(obj: Any) -> None:
+    if isinstance(obj, int):
+        with contextlib.suppress(OSError):
+            os.close(obj)
+    elif isinstance(obj, mmap.mmap):
+        with contextlib.suppress(BufferError, ValueError):
+            obj.close()
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            _close_shared(item)
+
+
+def planned_seconds(steps: Sequence[Step], duration: float) -> float:
+    return sum(s.hold_seconds(duration) for s in steps)
+
+
+def execute_steps(
+    ctx: ScenarioContextLike,
+    steps: Sequence[Step],
+    *,
+    setup: Sequence[CgroupDef] = (),
+    duration: float | None = None,
+    name: str = "scenario",
+    checks: Any = None,
+) -> ScenarioResult:
+    """Create ``setup`` cgroups, run each step (ops, then hold), evaluate the checks.
+
+    Holds are fractions of ``duration`` (default ``ctx.duration``) unless a step
+    gives fixed seconds. The result carries per-worker and per-cgroup
+    telemetry plus ``checks``/``passed`` from :func:`ktstr.checks.evaluate`.
+    Cgroups created here are removed and workers reaped, whatever happens.
+    """
+    from ktstr.checks import AssertResult, evaluate
+
+    total = float(duration if duration is not None else ctx.duration)
+    if total <= 0:
+        raise KtstrError(f"scenario {name}: duration must be > 0, got {total:g}")
+    plan = planned_seconds(steps, total)
+    runner = Runner(ctx, name, lifetime_s=plan * 1.5 + 30)
+    try:
+        for d in setup:
+            runner.add(d)
+        for step in steps:
+            for op in step.ops:
+                runner.apply(op)
+            runner.hold(step.hold_seconds(total))
+        result = runner.finish()
+    finally:
+        runner.close()
+    verdict = AssertResult.from_checks(
+        evaluate(result, checks if checks is not None else getattr(ctx, "checks", None))
+    )
+    result.checks = [c.to_dict() for c in verdict.results]
+    result.passed = verdict.passed
+    return result
+
+
+def execute_defs(
+    ctx: ScenarioContextLike,
+    defs: Sequence[CgroupDef],
+    *,
+    duration: float | None = None,
+    name: str = "scenario",
+    checks: Any = None,
+) -> ScenarioResult:
+    """Run ``defs`` side by side for the whole duration (one step)."""
+    return execute_steps(
+        ctx, [Step(ops=tuple(AddCgroup(d) for d in defs))], duration=duration, name=name,
+        checks=checks,
+    )
+
+
+def describe_cpus(cpus: Sequence[int]) -> str:
+    return format_cpu_list(cpus) or "-"

@@ -1,0 +1,465 @@
+"""Forked worker processes and their telemetry.
+
+Each worker owns one shared anonymous mapping (a "slot"). The worker bumps
+counters in it from its hot loop (no syscalls but a clock read, no pipes);
+the parent reads it at any time, plus the kernel's view of the process from
+/proc/<pid>/{schedstat,status,stat,sched}.
+
+CPU placement is recorded per *epoch*: the parent bumps the slot's epoch
+after every change of the worker's allowed CPUs, and the worker stamps
+``cpu_epoch[cpu] = epoch`` whenever it samples the CPU it runs on. A CPU
+stamped with the current epoch that is outside the allowed set is an
+isolation violation (see :meth:`WorkerHandle.harvest_cpus`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ktstr.scenario.telemetry import LatencySummary, WorkerStats, off_cpu_pct
+
+if TYPE_CHECKING:
+    from ktstr.scenario.work import Work
+
+# Slot layout: u64 words at the start, then per-CPU epoch stamps, then a latency ring.
+_STATE, _STOP, _UNITS, _START, _LAST, _MAXGAP, _MIGR, _EPOCH, _LASTCPU, _DEADLINE, \
+    _LATN, _LATMAX = range(12)
+_ERR_OFF, _ERR_LEN = 128, 384
+_CPU_OFF = 1024
+MAX_CPUS = 1024
+_LAT_OFF = _CPU_OFF + 4 * MAX_CPUS  # 5120
+LAT_CAP = 8192
+SLOT_SIZE = _LAT_OFF + 4 * LAT_CAP
+
+STARTING, RUNNING, DONE, FAILED = 0, 1, 2, 3
+
+_SAMPLE_NS = 1_000_000  # CPU sample and stop-flag poll period inside the worker
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_sched_getcpu = _libc.sched_getcpu
+_sched_getcpu.restype = ctypes.c_int
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerRuntime:
+    """What a work type sees inside the worker process."""
+
+    def __init__(
+        self,
+        mm: mmap.mmap,
+        member: int,
+        shared: Any,
+        scratch_dir: str,
+        seed: int,
+    ) -> None:
+        self.mm = mm
+        self.q = memoryview(mm)[:_ERR_OFF].cast("Q")
+        self.cpu_epoch = memoryview(mm)[_CPU_OFF:_LAT_OFF].cast("I")
+        self.lat = memoryview(mm)[_LAT_OFF:SLOT_SIZE].cast("I")
+        self.member = member
+        """Index of this worker within its spawn batch (pairs use member // 2)."""
+        self.shared = shared
+        """Whatever the work type's ``make_shared`` built before the fork."""
+        self.scratch_dir = scratch_dir
+        self.rng = random.Random(seed)
+        self.running = True
+        self._units = 0
+        self._max_gap = 0
+        self._last_cpu = -1
+        self._migr = 0
+        self._lat_n = 0
+        self._lat_max = 0
+        now = time.monotonic_ns()
+        self._last = now
+        self._next_sample = now
+        self.q[_START] = now
+        self.q[_LAST] = now
+        self._deadline = self.q[_DEADLINE]
+        self._phase_end = 0
+        self.sample()
+
+    def begin_phase(self, seconds: float) -> None:
+        """Make tick()/poll() return False after ``seconds`` (Sequence phases)."""
+        self._phase_end = time.monotonic_ns() + int(seconds * 1e9)
+
+    def end_phase(self) -> None:
+        self._phase_end = 0
+
+    def tick(self, units: int = 1) -> bool:
+        """Record progress; returns False once the worker should stop."""
+        now = time.monotonic_ns()
+        gap = now - self._last
+        self._last = now
+        self._units += units
+        q = self.q
+        q[_UNITS] = self._units
+        q[_LAST] = now
+        if gap > self._max_gap:
+            self._max_gap = gap
+            q[_MAXGAP] = gap
+        if now >= self._next_sample:
+            self._next_sample = now + _SAMPLE_NS
+            self.sample()
+            if q[_STOP] or (self._deadline and now > self._deadline):
+                self.running = False
+        if self._phase_end and now >= self._phase_end:
+            return False
+        return self.running
+
+    def poll(self) -> bool:
+        """Check the stop flag without recording progress (for blocking waits)."""
+        now = time.monotonic_ns()
+        if self.q[_STOP] or (self._deadline and now > self._deadline):
+            self.running = False
+        if self._phase_end and now >= self._phase_end:
+            return False
+        return self.running
+
+    def sample(self) -> None:
+        cpu = _sched_getcpu()
+        epoch = self.q[_EPOCH]
+        if 0 <= cpu < MAX_CPUS:
+            self.cpu_epoch[cpu] = epoch
+            if self._last_cpu >= 0 and cpu != self._last_cpu:
+                self._migr += 1
+                self.q[_MIGR] = self._migr
+            self._last_cpu = cpu
+            self.q[_LASTCPU] = cpu + 1
+
+    def record_latency(self, ns: int) -> None:
+        ns = max(0, ns)
+        self.lat[self._lat_n % LAT_CAP] = min(ns, 0xFFFFFFFF)
+        self._lat_n += 1
+        self.q[_LATN] = self._lat_n
+        if ns > self._lat_max:
+            self._lat_max = ns
+            self.q[_LATMAX] = ns
+
+    def allowed_cpus(self) -> list[int]:
+        return sorted(os.sched_getaffinity(0))
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker applies to itself after the fork."""
+
+    cgroup: str
+    index: int
+    work: Work
+    attach: Callable[[int], None]
+    """Moves a pid into the worker's cgroup (the cgroup backend's attach)."""
+    affinity: tuple[int, ...] | None = None
+    policy: int = os.SCHED_OTHER
+    priority: int = 0
+    policy_name: str = "normal"
+    nice: int = 0
+    member: int = 0
+    shared: Any = None
+    scratch_dir: str = "/tmp"
+    max_lifetime_s: float = 600.0
+    seed: int = 0
+
+
+@dataclass
+class _ProcSample:
+    cpu_ns: int = 0
+    epoch: int = -1
+
+
+@dataclass
+class WorkerHandle:
+    """The parent's view of one worker process."""
+
+    spec: WorkerSpec
+    pid: int
+    mm: mmap.mmap
+    spawn_ns: int
+    cgroup: str
+    allowed: frozenset[int] = frozenset()
+    """Real CPU ids the worker may run on now."""
+    epoch: int = 1
+    violations: set[int] = field(default_factory=set)
+    seen: set[int] = field(default_factory=set)
+    _prev_allowed: frozenset[int] = frozenset()
+    _proc: _ProcSample = field(default_factory=_ProcSample)
+    final: WorkerStats | None = None
+
+    @property
+    def q(self) -> memoryview:
+        return memoryview(self.mm)[:_ERR_OFF].cast("Q")
+
+    @property
+    def state(self) -> int:
+        return int(self.q[_STATE])
+
+    @property
+    def error(self) -> str | None:
+        raw = bytes(self.mm[_ERR_OFF : _ERR_OFF + _ERR_LEN]).rstrip(b"\0")
+        return raw.decode(errors="replace") if raw else None
+
+    @property
+    def alive(self) -> bool:
+        return self.final is None
+
+    def set_allowed(self, cpus: frozenset[int]) -> None:
+        """Call after the kernel applied a new cpuset/affinity/cgroup to this worker."""
+        self.harvest_cpus()
+        self._prev_allowed = self.allowed
+        self.allowed = cpus
+        self.epoch += 1
+        self.q[_EPOCH] = self.epoch
+
+    def harvest_cpus(self) -> None:
+        """Fold the worker's CPU stamps into ``seen`` and ``violations``.
+
+        A stamp from the current epoch must be in the allowed set; a stamp from the
+        previous epoch may also be in the previous set (the sample raced the change).
+        """
+        stamps = memoryview(self.mm)[_CPU_OFF:_LAT_OFF].cast("I")
+        ok_now = self.allowed
+        ok_prev = self.allowed | self._prev_allowed
+        for cpu in range(MAX_CPUS):
+            ep = stamps[cpu]
+            if not ep:
+                continue
+            self.seen.add(cpu)
+            if ep == self.epoch and ok_now and cpu not in ok_now:
+                self.violations.add(cpu)
+            elif ep == self.epoch - 1 and ok_prev and cpu not in ok_prev:
+                self.violations.add(cpu)
+
+    def sample_proc(self) -> None:
+        """Parent-side placement sample from /proc/<pid>/stat (field 39, last CPU).
+
+        Only counted when the task ran since the previous sample in the same epoch:
+        a task that has not run since a cpuset change still shows its old CPU.
+        """
+        if not self.alive:
+            return
+        try:
+            cpu_ns = _read_schedstat(self.pid)[0]
+            cpu = _read_stat_processor(self.pid)
+        except (OSError, ValueError, IndexError):
+            return
+        prev = self._proc
+        self._proc = _ProcSample(cpu_ns, self.epoch)
+        if prev.epoch != self.epoch or cpu_ns <= prev.cpu_ns or cpu < 0:
+            return
+        self.seen.add(cpu)
+        if self.allowed and cpu not in self.allowed:
+            self.violations.add(cpu)
+
+    def snapshot(self, now_ns: int | None = None) -> WorkerStats:
+        """Telemetry now (the process must still exist for the kernel fields)."""
+        now = now_ns or time.monotonic_ns()
+        q = self.q
+        self.harvest_cpus()
+        cpu_ns = run_delay = slices = 0
+        vol = invol = 0
+        kernel_migr: int | None = None
+        try:
+            cpu_ns, run_delay, slices = _read_schedstat(self.pid)
+            vol, invol = _read_switches(self.pid)
+            kernel_migr = _read_nr_migrations(self.pid)
+        except (OSError, ValueError, IndexError):
+            pass
+        start = int(q[_START]) or self.spawn_ns
+        last = int(q[_LAST]) or start
+        gap = max(int(q[_MAXGAP]), now - last)
+        lat_n = int(q[_LATN])
+        lat_view = memoryview(self.mm)[_LAT_OFF:SLOT_SIZE].cast("I")
+        lat_samples = [lat_view[i] for i in range(min(lat_n, LAT_CAP))]
+        wall = max(1, now - self.spawn_ns)
+        return WorkerStats(
+            cgroup=self.cgroup,
+            index=self.spec.index,
+            pid=self.pid,
+            work=self.spec.work.name,
+            policy=self.spec.policy_name,
+            nice=self.spec.nice,
+            work_units=int(q[_UNITS]),
+            wall_ns=wall,
+            cpu_ns=cpu_ns,
+            run_delay_ns=run_delay,
+            timeslices=slices,
+            voluntary_switches=vol,
+            involuntary_switches=invol,
+            cpus_used=sorted(self.seen),
+            migrations=kernel_migr if kernel_migr is not None else int(q[_MIGR]),
+            sampled_migrations=int(q[_MIGR]),
+            max_gap_ms=gap / 1e6,
+            off_cpu_pct=off_cpu_pct(wall, cpu_ns),
+            wake_latency=(
+                LatencySummary.from_ns(lat_samples, int(q[_LATMAX])) if lat_n else None
+            ),
+            allowed_cpus=sorted(self.allowed),
+            isolation_violations=sorted(self.violations),
+            error=self.error,
+        )
+
+
+def _read_schedstat(pid: int) -> tuple[int, int, int]:
+    with open(f"/proc/{pid}/schedstat") as f:
+        a, b, c = f.read().split()[:3]
+    return int(a), int(b), int(c)
+
+
+def _read_switches(pid: int) -> tuple[int, int]:
+    vol = invol = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol = int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                invol = int(line.split()[1])
+    return vol, invol
+
+
+def _read_stat_processor(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    # Fields after the parenthesised comm; "processor" is field 39 overall.
+    rest = text[text.rindex(")") + 2 :].split()
+    return int(rest[39 - 3])
+
+
+def _read_nr_migrations(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/sched") as f:
+            for line in f:
+                if line.startswith("se.nr_migrations"):
+                    return int(line.split(":")[1])
+    except OSError:
+        return None
+    return None
+
+
+def spawn(spec: WorkerSpec) -> WorkerHandle:
+    """Fork one worker. It joins its cgroup, applies affinity/nice/policy, then works."""
+    mm = mmap.mmap(-1, SLOT_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    q = memoryview(mm)[:_ERR_OFF].cast("Q")
+    q[_EPOCH] = 1
+    q[_DEADLINE] = time.monotonic_ns() + int(spec.max_lifetime_s * 1e9)
+    spawn_ns = time.monotonic_ns()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            _child(spec, mm)
+            code = 0
+        except BaseException as err:  # noqa: BLE001 - report anything, then exit
+            msg = f"{type(err).__name__}: {err}".encode()[: _ERR_LEN - 1]
+            mm[_ERR_OFF : _ERR_OFF + len(msg)] = msg
+            q[_STATE] = FAILED
+            code = 3
+        finally:
+            os._exit(code)
+    q.release()
+    return WorkerHandle(spec=spec, pid=pid, mm=mm, spawn_ns=spawn_ns, cgroup=spec.cgroup)
+
+
+def _child(spec: WorkerSpec, mm: mmap.mmap) -> None:  # pragma: no cover - child only
+    # Die with the parent, and leave Ctrl-C to the parent (it stops everyone).
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.getppid() == 1:
+        os._exit(4)
+    spec.attach(os.getpid())
+    if spec.affinity is not None:
+        os.sched_setaffinity(0, spec.affinity)
+    if spec.nice:
+        os.setpriority(os.PRIO_PROCESS, 0, spec.nice)
+    if spec.policy != os.SCHED_OTHER:
+        os.sched_setscheduler(0, spec.policy, os.sched_param(spec.priority))
+    rt = WorkerRuntime(mm, spec.member, spec.shared, spec.scratch_dir, spec.seed)
+    mm_q = memoryview(mm)[:_ERR_OFF].cast("Q")
+    mm_q[_STATE] = RUNNING
+    spec.work.run(rt)
+    mm_q[_STATE] = DONE
+
+
+def wait_started(handles: list[WorkerHandle], timeout: float = 15.0) -> None:
+    """Block until every worker runs its workload; raise on the first worker error."""
+    deadline = time.monotonic() + timeout
+    pending = list(handles)
+    while pending:
+        still = []
+        for h in pending:
+            st = h.state
+            if st == FAILED or (st == STARTING and _exited(h)):
+                raise WorkerError(
+                    f"worker {h.cgroup}[{h.spec.index}] pid {h.pid} failed to start: "
+                    f"{h.error or 'exited early'}"
+                )
+            if st == STARTING:
+                still.append(h)
+        pending = still
+        if pending and time.monotonic() > deadline:
+            h = pending[0]
+            raise WorkerError(
+                f"worker {h.cgroup}[{h.spec.index}] pid {h.pid} did not start within "
+                f"{timeout:g} s"
+            )
+        if pending:
+            time.sleep(0.002)
+
+
+def _exited(h: WorkerHandle) -> bool:
+    try:
+        pid, _ = os.waitpid(h.pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    if pid:
+        h.final = h.final or WorkerStats(h.cgroup, h.spec.index, h.pid, h.spec.work.name)
+        return True
+    return False
+
+
+def stop(handles: list[WorkerHandle], grace: float = 2.0) -> list[WorkerStats]:
+    """Snapshot, ask to stop, wait ``grace`` seconds, then SIGKILL; reap every pid."""
+    now = time.monotonic_ns()
+    for h in handles:
+        if h.final is None:
+            h.final = h.snapshot(now)
+        h.q[_STOP] = 1
+    deadline = time.monotonic() + grace
+    pending = [h for h in handles if h.pid]
+    while pending and time.monotonic() < deadline:
+        pending = [h for h in pending if not _reap(h.pid)]
+        if pending:
+            time.sleep(0.005)
+    for h in pending:
+        kill_and_reap(h.pid)
+    return [h.final for h in handles if h.final is not None]
+
+
+def _reap(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return bool(done)
+
+
+def kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+class WorkerError(Exception):
+    """A worker could not start (bad policy, cgroup attach refused, ...)."""
