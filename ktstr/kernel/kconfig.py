@@ -189,7 +189,7 @@ class KconfigIndex:
                 continue
             if word == "depends" and stripped.startswith("depends on"):
                 if current is not None:
-                    current.append(stripped[len("depends on"):].strip())
+                    current.append(" ".join(stripped[len("depends on"):].split()))
                 continue
             if _TYPE_PROMPT.match(stripped):
                 if entry is not None:
@@ -202,7 +202,7 @@ class KconfigIndex:
             if word in ("if", "menu", "choice"):
                 frame = _Frame(word, [])
                 if word == "if":
-                    frame.depends.append(stripped[2:].strip())
+                    frame.depends.append(" ".join(stripped[2:].split()))
                     current = None
                 else:
                     current = frame.depends
@@ -306,7 +306,7 @@ class _Eval:
             return tok.strip('"')
         if tok in _TRI:
             return tok
-        return self.config.get(tok, "n" if not tok[:1].isdigit() else tok)
+        return self.config.get(tok, "n" if not tok[:1].isdigit() else tok).strip('"')
 
     def tri(self, tok: str) -> int:
         if tok.startswith("$("):
@@ -342,6 +342,23 @@ def expr_symbols(expr: str) -> list[str]:
         if re.fullmatch(r"[A-Z_][A-Za-z0-9_]*", tok) and tok not in out:
             out.append(tok)
     return out
+
+
+def blocking_symbols(expr: str, config: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Symbols that make `expr` false: (unset ones it needs, set ones it negates)."""
+    unset: list[str] = []
+    negated_set: list[str] = []
+    toks = _tokens(expr)
+    for i, tok in enumerate(toks):
+        if not re.fullmatch(r"[A-Z_][A-Za-z0-9_]*", tok):
+            continue
+        is_set = config.get(tok, "n") != "n"
+        if i > 0 and toks[i - 1] == "!":
+            if is_set and tok not in negated_set:
+                negated_set.append(tok)
+        elif not is_set and tok not in unset:
+            unset.append(tok)
+    return unset, negated_set
 
 
 # --------------------------------------------------------------------------- verification
@@ -384,8 +401,13 @@ def explain(name: str, defs: list[SymbolDef], config: dict[str, str]) -> str:
             except (ValueError, IndexError):
                 ok = True
             if not ok:
-                unset = [s for s in expr_symbols(expr) if config.get(s, "n") == "n"]
-                hint = f" (unset: {', '.join('CONFIG_' + s for s in unset)})" if unset else ""
+                unset, negated = blocking_symbols(expr, config)
+                notes = []
+                if unset:
+                    notes.append("unset: " + ", ".join("CONFIG_" + s for s in unset))
+                if negated:
+                    notes.append("set: " + ", ".join("CONFIG_" + s for s in negated))
+                hint = f" ({'; '.join(notes)})" if notes else ""
                 failing.append(f"depends on {expr}{hint}")
         if failing:
             reasons.append(f"{d.location} " + " and ".join(failing))
