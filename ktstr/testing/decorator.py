@@ -1,0 +1,282 @@
+"""``@ktstr_test``: declare a scenario function as a VM test.
+
+The decorator validates every argument immediately (so a typo fails at
+import/collection time, not after a VM boot) and attaches a
+:class:`KtstrTestSpec` to the function, which stays callable as is: the
+guest imports ``module:function`` and calls it with its scenario context.
+The pytest plugin turns functions carrying a spec into VM test items.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ktstr.errors import KtstrError
+from ktstr.gauntlet import Constraints
+from ktstr.scheduler import FlagProfile, Scheduler, get_scheduler
+from ktstr.topology import Topology
+
+SPEC_ATTR = "__ktstr_test__"
+
+MIN_MEMORY_MB = 128
+MAX_MEMORY_MB = 1 << 20
+MAX_DURATION_S = 3600.0
+DEFAULT_TOPOLOGY = "1n2l2c1t"
+DEFAULT_DURATION_S = 2.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class KtstrTestSpec:
+    """Everything a VM test declared, validated."""
+
+    module: str
+    qualname: str
+    topology: Topology
+    scheduler: Scheduler | None
+    """A scheduler pinned by the test; ``None`` means "the one the run selects"."""
+    profile: FlagProfile | None
+    duration: float
+    watchdog_timeout: float | None
+    memory_mb: int | None
+    disks: tuple[Any, ...] = ()
+    expect_err: bool = False
+    checks: Any = None
+    timeout: float | None = None
+    constraints: Constraints = field(default_factory=Constraints)
+    gauntlet: bool = True
+
+    @property
+    def target(self) -> str:
+        """``module:function`` as the guest runtime imports it."""
+        return f"{self.module}:{self.qualname}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The gauntlet's view (see :class:`ktstr.gauntlet.GauntletTest`)."""
+        c = self.constraints
+        return {
+            "name": self.qualname,
+            "target": self.target,
+            "duration_s": self.duration,
+            "memory_mb": self.memory_mb or 512,
+            "scheduler": self.scheduler.name if self.scheduler else None,
+            "topology": self.topology.label,
+            "expect_err": self.expect_err,
+            "gauntlet": self.gauntlet,
+            "constraints": {
+                "min_cpus": c.min_cpus,
+                "max_cpus": c.max_cpus,
+                "min_llcs": c.min_llcs,
+                "min_numa_nodes": c.min_numa_nodes,
+                "requires_smt": c.requires_smt,
+                "sched_ext_only": c.sched_ext_only,
+            },
+        }
+
+
+def _positive(name: str, value: Any, where: str, *, upper: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise KtstrError(f"{where}: {name}={value!r} must be a number of seconds")
+    if value <= 0:
+        raise KtstrError(f"{where}: {name}={value!r} must be > 0 seconds")
+    if upper is not None and value > upper:
+        raise KtstrError(f"{where}: {name}={value!r} is over the {upper:g} s limit")
+    return float(value)
+
+
+def _topology(value: Any, where: str) -> Topology:
+    if isinstance(value, Topology):
+        return value
+    if isinstance(value, str):
+        try:
+            return Topology.parse(value)
+        except KtstrError as err:
+            raise KtstrError(f"{where}: {err}") from None
+    raise KtstrError(
+        f"{where}: topology={value!r}; use a label such as '1n2l2c1t', a preset name, "
+        "or Topology(...)"
+    )
+
+
+def _scheduler(value: Any, where: str) -> tuple[Scheduler | None, FlagProfile | None]:
+    if value is None:
+        return None, None
+    try:
+        if isinstance(value, Scheduler):
+            return value, None
+        if isinstance(value, str):
+            name, _, prof = value.partition("@")
+            sched = get_scheduler(name)
+            return sched, sched.profile(prof) if prof else None
+    except KtstrError as err:
+        raise KtstrError(f"{where}: {err}") from None
+    raise KtstrError(
+        f"{where}: scheduler={value!r}; use a built-in name ('scx_simple', "
+        "'scx_qmap@batch') or a Scheduler(...)"
+    )
+
+
+def _memory(value: Any, topo: Topology, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KtstrError(f"{where}: memory_mb={value!r} must be an integer number of MiB")
+    if not MIN_MEMORY_MB <= value <= MAX_MEMORY_MB:
+        raise KtstrError(
+            f"{where}: memory_mb={value} is outside {MIN_MEMORY_MB}..{MAX_MEMORY_MB} MiB"
+        )
+    try:
+        topo.node_memory_mb(value)
+    except KtstrError as err:
+        raise KtstrError(f"{where}: {err}") from None
+    return value
+
+
+def _disks(value: Any, where: str) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    from ktstr.disk import validate_disks
+
+    try:
+        return tuple(validate_disks(value))
+    except KtstrError as err:
+        raise KtstrError(f"{where}: {err}") from None
+    except TypeError:
+        raise KtstrError(f"{where}: disk={value!r}; use a DiskConfig or a list of them") from None
+
+
+def ktstr_test(
+    func: F | None = None,
+    *,
+    topology: str | Topology = DEFAULT_TOPOLOGY,
+    scheduler: str | Scheduler | None = None,
+    duration: float = DEFAULT_DURATION_S,
+    watchdog_timeout: float | None = None,
+    memory_mb: int | None = None,
+    disk: Any = None,
+    expect_err: bool = False,
+    checks: Any = None,
+    timeout: float | None = None,
+    min_cpus: int = 1,
+    max_cpus: int | None = None,
+    min_llcs: int = 1,
+    min_numa_nodes: int = 1,
+    requires_smt: bool = False,
+    requires_sched_ext: bool = False,
+    gauntlet: bool = True,
+) -> Any:
+    """Declare ``scenario(ctx) -> AssertResult | dict`` as a VM test.
+
+    ``scheduler`` pins the test to one scheduler (``"scx_qmap"``,
+    ``"scx_qmap@batch"`` or a :class:`~ktstr.scheduler.Scheduler`); without
+    it the run's scheduler (``--ktstr-scheduler`` / ``KTSTR_SCHEDULER``) is
+    used. ``expect_err`` inverts the verdict: the test passes only if the run
+    fails (scheduler error, watchdog ejection, failed check). The remaining
+    keywords constrain which topologies the gauntlet may run the test on.
+    """
+
+    def wrap(fn: F) -> F:
+        if not callable(fn) or not hasattr(fn, "__qualname__"):
+            raise KtstrError(f"@ktstr_test applies to functions, not {fn!r}")
+        where = f"@ktstr_test on {fn.__module__}.{fn.__qualname__}"
+        if "<locals>" in fn.__qualname__:
+            raise KtstrError(
+                f"{where}: define the test at module level; the guest imports it by name"
+            )
+        params = [
+            p for p in inspect.signature(fn).parameters.values()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(params) != 1:
+            raise KtstrError(
+                f"{where}: the scenario function takes exactly one argument (ctx), "
+                f"it takes {len(params)}"
+            )
+        topo = _topology(topology, where)
+        sched, profile = _scheduler(scheduler, where)
+        dur = _positive("duration", duration, where, upper=MAX_DURATION_S)
+        wd = None
+        if watchdog_timeout is not None:
+            wd = _positive("watchdog_timeout", watchdog_timeout, where, upper=MAX_DURATION_S)
+        tmo = None
+        if timeout is not None:
+            tmo = _positive("timeout", timeout, where, upper=4 * MAX_DURATION_S)
+            if tmo <= dur:
+                raise KtstrError(
+                    f"{where}: timeout={timeout} must exceed duration={duration} "
+                    "(it also covers boot and teardown)"
+                )
+        if not isinstance(expect_err, bool):
+            raise KtstrError(f"{where}: expect_err={expect_err!r} must be True or False")
+        for name, value in (("min_cpus", min_cpus), ("min_llcs", min_llcs),
+                            ("min_numa_nodes", min_numa_nodes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KtstrError(f"{where}: {name}={value!r} must be a positive integer")
+        if max_cpus is not None and (not isinstance(max_cpus, int) or max_cpus < min_cpus):
+            raise KtstrError(f"{where}: max_cpus={max_cpus!r} must be an integer >= min_cpus")
+        constraints = Constraints(
+            min_cpus=min_cpus,
+            max_cpus=max_cpus,
+            min_llcs=min_llcs,
+            min_numa_nodes=min_numa_nodes,
+            requires_smt=requires_smt,
+            sched_ext_only=requires_sched_ext or bool(sched and sched.sched_ext),
+        )
+        why = constraints.allows(topo)
+        if why:
+            raise KtstrError(f"{where}: topology {topo.label} breaks its own constraint: {why}")
+        _check_checks(checks, where)
+        spec = KtstrTestSpec(
+            module=fn.__module__,
+            qualname=fn.__qualname__,
+            topology=topo,
+            scheduler=sched,
+            profile=profile,
+            duration=dur,
+            watchdog_timeout=wd,
+            memory_mb=_memory(memory_mb, topo, where),
+            disks=_disks(disk, where),
+            expect_err=expect_err,
+            checks=checks,
+            timeout=tmo,
+            constraints=constraints,
+            gauntlet=gauntlet,
+        )
+        setattr(fn, SPEC_ATTR, spec)
+        # pytest must not collect it as a plain function test needing a `ctx` fixture;
+        # the plugin collects it through the spec instead.
+        return fn
+
+    if func is not None:
+        return wrap(func)
+    return wrap
+
+
+def _check_checks(checks: Any, where: str) -> None:
+    if checks is None or isinstance(checks, dict):
+        return
+    from ktstr.checks import Checks
+
+    if not isinstance(checks, Checks):
+        raise KtstrError(f"{where}: checks={checks!r}; use ktstr.checks.Checks(...)")
+
+
+def spec_of(obj: Any) -> KtstrTestSpec | None:
+    spec = getattr(obj, SPEC_ATTR, None)
+    return spec if isinstance(spec, KtstrTestSpec) else None
+
+
+def disk_templates(specs: Sequence[KtstrTestSpec]) -> list[Any]:
+    """Distinct disk configs a suite declares (the session pre-builds their templates)."""
+    seen: list[Any] = []
+    for spec in specs:
+        for disk in spec.disks:
+            if disk not in seen:
+                seen.append(disk)
+    return seen

@@ -1,0 +1,280 @@
+"""The pytest plugin (entry point ``pytest11: ktstr``): VM tests as pytest items.
+
+A module-level function decorated with ``@ktstr_test`` is collected as a
+:class:`KtstrItem` (marked ``vm``); running it boots the kernel under test
+with the test's topology, runs the scenario function in the guest, applies
+the checks and writes a result sidecar. The kernel and scheduler come from
+``--ktstr-kernel``/``KTSTR_KERNEL`` and ``--ktstr-scheduler``/``KTSTR_SCHEDULER``
+unless the test pins a scheduler. ``--ktstr-gauntlet PLAN`` expands each test
+into the plan's variants; ``--ktstr-dump-specs FILE`` writes the suite's
+declarations (for the gauntlet and the disk-template pre-build).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ktstr.errors import KtstrError
+from ktstr.results.sidecar import results_root, run_id
+from ktstr.scheduler import BUILTIN, FlagProfile, Scheduler, parse_scheduler_option
+from ktstr.testing.decorator import KtstrTestSpec, spec_of
+from ktstr.topology import Topology
+
+KERNEL_ENV = "KTSTR_KERNEL"
+SCHEDULER_ENV = "KTSTR_SCHEDULER"
+OUTSIDE_SANDBOX_HINT = (
+    "run the VM tests through the sandbox: `nox -s vm_tests`, or "
+    "`python -m ktstr sandbox run -- python -m pytest tests/vm`"
+)
+
+
+class KtstrTestFailure(Exception):
+    """A VM test that failed; the message is the whole readable report."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ktstr", "ktstr VM tests")
+    group.addoption(
+        "--ktstr-kernel", default=None, metavar="KERNEL",
+        help=f"kernel under test: catalog id (6.12) or bzImage/tree path (env {KERNEL_ENV})",
+    )
+    group.addoption(
+        "--ktstr-scheduler", default=None, metavar="NAME[@PROFILE]",
+        help=f"scheduler for tests that do not pin one, e.g. scx_qmap@batch "
+        f"(env {SCHEDULER_ENV}; built-in: {', '.join(BUILTIN)})",
+    )
+    group.addoption(
+        "--ktstr-gauntlet", default=None, metavar="PLAN",
+        help="run each test as the variants listed in this gauntlet plan (JSON)",
+    )
+    group.addoption(
+        "--ktstr-dump-specs", default=None, metavar="FILE",
+        help="write the collected VM tests' declarations as JSON",
+    )
+
+
+@dataclass
+class SessionState:
+    """Per-process lazily resolved environment, shared by every item."""
+
+    config: pytest.Config
+    kernel_spec: str
+    sched_spec: str
+    _kernel: Any = None
+    _kvm: Any = None
+    plan: list[Any] | None = None
+    specs: dict[str, KtstrTestSpec] = field(default_factory=dict)
+    walls: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def default_scheduler(self) -> tuple[Scheduler, FlagProfile]:
+        return parse_scheduler_option(self.sched_spec)
+
+    def kvm_error(self) -> str | None:
+        """``None`` when VMs can boot here, else the reason with the way out."""
+        if self._kvm is None:
+            from ktstr.sandbox.detect import detect_kvm, in_sandbox
+
+            status = detect_kvm()
+            if status.usable:
+                self._kvm = ""
+            elif in_sandbox():
+                self._kvm = f"KVM is unusable inside the sandbox: {status.reason}"
+            else:
+                self._kvm = f"KVM is unusable on this machine ({status.reason}); " + (
+                    OUTSIDE_SANDBOX_HINT
+                )
+        return self._kvm or None
+
+    def kernel(self) -> Any:
+        """The resolved kernel under test (``ktstr.kernel.resolve_kernel``), once."""
+        if self._kernel is None:
+            from ktstr.kernel import resolve_kernel
+
+            self._kernel = resolve_kernel(self.kernel_spec)
+        return self._kernel
+
+
+STATE = pytest.StashKey[SessionState]()
+
+
+def _kernel_default() -> str:
+    try:
+        from ktstr.kernel.catalog import DEFAULT_KERNEL
+    except ImportError:
+        return "6.12"
+    return DEFAULT_KERNEL
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vm: boots a real kernel in a VM (ktstr)")
+    kernel = config.getoption("ktstr_kernel") or os.environ.get(KERNEL_ENV) or _kernel_default()
+    sched = config.getoption("ktstr_scheduler") or os.environ.get(SCHEDULER_ENV) or "eevdf"
+    state = SessionState(config=config, kernel_spec=kernel, sched_spec=sched)
+    try:
+        state.default_scheduler()
+    except KtstrError as err:
+        raise pytest.UsageError(f"--ktstr-scheduler / {SCHEDULER_ENV}: {err}") from None
+    plan_path = config.getoption("ktstr_gauntlet")
+    if plan_path:
+        from ktstr.gauntlet import read_plan
+
+        try:
+            state.plan = read_plan(Path(plan_path))
+        except KtstrError as err:
+            raise pytest.UsageError(str(err)) from None
+    config.stash[STATE] = state
+    run_id()  # fix the run id now so xdist workers inherit it through the environment
+
+
+def pytest_pycollect_makeitem(
+    collector: pytest.Module | pytest.Class, name: str, obj: object
+) -> list[pytest.Item] | None:
+    spec = spec_of(obj)
+    if spec is None or not isinstance(collector, pytest.Module):
+        return None
+    if getattr(obj, "__module__", None) != collector.obj.__name__:
+        return None  # imported from elsewhere: collected where it is defined
+    if not collector.funcnamefilter(name):
+        return None
+    state = collector.config.stash[STATE]
+    state.specs[f"{collector.nodeid}::{name}"] = spec
+    if state.plan is None:
+        return [KtstrItem.from_parent(collector, name=name, spec=spec)]
+    items: list[pytest.Item] = []
+    for variant in state.plan:
+        if variant.test == spec.qualname and spec.gauntlet:
+            items.append(
+                KtstrItem.from_parent(
+                    collector, name=f"{name}[{variant.id}]", spec=spec, variant=variant
+                )
+            )
+    return items
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    path = session.config.getoption("ktstr_dump_specs")
+    if not path:
+        return
+    state = session.config.stash[STATE]
+    rows = []
+    for nodeid, spec in sorted(state.specs.items()):
+        row = spec.to_dict()
+        row["nodeid"] = nodeid
+        row["disks"] = [_disk_dict(d) for d in spec.disks]
+        rows.append(row)
+    Path(path).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _disk_dict(disk: Any) -> dict[str, Any]:
+    return {
+        "capacity_mb": disk.capacity_mb,
+        "filesystem": getattr(disk.filesystem, "value", str(disk.filesystem)),
+    }
+
+
+class KtstrItem(pytest.Item):
+    """One VM test run (optionally one gauntlet variant of it)."""
+
+    def __init__(self, *, spec: KtstrTestSpec, variant: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.variant = variant
+        self.add_marker("vm")
+        if spec.expect_err:
+            self.add_marker("expect_err")
+
+    def _scheduler(self, state: SessionState) -> tuple[Scheduler, FlagProfile]:
+        if self.variant is not None:
+            sched = self.spec.scheduler or BUILTIN[self.variant.scheduler]
+            return sched, sched.profile(self.variant.profile)
+        if self.spec.scheduler is not None:
+            return self.spec.scheduler, self.spec.profile or FlagProfile(())
+        return state.default_scheduler()
+
+    def _topology(self) -> Topology:
+        if self.variant is not None:
+            return Topology.parse(self.variant.topology)
+        return self.spec.topology
+
+    def runtest(self) -> None:
+        from ktstr.testing import run
+
+        state = self.config.stash[STATE]
+        sched, profile = self._scheduler(state)
+        started = time.time()
+        try:
+            error = state.kvm_error()
+            if error:
+                raise KtstrTestFailure(error)
+            resolved = state.kernel()
+            entry = getattr(resolved, "entry", None)
+            if sched.sched_ext and entry is not None and not entry.sched_ext:
+                pytest.skip(
+                    f"{sched.name} is a sched_ext scheduler; kernel {entry.id} "
+                    f"({entry.version}) has no sched_ext"
+                )
+            plan = run.RunPlan(
+                test_id=self.nodeid,
+                spec=self.spec,
+                test_file=Path(str(self.path)),
+                kernel_path=Path(resolved.bzimage),
+                kernel_info=_kernel_info(resolved, self.config),
+                kernel_entry=entry,
+                scheduler=sched,
+                profile=profile,
+                scheduler_binary=sched.resolve_binary(entry),
+                topology=self._topology(),
+            )
+            outcome = run.boot(plan)
+            checks = run.evaluate_checks(plan, outcome)
+            verdict = run.judge(outcome, checks, self.spec.expect_err)
+            finished = time.time()
+            sidecar = run.write_result(plan, verdict, outcome, started, finished)
+        except KtstrError as err:
+            raise KtstrTestFailure(f"{self.nodeid}: {err}") from None
+        finally:
+            state.walls.append((self.nodeid, f"{sched.name}@{profile.name}",
+                                time.time() - started))
+        if not verdict.passed:
+            title = (
+                f"{self.name} [{sched.name}@{profile.name} {plan.topology.label}, "
+                f"kernel {plan.kernel_info.get('version') or plan.kernel_info.get('id')}]"
+            )
+            raise KtstrTestFailure(run.format_failure(title, verdict, outcome, sidecar))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, KtstrTestFailure | KtstrError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, f"ktstr vm test: {self.name}"
+
+
+def _kernel_info(resolved: Any, config: pytest.Config) -> dict[str, Any]:
+    entry = getattr(resolved, "entry", None)
+    info: dict[str, Any] = {"spec": config.stash[STATE].kernel_spec,
+                            "bzimage": str(resolved.bzimage)}
+    if entry is not None:
+        info.update(id=entry.id, version=entry.version, key=entry.key,
+                    sched_ext=bool(entry.sched_ext))
+    return info
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = config.stash.get(STATE, None)
+    if state is None or not state.walls:
+        return
+    tr = terminalreporter
+    tr.section("ktstr VM tests: wall time")
+    for nodeid, sched, wall in state.walls:
+        tr.write_line(f"{wall:7.1f}s  {sched:<24} {nodeid}")
+    tr.write_line(f"{sum(w for _, _, w in state.walls):7.1f}s  total ({len(state.walls)} tests)")
+    tr.write_line(f"results: {results_root() / run_id()}")

@@ -1,0 +1,245 @@
+"""One VM test, host side: boot, run the scenario in the guest, judge, write the sidecar.
+
+Kept apart from the pytest plugin so the flow (resolve -> boot -> checks ->
+verdict -> sidecar) reads top to bottom and the verdict logic is a pure
+function of the guest outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ktstr.results.sidecar import summarize_workers, write_sidecar
+from ktstr.scheduler import FlagProfile, Scheduler
+from ktstr.testing.decorator import KtstrTestSpec
+from ktstr.topology import Topology
+
+CONSOLE_TAIL_LINES = 40
+
+
+@dataclass
+class CheckOutcome:
+    name: str
+    passed: bool
+    value: Any = None
+    threshold: Any = None
+    detail: str = ""
+    worker: str | None = None
+
+    def line(self) -> str:
+        who = f" {self.worker}:" if self.worker else ""
+        nums = ""
+        if self.value is not None or self.threshold is not None:
+            nums = f" value {self.value} (threshold {self.threshold})"
+        return f"check {self.name}{who}{nums} {self.detail}".rstrip()
+
+
+@dataclass
+class GuestOutcome:
+    """What came back from the guest, normalised from the runtime's result object."""
+
+    ok: bool
+    """The guest ran the scenario to completion (no crash, timeout or scheduler failure)."""
+    failure_kind: str | None = None
+    failure_message: str = ""
+    result: Any = None
+    reports: list[Any] = field(default_factory=list)
+    sched_exit: Any = None
+    console: str = ""
+    boot_ms: float | None = None
+    vm_s: float | None = None
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    status: str  # pass | fail | error
+    reason: str
+    checks: list[CheckOutcome] = field(default_factory=list)
+
+
+def console_tail(console: str | bytes, lines: int = CONSOLE_TAIL_LINES) -> str:
+    text = console.decode(errors="replace") if isinstance(console, bytes) else console
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def telemetry_of(result: Any) -> dict[str, Any]:
+    """The scenario telemetry inside a guest result (a ScenarioResult dict or a wrapper)."""
+    if not isinstance(result, Mapping):
+        return {}
+    for key in ("telemetry", "scenario", "result"):
+        inner = result.get(key)
+        if isinstance(inner, Mapping) and ("workers" in inner or "cgroups" in inner):
+            return dict(inner)
+    return dict(result) if ("workers" in result or "cgroups" in result) else {}
+
+
+def checks_from_result(result: Any) -> list[CheckOutcome] | None:
+    """Check outcomes the guest already evaluated (an AssertResult dict), if any."""
+    if not isinstance(result, Mapping):
+        return None
+    raw = result.get("checks")
+    if raw is None and "passed" in result and "details" in result:
+        raw = result.get("details")
+    if not isinstance(raw, list):
+        if "passed" in result and isinstance(result.get("passed"), bool):
+            return [CheckOutcome("scenario", bool(result["passed"]),
+                                 detail=str(result.get("message") or result.get("reason") or ""))]
+        return None
+    out: list[CheckOutcome] = []
+    for item in raw:
+        if isinstance(item, Mapping):
+            out.append(CheckOutcome(
+                name=str(item.get("name") or item.get("check") or "check"),
+                passed=bool(item.get("passed", False)),
+                value=item.get("value"),
+                threshold=item.get("threshold"),
+                detail=str(item.get("detail") or item.get("message") or ""),
+                worker=item.get("worker"),
+            ))
+        elif isinstance(item, str):
+            out.append(CheckOutcome("check", False, detail=item))
+    return out
+
+
+def judge(outcome: GuestOutcome, checks: Sequence[CheckOutcome], expect_err: bool) -> Verdict:
+    """Pass/fail from the guest outcome and the check results; ``expect_err`` inverts it."""
+    failed = [c for c in checks if not c.passed]
+    if not outcome.ok:
+        kind = outcome.failure_kind or "error"
+        reason = f"{kind}: {outcome.failure_message}".rstrip(": ")
+    elif failed:
+        reason = "; ".join(c.line() for c in failed)
+    else:
+        reason = ""
+    run_failed = bool(reason)
+    if expect_err:
+        if run_failed:
+            return Verdict(True, "pass", f"failed as expected ({reason})", list(checks))
+        return Verdict(
+            False, "fail",
+            "expect_err=True but the run succeeded: no scheduler error, stall or failed check",
+            list(checks),
+        )
+    if run_failed:
+        return Verdict(False, "fail" if outcome.ok or failed else "error", reason, list(checks))
+    return Verdict(True, "pass", "", list(checks))
+
+
+def format_failure(
+    title: str, verdict: Verdict, outcome: GuestOutcome, sidecar: Path | None
+) -> str:
+    lines = [f"{title}: {verdict.reason}"]
+    for check in verdict.checks:
+        if not check.passed:
+            lines.append(f"  {check.line()}")
+    if outcome.sched_exit:
+        lines.append(f"  scheduler exit: {_one_line(outcome.sched_exit)}")
+    if outcome.console:
+        lines.append(f"--- console tail (last {CONSOLE_TAIL_LINES} lines) ---")
+        lines.append(console_tail(outcome.console))
+    if sidecar is not None:
+        lines.append(f"(result: {sidecar})")
+    return "\n".join(lines)
+
+
+def _one_line(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={v}" for k, v in value.items() if v not in (None, "", [], {}))
+    return str(value).replace("\n", " | ")
+
+
+@dataclass
+class RunPlan:
+    """A fully resolved VM test: what to boot and with what."""
+
+    test_id: str
+    spec: KtstrTestSpec
+    test_file: Path
+    kernel_path: Path
+    kernel_info: dict[str, Any]
+    kernel_entry: Any
+    scheduler: Scheduler
+    profile: FlagProfile
+    scheduler_binary: Path | None
+    topology: Topology
+    extra_args: Sequence[str] = ()
+
+    @property
+    def watchdog_timeout(self) -> float | None:
+        if not self.scheduler.sched_ext:
+            return None
+        return self.spec.watchdog_timeout or self.scheduler.watchdog_timeout
+
+
+def sidecar_record(
+    plan: RunPlan, verdict: Verdict, outcome: GuestOutcome, started: float, finished: float
+) -> dict[str, Any]:
+    telemetry = telemetry_of(outcome.result)
+    workers = telemetry.get("workers") or []
+    cgroups = telemetry.get("cgroups") or []
+    return {
+        "test": plan.test_id,
+        "kernel": plan.kernel_info,
+        "scheduler": {
+            "name": plan.scheduler.name,
+            "profile": plan.profile.name,
+            "flags": list(plan.profile.flags),
+            "args": plan.scheduler.command_args(plan.profile),
+            "binary": str(plan.scheduler_binary) if plan.scheduler_binary else None,
+            "watchdog_timeout_s": plan.watchdog_timeout,
+        },
+        "topology": plan.topology.label,
+        "nr_cpus": plan.topology.nr_cpus,
+        "memory_mb": plan.spec.memory_mb,
+        "duration_s": plan.spec.duration,
+        "expect_err": plan.spec.expect_err,
+        "verdict": verdict.status,
+        "reason": verdict.reason,
+        "failure_kind": outcome.failure_kind,
+        "checks": [vars(c) for c in verdict.checks],
+        "metrics": {
+            "cgroups": {str(c.get("name", i)): c for i, c in enumerate(cgroups)
+                        if isinstance(c, Mapping)},
+            "workers": workers,
+        },
+        "summary": summarize_workers(w for w in workers if isinstance(w, Mapping)),
+        "timeline": telemetry.get("timeline"),
+        "scheduler_exit": outcome.sched_exit,
+        "console_tail": console_tail(outcome.console) if not verdict.passed
+        or plan.spec.expect_err else None,
+        "timings": {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
+            "wall_s": round(finished - started, 3),
+            "boot_ms": outcome.boot_ms,
+            "vm_s": outcome.vm_s,
+        },
+    }
+
+
+def write_result(
+    plan: RunPlan, verdict: Verdict, outcome: GuestOutcome, started: float, finished: float
+) -> Path:
+    return write_sidecar(sidecar_record(plan, verdict, outcome, started, finished))
+
+
+def boot(plan: RunPlan) -> GuestOutcome:
+    """Boot the VM and run the scenario in it (``ktstr.guest`` host runtime)."""
+    try:
+        from ktstr.guest.host import run_guest  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as err:
+        from ktstr.errors import KtstrError
+
+        raise KtstrError(f"the guest runtime is not available ({err})") from None
+    raise NotImplementedError(run_guest)
+
+
+def evaluate_checks(plan: RunPlan, outcome: GuestOutcome) -> list[CheckOutcome]:
+    """Checks the guest already applied, else the test's thresholds applied here."""
+    done = checks_from_result(outcome.result)
+    return done or []
