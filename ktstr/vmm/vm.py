@@ -436,16 +436,23 @@ class Vm:
 
     def _write_firmware_tables(self, mem: GuestMemory) -> int:
         """ACPI (MADT, SRAT, SLIT, FADT/DSDT) and the MP table; returns the RSDP address."""
-        from ktstr.vmm.x86 import acpi
+        import importlib
 
-        tables = acpi.build_acpi_tables(self.topology, self.memory_mb * layout.MiB)
-        mem.write(layout.ACPI_ADDR, tables)
+        rsdp = 0
         try:
-            from ktstr.vmm.x86 import mptable
+            acpi = importlib.import_module("ktstr.vmm.x86.acpi")
         except ImportError:
-            return layout.ACPI_ADDR
+            acpi = None
+        if acpi is not None:
+            tables = acpi.build_acpi_tables(self.topology, self.memory_mb * layout.MiB)
+            mem.write(layout.ACPI_ADDR, tables)
+            rsdp = layout.ACPI_ADDR
+        try:
+            mptable = importlib.import_module("ktstr.vmm.x86.mptable")
+        except ImportError:
+            return rsdp
         mem.write(layout.MPTABLE_ADDR, mptable.build_mptable(self.topology))
-        return layout.ACPI_ADDR
+        return rsdp
 
     def _setup_vcpus(self, machine: Machine) -> None:
         from ktstr.vmm.x86 import cpuid as x86cpuid
@@ -466,7 +473,7 @@ class Vm:
         ]
         for place in self.topology.places:
             vcpu = machine.add_vcpu(place.apic_id)
-            entries = x86cpuid.cpuid_for_vcpu(supported, self.topology, place.cpu)
+            entries = x86cpuid.cpuid_for_vcpu(supported, self.topology, place)
             vcpu.fd.set_cpuid2(
                 [
                     kvm.kvm_cpuid_entry2(

@@ -1,0 +1,312 @@
+"""`ktstr boot`: boot a kernel on a declared topology and report what the guest saw.
+
+The built-in init is a busybox shell script: it mounts proc/sys/dev, marks
+boot completion on the boot port, prints a marker line on the console, writes a
+JSON report of the CPU topology the guest sees to COM2 and powers off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ktstr.errors import KtstrError
+from ktstr.topology import Topology
+from ktstr.vmm import layout
+
+BUSYBOX = Path("/bin/busybox")
+INIT_MARKER = "KTSTR-INIT-REACHED"
+"""The built-in init prints this on the console first thing (benchmarks time it)."""
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+printf '\%(magic)03o' | dd of=/dev/port bs=1 seek=%(boot_port)d count=1 2>/dev/null
+echo %(marker)s > /dev/console
+r() { tr -d '\n' < "$1" 2>/dev/null; }
+stty -F /dev/ttyS1 raw -echo 2>/dev/null
+{
+printf '{"kernel":"%%s","online":"%%s","sched_ext":"%%s","cpus":[' \
+  "$(uname -r)" "$(r /sys/devices/system/cpu/online)" \
+  "$([ -d /sys/kernel/sched_ext ] && echo yes || echo no)"
+sep=
+for d in /sys/devices/system/cpu/cpu[0-9]*; do
+  [ -d "$d/topology" ] || continue
+  llc=; lvl=0
+  for c in "$d"/cache/index*; do
+    [ -f "$c/level" ] || continue
+    l=$(r "$c/level")
+    if [ "$l" -ge "$lvl" ]; then lvl=$l; llc=$(r "$c/shared_cpu_list"); fi
+  done
+  printf '%%s{"cpu":"%%s","package":"%%s","die":"%%s","core":"%%s","siblings":"%%s",' \
+    "$sep" "${d##*/cpu}" "$(r $d/topology/physical_package_id)" "$(r $d/topology/die_id)" \
+    "$(r $d/topology/core_id)" "$(r $d/topology/thread_siblings_list)"
+  printf '"llc":"%%s","llc_level":"%%s","apic":"%%s"}' "$llc" "$lvl" \
+    "$(grep -m1 -A20 "^processor.*: ${d##*/cpu}\$" /proc/cpuinfo | grep -m1 '^apicid' | tr -dc 0-9)"
+  sep=,
+done
+printf '],"nodes":{'
+sep=
+for d in /sys/devices/system/node/node[0-9]*; do
+  [ -d "$d" ] || continue
+  printf '%%s"%%s":"%%s"' "$sep" "${d##*/node}" "$(r $d/cpulist)"
+  sep=,
+done
+printf '}}\n'
+} > /dev/ttyS1
+sync
+printf '\000' | dd of=/dev/port bs=1 seek=%(exit_port)d count=1 2>/dev/null
+if [ -d /sys/firmware/acpi/tables ]; then poweroff -f; fi
+reboot -f
+"""
+
+
+def init_script() -> str:
+    return INIT_SCRIPT % {
+        "magic": layout.BOOT_MAGIC,
+        "boot_port": layout.BOOT_PORT,
+        "exit_port": layout.EXIT_PORT,
+        "marker": INIT_MARKER,
+    }
+
+
+def build_initramfs(path: Path, busybox: Path = BUSYBOX) -> Path:
+    """The built-in report init: busybox (static) plus the script above as /init."""
+    from ktstr import initramfs
+
+    if not busybox.is_file():
+        raise KtstrError(
+            f"{busybox} not found: install busybox-static (apt-get install busybox-static)"
+        )
+    archive = initramfs.Archive()
+    archive.add_host_file("bin/busybox", busybox, 0o755)
+    archive.add_file("init", init_script().encode(), 0o755)
+    archive.add_dir("proc")
+    archive.add_dir("sys")
+    archive.add_dir("dev")
+    archive.add_chardev("dev/console", 5, 1)
+    return initramfs.write_archive(path, archive)
+
+
+# --- what the guest saw ------------------------------------------------------------------------
+
+
+def parse_cpulist(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def parse_report(channel2: bytes) -> dict[str, Any] | None:
+    text = channel2.decode("utf-8", "replace").replace("\r", "")
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        return None
+    try:
+        report = json.loads(text[start : end + 1])
+    except json.JSONDecodeError:
+        return None
+    return report if isinstance(report, dict) else None
+
+
+@dataclass
+class TopologySeen:
+    cpus: int
+    siblings: list[list[int]]
+    llcs: list[list[int]]
+    nodes: list[list[int]]
+    packages: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cpus": self.cpus,
+            "siblings": self.siblings,
+            "llcs": self.llcs,
+            "nodes": self.nodes,
+            "packages": self.packages,
+        }
+
+
+def topology_seen(report: dict[str, Any]) -> TopologySeen:
+    cpus = report.get("cpus", [])
+    sib = sorted({tuple(parse_cpulist(c.get("siblings", ""))) for c in cpus})
+    llc = sorted({tuple(parse_cpulist(c.get("llc", ""))) for c in cpus})
+    nodes = [
+        parse_cpulist(v)
+        for _, v in sorted(report.get("nodes", {}).items(), key=lambda kv: int(kv[0]))
+    ]
+    return TopologySeen(
+        cpus=len(parse_cpulist(report.get("online", ""))),
+        siblings=[list(s) for s in sib if s],
+        llcs=[list(s) for s in llc if s],
+        nodes=[n for n in nodes if n],
+        packages=len({c.get("package") for c in cpus}),
+    )
+
+
+def topology_expected(topology: Topology) -> TopologySeen:
+    return TopologySeen(
+        cpus=topology.nr_cpus,
+        siblings=sorted({tuple(topology.siblings(c)) for c in range(topology.nr_cpus)}),  # type: ignore[arg-type]
+        llcs=[topology.cpus_in_llc(i) for i in range(topology.llcs)],
+        nodes=[topology.cpus_in_node(i) for i in range(topology.numa_nodes)],
+        packages=1,
+    )
+
+
+def topology_mismatches(seen: TopologySeen, topology: Topology) -> list[str]:
+    want = topology_expected(topology)
+    want.siblings = [list(s) for s in want.siblings]
+    out = []
+    for name in ("cpus", "siblings", "llcs", "nodes"):
+        if getattr(seen, name) != getattr(want, name):
+            out.append(f"{name}: guest saw {getattr(seen, name)}, expected {getattr(want, name)}")
+    return out
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "boot",
+        help="boot a kernel in the in-tree VMM and report the topology the guest sees",
+        description="Boot KERNEL on a declared topology with a built-in busybox init that "
+        "reports the CPUs, SMT siblings, LLCs and NUMA nodes it sees, then powers off.",
+    )
+    p.add_argument("--kernel", required=True, help="catalog id or path to a bzImage / build tree")
+    p.add_argument("--topology", default="1n1l2c1t", help="label like 1n2l4c2t or a preset name")
+    p.add_argument("--memory-mb", type=int, default=2048, help="guest memory (default 2048)")
+    p.add_argument("--timeout", type=float, default=60.0, help="hard timeout in seconds")
+    p.add_argument("--initramfs", type=Path, default=None, help="use this initramfs instead")
+    p.add_argument("--cmdline", default="", help="extra kernel command line")
+    p.add_argument("--quiet-kernel", action="store_true", help="boot with `quiet`")
+    p.add_argument("--console", action="store_true", help="stream the guest console to stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--sandbox", default="auto", choices=("auto", "always", "never"))
+    p.set_defaults(func=_cmd_boot)
+
+
+def _resolve_kernel(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        from ktstr.vmm import loader
+
+        loader.load_bzimage(path)  # validates: a bzImage with a 64-bit entry
+        return path.resolve()
+    if not path.exists() and ("/" in spec or spec.endswith("bzImage")):
+        raise KtstrError(f"kernel {spec}: no such file; pass a bzImage path or a catalog id")
+    try:
+        from ktstr.kernel import resolve_kernel
+    except ImportError:
+        raise KtstrError(
+            f"kernel {spec}: not a file, and kernel resolution is unavailable"
+        ) from None
+    return Path(resolve_kernel(spec).bzimage)
+
+
+def _cmd_boot(args: argparse.Namespace) -> int:
+    topology = Topology.parse(args.topology)
+    if args.memory_mb < layout.MIN_MEMORY_BYTES // layout.MiB:
+        raise KtstrError(
+            f"--memory-mb {args.memory_mb} is too small: use at least "
+            f"{layout.MIN_MEMORY_BYTES // layout.MiB}"
+        )
+    topology.node_memory_mb(args.memory_mb)
+    if not args.timeout > 0:
+        raise KtstrError(f"--timeout must be positive, got {args.timeout}")
+    if args.initramfs is not None and not args.initramfs.is_file():
+        raise KtstrError(f"initramfs {args.initramfs} does not exist")
+    kernel = _resolve_kernel(args.kernel)
+
+    from ktstr.sandbox.dispatch import dispatch, self_argv
+
+    code = dispatch(args.sandbox, self_argv())
+    if code is not None:
+        return code
+
+    from ktstr.vmm.vm import Vm
+
+    def stream(data: bytes) -> None:
+        sys.stderr.buffer.write(data)
+        sys.stderr.buffer.flush()
+
+    tmp = Path(tempfile.mkdtemp(prefix="ktstr-boot-"))
+    try:
+        initramfs = args.initramfs or build_initramfs(tmp / "init.cpio")
+        vm = Vm(
+            kernel,
+            initramfs,
+            topology,
+            memory_mb=args.memory_mb,
+            cmdline_extra=args.cmdline,
+            timeout=args.timeout,
+            quiet=args.quiet_kernel,
+            on_console=stream if args.console else None,
+        )
+        result = vm.run()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report = parse_report(result.channel2)
+    seen = topology_seen(report) if report else None
+    mismatches = topology_mismatches(seen, topology) if seen else ["no report from the guest"]
+    summary: dict[str, Any] = {
+        "kernel": str(kernel),
+        "guest_kernel": report.get("kernel") if report else None,
+        "topology": topology.label,
+        "exit_code": result.exit_code,
+        "reason": result.reason,
+        "boot_ms": round(result.boot_ms, 1) if result.boot_ms is not None else None,
+        "duration_s": round(result.duration_s, 3),
+        "cpus": seen.cpus if seen else None,
+        "topology_seen": seen.as_dict() if seen else None,
+        "topology_matches": not mismatches,
+        "mismatches": mismatches,
+        "sched_ext": (report.get("sched_ext") == "yes") if report else None,
+        "timed_out": result.timed_out,
+        "panicked": result.panicked,
+        "error": result.error,
+        "exit_counts": result.total_exits,
+    }
+    ok = result.exit_code == 0 and not mismatches
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_human(summary, result)
+    return 0 if ok else 1
+
+
+def _print_human(summary: dict[str, Any], result: Any) -> None:
+    print(
+        f"kernel {summary['guest_kernel'] or summary['kernel']} on {summary['topology']}: "
+        f"{summary['reason']}, exit code {summary['exit_code']}, "
+        f"boot {summary['boot_ms']} ms, run {summary['duration_s']} s"
+    )
+    if summary["topology_seen"]:
+        s = summary["topology_seen"]
+        print(
+            f"guest saw {s['cpus']} CPUs; SMT siblings {s['siblings']}; LLCs {s['llcs']}; "
+            f"NUMA nodes {s['nodes']}"
+        )
+    for line in summary["mismatches"]:
+        print(f"mismatch: {line}")
+    print("exits: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["exit_counts"].items())))
+    if result.error:
+        print(f"error: {result.error}")
+    if result.error or summary["mismatches"]:
+        print("console tail:\n" + result.console_tail)
