@@ -18,6 +18,8 @@ from ktstr.errors import KtstrError
 COMMAND_MODULES = (
     "ktstr.kernel.cli",
     "ktstr.results.cli",
+    "ktstr.sandbox.cli",
+    "ktstr.vmm.cli",
 )
 
 
