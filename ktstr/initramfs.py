@@ -14,16 +14,26 @@ ends with an entry named ``TRAILER!!!``.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib.util
+import json
+import modulefinder
 import os
 import shutil
 import stat
 import subprocess
+import sys
+import sysconfig
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ktstr import elf
 from ktstr.errors import KtstrError
+from ktstr.paths import cache_root
 
 NEWC_MAGIC = b"070701"
 HEADER_SIZE = 110
@@ -261,3 +271,346 @@ def write_archive(path: Path | str, entries: Iterable[CpioEntry] | Archive,
     blob = compress(encode_newc(items, first_ino), compression)
     atomic_write(path, blob)
     return Path(path)
+
+
+# --- host paths mirrored into the guest ----------------------------------------------------
+
+
+def add_host_path(archive: Archive, path: str, data: bytes | None = None,
+                  mtime: int | None = None, _depth: int = 0) -> str:
+    """Pack host ``path`` at the same absolute path in the guest, mirroring symlinks.
+
+    Symlinked components (Debian's ``/lib -> usr/lib``) become the same
+    symlinks in the archive, so a loader or interpreter that finds a file by
+    some path on the host finds it by that path in the guest. Returns the
+    real path packed. ``data`` overrides the file content (e.g. stripped).
+    """
+    if _depth > 40:
+        raise KtstrError(f"initramfs: too many symlinks resolving {path}")
+    parts = Path(os.path.abspath(path)).parts[1:]
+    cur = "/"
+    for i, part in enumerate(parts):
+        nxt = os.path.join(cur, part)
+        if os.path.islink(nxt):
+            target = os.readlink(nxt)
+            existing = archive.get(nxt)
+            if existing is None or not stat.S_ISLNK(existing.mode):
+                archive.add_symlink(nxt, target)
+            resolved = target if os.path.isabs(target) else os.path.join(cur, target)
+            rest = os.path.join(os.path.normpath(resolved), *parts[i + 1:])
+            return add_host_path(archive, rest, data, mtime, _depth + 1)
+        cur = nxt
+    st = os.stat(cur)
+    if stat.S_ISDIR(st.st_mode):
+        archive.add_dir(cur, st.st_mode & 0o7777)
+    else:
+        content = Path(cur).read_bytes() if data is None else data
+        entry = CpioEntry.file(cur, content, st.st_mode & 0o7777)
+        if mtime is not None:
+            entry = CpioEntry(entry.name, entry.mode, entry.data, mtime=mtime)
+        archive.add(entry)
+    return cur
+
+
+# --- the guest Python runtime (cached base archive) ----------------------------------------
+
+FORMAT_VERSION = 1
+DEFAULT_COMPRESSION = "none"
+GUEST_MODULE = "ktstr.guest.init"
+KTSTR_DIR = Path(__file__).resolve().parent
+MODULE_EXCLUDES = (
+    "tkinter", "_tkinter", "idlelib", "lib2to3", "test", "ensurepip", "turtledemo", "turtle",
+    "pydoc_data", "distutils", "venv",
+)
+"""Never needed in the guest and large (GUI, test suites, installers)."""
+SOFT_EXCLUDES = ("pdb", "pydoc", "doctest", "xmlrpc", "http.server", "webbrowser")
+"""Debugging and documentation tools that modulefinder reaches only through imports inside
+functions (e.g. ``inspect`` -> ``pydoc`` -> ``http.server`` -> ``ssl`` -> libcrypto);
+packed only when named in ``BaseSpec.modules``."""
+ALWAYS_PACKAGES = ("encodings",)
+"""Imported by the interpreter at startup, or dynamically by name (modulefinder misses them)."""
+GUEST_DIRS = ("proc", "sys", "dev", "tmp", "run", "root", "etc", "mnt", "ktstr/bin")
+GUEST_PATH_DIR = "ktstr/bin"
+INTERP_FLAGS = "-SIBu"
+"""No site (paths are explicit), isolated (no env vars, no cwd on sys.path), no .pyc
+writes, unbuffered output to the console."""
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """What goes into the cached base archive."""
+
+    test_files: tuple[Path, ...] = ()
+    binaries: tuple[Path, ...] = ()
+    """Extra executables (scheduler, mkfs.btrfs, ...) packed at their host paths with
+    their shared-library closure."""
+    modules: tuple[str, ...] = ()
+    """Extra module names to pack (imported dynamically by the scenario)."""
+    busybox: Path | None = None
+    compression: str = DEFAULT_COMPRESSION
+    strip: bool = True
+    """Strip debug info from the interpreter and shared libraries (not from `binaries`)."""
+
+
+@dataclass(frozen=True)
+class BaseArchive:
+    path: Path
+    key: str
+    size: int
+    """Bytes on disk (compressed)."""
+    cached: bool
+    seconds: float
+    files: int
+    python: str
+    """Guest path of the interpreter."""
+    sys_path: tuple[str, ...]
+
+
+def _stat_sig(path: str) -> list[Any]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, -1, -1]
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def default_busybox() -> Path | None:
+    found = shutil.which("busybox")
+    return Path(found) if found else None
+
+
+def _cache_key(spec: BaseSpec, python: str) -> str:
+    ktstr_files = sorted(str(p) for p in KTSTR_DIR.rglob("*.py"))
+    roots = [python, *ktstr_files, *(str(p) for p in spec.test_files),
+             *(str(p) for p in spec.binaries)]
+    if spec.busybox:
+        roots.append(str(spec.busybox))
+    blob = json.dumps({
+        "v": FORMAT_VERSION,
+        "roots": [_stat_sig(os.path.abspath(r)) for r in roots],
+        "sys_path": sys.path,
+        "modules": spec.modules,
+        "compression": spec.compression,
+        "strip": spec.strip,
+    }, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+    return cache_root() / "initramfs"
+
+
+def build_base(spec: BaseSpec, directory: Path | None = None) -> BaseArchive:
+    """The base archive for ``spec``: from the cache when nothing it packs has changed."""
+    start = time.monotonic()
+    if spec.compression not in COMPRESSIONS:
+        raise KtstrError(f"initramfs: unknown compression {spec.compression!r}; use one of "
+                         f"{', '.join(COMPRESSIONS)}")
+    for p in (*spec.test_files, *spec.binaries):
+        if not Path(p).is_file():
+            raise KtstrError(f"initramfs: {p} does not exist; check the path")
+    python = os.path.realpath(sys.executable)
+    key = _cache_key(spec, python)
+    directory = directory or cache_dir()
+    ext = {"none": "", "gzip": ".gz", "lz4": ".lz4", "zstd": ".zst"}[spec.compression]
+    archive_path = directory / f"base-{key}.cpio{ext}"
+    manifest_path = directory / f"base-{key}.json"
+    manifest = _load_manifest(manifest_path)
+    if manifest is not None and archive_path.is_file() and all(
+        _stat_sig(dep[0]) == dep for dep in manifest["deps"]
+    ):
+        return BaseArchive(archive_path, key, archive_path.stat().st_size, True,
+                           time.monotonic() - start, manifest["files"], manifest["python"],
+                           tuple(manifest["sys_path"]))
+    archive, deps, guest_path = pack_runtime(spec, python)
+    blob = compress(archive.encode(), spec.compression)
+    atomic_write(archive_path, blob)
+    atomic_write(manifest_path, json.dumps({
+        "deps": [_stat_sig(d) for d in sorted(deps)], "files": len(archive),
+        "python": python, "sys_path": guest_path,
+    }).encode())
+    return BaseArchive(archive_path, key, len(blob), False, time.monotonic() - start,
+                       len(archive), python, tuple(guest_path))
+
+
+def _load_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "deps" in data else None
+
+
+def find_modules(scripts: Iterable[Path], path: list[str], extra: Iterable[str] = ()
+                 ) -> dict[str, str]:
+    """module name -> host file, for everything ``scripts`` import (statically, transitively)."""
+    extra = tuple(extra)
+    soft = [m for m in SOFT_EXCLUDES if m not in extra]
+    finder = modulefinder.ModuleFinder(path=path, excludes=[*MODULE_EXCLUDES, *soft])
+    for script in scripts:
+        finder.run_script(str(script))
+    for name in (*extra, *ALWAYS_PACKAGES, sysconfig_data_module()):
+        try:
+            finder.import_hook(name)
+        except ImportError as err:
+            raise KtstrError(f"initramfs: module {name!r} not found: {err}") from err
+    out: dict[str, str] = {}
+    for name, mod in finder.modules.items():
+        file = getattr(mod, "__file__", None)
+        if file and name != "__main__":
+            out[name] = file
+    for pkg in ALWAYS_PACKAGES:
+        pkg_dir = Path(out[pkg]).parent
+        for f in pkg_dir.glob("*.py"):
+            out.setdefault(f"{pkg}.{f.stem}", str(f))
+    return out
+
+
+def sysconfig_data_module() -> str:
+    return sysconfig._get_sysconfigdata_name()  # type: ignore[attr-defined]
+
+
+def pyc_bytes(source_path: str) -> bytes | None:
+    """The .pyc to ship with a source file.
+
+    The host's own cached .pyc is reused when it matches the source's size
+    and mtime (we pack the source with the same mtime, so it stays valid);
+    otherwise an unchecked hash-based .pyc is compiled, which the guest
+    never revalidates.
+    """
+    st = os.stat(source_path)
+    try:
+        cached = Path(importlib.util.cache_from_source(source_path)).read_bytes()
+        if (cached[:4] == importlib.util.MAGIC_NUMBER
+                and int.from_bytes(cached[4:8], "little") == 0
+                and int.from_bytes(cached[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+                and int.from_bytes(cached[12:16], "little") == st.st_size & 0xFFFFFFFF):
+            return cached
+    except (OSError, ValueError):
+        pass
+    source = Path(source_path).read_bytes()
+    try:
+        code = compile(source, source_path, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return None
+    from importlib import _bootstrap_external
+
+    return bytes(_bootstrap_external._code_to_hash_pyc(  # type: ignore[attr-defined]
+        code, importlib.util.source_hash(source), checked=False))
+
+
+def _stripped(path: str) -> bytes | None:
+    tool = shutil.which("objcopy")
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "stripped")
+        proc = subprocess.run([tool, "--strip-debug", path, out], capture_output=True,
+                              check=False)
+        if proc.returncode != 0:
+            return None
+        return Path(out).read_bytes()
+
+
+def pack_runtime(spec: BaseSpec, python: str) -> tuple[Archive, set[str], list[str]]:
+    """Build the base archive in memory: (archive, host files packed, guest sys.path)."""
+    archive = Archive()
+    for d in GUEST_DIRS:
+        archive.add_dir(d)
+    archive.add_chardev("dev/console", 5, 1, 0o600)
+    archive.add_chardev("dev/null", 1, 3, 0o666)
+    deps: set[str] = set()
+
+    test_dirs = [str(Path(t).resolve().parent) for t in spec.test_files]
+    search = [str(KTSTR_DIR.parent), *test_dirs,
+              *(p for p in sys.path if p and os.path.isdir(p))]
+    search = list(dict.fromkeys(os.path.abspath(p) for p in search))
+    modules = find_modules(spec.test_files, search, (GUEST_MODULE, *spec.modules))
+
+    elf_files: list[str] = []
+    used_dirs: set[str] = set()
+    for name, host_file in sorted(modules.items()):
+        host_file = os.path.abspath(host_file)
+        root = _search_root(host_file, name, search)
+        if root:
+            used_dirs.add(root)
+        if host_file.endswith(".py"):
+            mtime = int(os.stat(host_file).st_mtime)
+            real = add_host_path(archive, host_file, mtime=mtime)
+            deps.add(host_file)
+            pyc = pyc_bytes(real)
+            if pyc is not None:
+                add_host_path(archive, os.path.dirname(real))
+                archive.add_file(importlib.util.cache_from_source(real), pyc, 0o644)
+        elif host_file.endswith(".so"):
+            elf_files.append(host_file)
+    for test in spec.test_files:
+        add_host_path(archive, str(Path(test).resolve()),
+                      mtime=int(os.stat(test).st_mtime))
+        deps.add(str(Path(test).resolve()))
+
+    # The interpreter finds its prefix from the landmark lib/pythonX.Y/os.py and its
+    # exec prefix from lib-dynload; both must exist even if no extension is packed.
+    stdlib = sysconfig.get_paths()["stdlib"]
+    add_host_path(archive, os.path.join(stdlib, "lib-dynload"))
+
+    binaries = [python, *elf_files]
+    user_bins = [os.path.abspath(b) for b in spec.binaries]
+    if spec.busybox:
+        user_bins.append(os.path.abspath(spec.busybox))
+    closure = elf.library_closure([*binaries, *user_bins])
+    if closure.missing:
+        missing = ", ".join(f"{lib} (needed by {by})" for lib, by in closure.missing.items())
+        raise KtstrError(f"initramfs: shared libraries not found: {missing}; install them")
+    for f in [*binaries, *closure.files]:
+        data = _stripped(f) if spec.strip and elf.is_elf(f) else None
+        add_host_path(archive, f, data=data)
+        deps.add(f)
+    for f in user_bins:
+        add_host_path(archive, f)
+        deps.add(f)
+
+    if spec.busybox:
+        _add_busybox(archive, os.path.abspath(spec.busybox))
+
+    guest_path = [p for p in search if p in used_dirs]
+    init = (f"#!{python} {INTERP_FLAGS}\n"
+            "import sys\n"
+            f"sys.path[:0] = {guest_path!r}\n"
+            "try:\n"
+            "    from ktstr.guest.init import main\n"
+            "except BaseException:\n"
+            "    import ctypes, os, traceback\n"
+            "    traceback.print_exc()\n"
+            "    os.sync()\n"
+            "    ctypes.CDLL(None).reboot(0x4321FEDC)\n"
+            "main()\n")
+    archive.add_file("init", init.encode(), 0o755)
+    return archive, deps, guest_path
+
+
+def _search_root(host_file: str, module: str, search: list[str]) -> str | None:
+    """The sys.path entry ``module`` was found under."""
+    depth = module.count(".") + (1 if os.path.basename(host_file).startswith("__init__.") else 0)
+    root = os.path.dirname(host_file)
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root if root in search else None
+
+
+def _add_busybox(archive: Archive, busybox: str) -> None:
+    proc = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=False)
+    for applet in proc.stdout.split():
+        if "/" not in applet:
+            archive.add_symlink(f"{GUEST_PATH_DIR}/{applet}", busybox)
+    sh = os.path.join(os.path.realpath("/bin"), "sh")
+    if sh.lstrip("/") not in archive:
+        archive.add_symlink(sh, busybox)
+
+
+def build_suffix(files: dict[str, bytes], first_ino: int = 1 << 24) -> bytes:
+    """The small per-run archive (uncompressed: tiny, and nothing to gain)."""
+    archive = Archive()
+    for name, data in files.items():
+        archive.add_file(name, data, 0o644)
+    return archive.encode(first_ino)

@@ -1,0 +1,257 @@
+"""The scheduler under test, inside the guest: start, wait for attach, sample, stop.
+
+sched_ext exposes its state in sysfs: ``/sys/kernel/sched_ext/state``
+(``enabled``/``disabled``/``enabling``/``disabling``), ``root/ops`` (the
+attached scheduler's name), and counters. When the kernel ejects a scheduler
+it logs ``sched_ext: BPF scheduler "NAME" disabled (REASON)`` and, for an
+``scx_bpf_error()``, a second line ``sched_ext: NAME: MESSAGE``; we read those
+from ``/dev/kmsg``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ktstr.guest.request import SchedulerSpec
+
+SCX = Path("/sys/kernel/sched_ext")
+LOG_PATH = "/tmp/ktstr-scheduler.log"
+DISABLED_RE = re.compile(r'sched_ext: BPF scheduler "([^"]*)" disabled \((.*)\)')
+CLEAN_REASON = "unregistered from user space"
+MAX_SAMPLES = 4000
+
+
+class GuestFailure(Exception):
+    """A classified failure inside the guest; ``kind`` is what the host reports."""
+
+    def __init__(self, kind: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.details = details
+
+
+def read_text(path: Path | str, default: str = "") -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return default
+
+
+def scx_state() -> dict[str, Any]:
+    """One snapshot of sched_ext's sysfs state (empty dict when the kernel has none)."""
+    if not SCX.is_dir():
+        return {}
+    out: dict[str, Any] = {
+        "state": read_text(SCX / "state"),
+        "ops": read_text(SCX / "root" / "ops"),
+    }
+    for name in ("switch_all", "nr_rejected", "hotplug_seq", "enable_seq"):
+        value = read_text(SCX / name, "")
+        if value.lstrip("-").isdigit():
+            out[name] = int(value)
+    return out
+
+
+class Kmsg:
+    """Reads new kernel log records (non-blocking) from /dev/kmsg."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            self._fd = None
+        self.lines: list[str] = []
+
+    def poll(self) -> list[str]:
+        new: list[str] = []
+        while self._fd is not None:
+            try:
+                rec = os.read(self._fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE: records overwritten; just continue reading
+                continue
+            if not rec:
+                break
+            text = rec.decode(errors="replace")
+            _, _, msg = text.partition(";")
+            new.append(msg.split("\n", 1)[0])
+        self.lines.extend(new)
+        return new
+
+    def sched_ext_lines(self) -> list[str]:
+        self.poll()
+        return [line for line in self.lines if "sched_ext" in line]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def disabled_events(lines: list[str]) -> list[dict[str, str]]:
+    """Every 'BPF scheduler disabled' record with its reason and the follow-up message."""
+    events: list[dict[str, str]] = []
+    for i, line in enumerate(lines):
+        m = DISABLED_RE.search(line)
+        if not m:
+            continue
+        event = {"name": m.group(1), "reason": m.group(2), "message": ""}
+        prefix = f"sched_ext: {m.group(1)}: "
+        for follow in lines[i + 1:i + 4]:
+            if prefix in follow:
+                event["message"] = follow.split(prefix, 1)[1]
+                break
+        events.append(event)
+    return events
+
+
+def tail(path: str, limit: int = 8192) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@dataclass
+class ExitReport:
+    exit_status: int | None
+    """Process exit status; negative = killed by that signal; None = still running (killed)."""
+    stopped_by: str
+    """'sigint', 'sigkill', or 'exited' (it was gone before we stopped it)."""
+    state_after: str
+    clean_unregister: bool
+    disabled: list[dict[str, str]] = field(default_factory=list)
+    kernel_lines: list[str] = field(default_factory=list)
+    log_tail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SchedulerProcess:
+    def __init__(self, spec: SchedulerSpec, kmsg: Kmsg) -> None:
+        self.spec = spec
+        self.kmsg = kmsg
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.name: str | None = None
+
+    def start(self) -> None:
+        if not os.path.exists(self.spec.binary):
+            raise GuestFailure("scheduler_missing",
+                               f"scheduler binary {self.spec.binary} is not in the guest")
+        if not SCX.is_dir():
+            raise GuestFailure("scheduler_unsupported",
+                               "this kernel has no sched_ext (/sys/kernel/sched_ext missing)")
+        log = open(LOG_PATH, "wb")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen([self.spec.binary, *self.spec.args],
+                                         stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as err:
+            raise GuestFailure("scheduler_missing",
+                               f"cannot start {self.spec.binary}: {err}") from err
+        finally:
+            log.close()
+
+    def wait_attached(self) -> dict[str, Any]:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.spec.attach_timeout_s
+        want = self.spec.ops_name
+        while True:
+            state = scx_state()
+            if state.get("state") == "enabled" and state.get("ops") and (
+                want is None or state["ops"] == want
+            ):
+                self.name = state["ops"]
+                return state
+            rc = self.proc.poll()
+            if rc is not None:
+                raise GuestFailure(
+                    "scheduler_crashed",
+                    f"scheduler {self.spec.binary} exited with status {rc} before attaching",
+                    log_tail=tail(LOG_PATH), kernel_lines=self.kmsg.sched_ext_lines())
+            if time.monotonic() > deadline:
+                raise GuestFailure(
+                    "scheduler_attach_timeout",
+                    f"scheduler did not attach within {self.spec.attach_timeout_s:g} s "
+                    f"(state {state.get('state')!r}, ops {state.get('ops')!r}, "
+                    f"expected {want or 'any'})",
+                    log_tail=tail(LOG_PATH), kernel_lines=self.kmsg.sched_ext_lines())
+            time.sleep(0.02)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> ExitReport:
+        assert self.proc is not None
+        stopped_by = "exited"
+        if self.proc.poll() is None:
+            stopped_by = "sigint"
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(self.spec.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                stopped_by = "sigkill"
+                self.proc.kill()
+                self.proc.wait()
+        # The kernel finishes disabling asynchronously; give it a moment.
+        deadline = time.monotonic() + 2.0
+        while read_text(SCX / "state") not in ("disabled", "") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        lines = self.kmsg.sched_ext_lines()
+        events = disabled_events(lines)
+        state_after = read_text(SCX / "state")
+        last = events[-1] if events else None
+        clean = (stopped_by == "sigint" and self.proc.returncode == 0
+                 and state_after == "disabled" and last is not None
+                 and last["reason"] == CLEAN_REASON)
+        return ExitReport(self.proc.returncode, stopped_by, state_after, clean, events,
+                          lines[-50:], tail(LOG_PATH))
+
+
+class Sampler(threading.Thread):
+    """Samples sched_ext state periodically; notices the scheduler being ejected."""
+
+    def __init__(self, interval: float, sched: SchedulerProcess | None) -> None:
+        super().__init__(name="ktstr-sampler", daemon=True)
+        self.interval = max(0.01, interval)
+        self.sched = sched
+        self.samples: list[dict[str, Any]] = []
+        self.ejected_at: float | None = None
+        self._stop_event = threading.Event()
+        self._t0 = time.monotonic()
+
+    def sample(self) -> None:
+        snap = scx_state()
+        snap["t"] = round(time.monotonic() - self._t0, 4)
+        if self.sched is not None:
+            snap["alive"] = self.sched.alive()
+            if self.ejected_at is None and (snap.get("state") != "enabled" or not snap["alive"]):
+                self.ejected_at = snap["t"]
+        if len(self.samples) >= MAX_SAMPLES:
+            del self.samples[::2]  # decimate rather than grow without bound
+        self.samples.append(snap)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5)
+        self.sample()
