@@ -124,8 +124,9 @@ def _build(plan: Plan, root: Path) -> KernelEntry:
     t = time.monotonic()
     result = kbuild.configure(src, out, plan.base, plan.requested, log)
     result.raise_if_dropped(f"{label} ({plan.source.description})")
-    for name in result.unavailable:
-        _say(f"CONFIG_{name}: not available in this kernel ({plan.kernel_id}), skipped")
+    if result.unavailable:
+        names = ", ".join(f"CONFIG_{n}" for n in result.unavailable)
+        _say(f"not available in this kernel ({plan.kernel_id}), skipped: {names}")
     phases["configure"] = time.monotonic() - t
 
     phases["make"] = kbuild.build_bzimage(src, out, log, base=plan.base, label=label)

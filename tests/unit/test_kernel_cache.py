@@ -122,7 +122,7 @@ def test_vmlinux_touch_is_detected(tmp_path: Path, artifacts: dict[str, Path]) -
 def test_missing_metadata_is_corrupt(tmp_path: Path, artifacts: dict[str, Path]) -> None:
     entry = install(tmp_path / "root", artifacts)
     (entry.path / "metadata.json").unlink()
-    with pytest.raises(CorruptEntry, match="metadata.json is missing"):
+    with pytest.raises(CorruptEntry, match=r"metadata\.json is missing"):
         cache.load_entry(entry.path)
 
 

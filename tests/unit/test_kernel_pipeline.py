@@ -1,0 +1,279 @@
+"""ensure_kernel end to end on a miniature kernel tree.
+
+The tree has a real Kconfig and a Makefile that answers the same targets as
+Linux (`tinyconfig`, `olddefconfig`, `bzImage`, `kernelrelease`, and
+`tools/sched_ext`), producing small artifacts in seconds. Everything else —
+make, logs, verification, locks, atomic install, checksums — is the real code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ktstr.errors import KtstrError
+from ktstr.kernel import cache, ensure_kernel, ensure_schedulers, list_entries, resolve_kernel
+
+OLDDEF = r"""
+import re, sys
+from pathlib import Path
+path, drop = sys.argv[1], set(sys.argv[2:])
+# Like Kconfig: a symbol the tree does not define cannot stay in .config.
+defined = set(re.findall(r"^config (\w+)", (Path(__file__).parent / "Kconfig").read_text(), re.M))
+values = {}
+for line in open(path):
+    line = line.strip()
+    if line.startswith("CONFIG_") and "=" in line:
+        name, value = line.split("=", 1)
+        values[name] = value
+    elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+        values.pop(line[2:-len(" is not set")], None)
+with open(path, "w") as fh:
+    for name, value in values.items():
+        if name[len("CONFIG_"):] in defined - drop:
+            fh.write(f"{name}={value}\n")
+"""
+
+BZIMAGE = r"""
+import sys
+data = bytearray(200_000)
+data[0x202:0x206] = b"HdrS"
+open(sys.argv[1], "wb").write(bytes(data))
+"""
+
+MAKEFILE = """\
+# Miniature kernel build: same targets as Linux, instant artifacts.
+O ?= .
+HERE := $(dir $(lastword $(MAKEFILE_LIST)))
+tinyconfig defconfig:
+\t@echo "  GEN     $@"
+\t@printf 'CONFIG_64BIT=y\\n' > $(O)/.config
+olddefconfig:
+\t@python3 $(HERE)olddef.py $(O)/.config $$(cat $(HERE)drop 2>/dev/null)
+bzImage:
+\t@echo build >> $(HERE)../builds.txt
+\t@for i in 1 2 3 4 5; do echo "  CC      file$$i.o"; done
+\t@if [ -e $(HERE)fail ]; then for i in $$(seq 1 50); do echo "error line $$i"; done; exit 1; fi
+\t@sleep $$(cat $(HERE)sleep 2>/dev/null || echo 0)
+\t@mkdir -p $(O)/arch/x86/boot
+\t@python3 $(HERE)bzimage.py $(O)/arch/x86/boot/bzImage
+\t@head -c 2000000 /dev/urandom > $(O)/vmlinux
+\t@echo 'ffffffff81000000 T _stext' > $(O)/System.map
+kernelrelease:
+\t@echo 6.99.0-mini
+"""
+
+SCX_MAKEFILE = """\
+# Stands in for tools/sched_ext: records how it was called, makes the binaries.
+$(MAKECMDGOALS):
+\t@mkdir -p $(O)/build/bin
+\t@printf '#!/bin/sh\\necho $@ built against $(VMLINUX_BTF) with $(CC)\\n' > $(O)/build/bin/$@
+\t@chmod +x $(O)/build/bin/$@
+"""
+
+KCONFIG = """\
+config 64BIT
+\tbool "64-bit"
+config NETDEVICES
+\tbool "Network devices"
+config TUN
+\ttristate "TUN"
+\tdepends on NETDEVICES
+"""
+
+
+@pytest.fixture
+def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    src = tmp_path / "linux"
+    (src / "tools" / "sched_ext").mkdir(parents=True)
+    (src / "Makefile").write_text(MAKEFILE)
+    (src / "Kconfig").write_text(KCONFIG)
+    (src / "olddef.py").write_text(OLDDEF)
+    (src / "bzimage.py").write_text(BZIMAGE)
+    (src / "tools" / "sched_ext" / "Makefile").write_text(SCX_MAKEFILE)
+    monkeypatch.setenv("KTSTR_CACHE_DIR", str(tmp_path / "cache"))
+    return src
+
+
+def builds(tree: Path) -> int:
+    path = tree.parent / "builds.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def entry_dirs(tree: Path) -> list[str]:
+    base = tree.parent / "cache" / "kernels"
+    return sorted(p.name for p in base.iterdir() if p.name != ".locks") if base.exists() else []
+
+
+def test_build_then_warm_hit(tree: Path) -> None:
+    entry = ensure_kernel(source=tree, schedulers=False)
+    assert entry.id == "local" and entry.flavour == "test" and entry.version == "6.99.0-mini"
+    assert entry.bzimage.is_file() and not entry.sched_ext  # SCHED_CLASS_EXT not in Kconfig
+    assert entry_dirs(tree) == [entry.key]
+    start = time.monotonic()
+    again = ensure_kernel(source=tree, schedulers=False)
+    assert time.monotonic() - start < 1.0
+    assert again == entry and builds(tree) == 1
+    meta = cache.read_metadata(entry.path)
+    assert "SCHED_CLASS_EXT" in meta["unavailable_options"]
+    assert meta["features"]["sched_ext"] is False
+    assert resolve_kernel(str(entry.path)).entry == entry
+    assert [e.key for e in list_entries()] == [entry.key]
+
+
+def test_fragment_change_of_source_changes_key(tree: Path) -> None:
+    first = ensure_kernel(source=tree, schedulers=False)
+    (tree / "Kconfig").write_text(KCONFIG + "config NEW\n\tbool \"new\"\n")
+    os.utime(tree / "Kconfig", ns=(0, time.time_ns() + 10**9))
+    second = ensure_kernel(source=tree, schedulers=False)
+    assert second.key != first.key and builds(tree) == 2
+    sandbox = ensure_kernel(source=tree, flavour="sandbox", schedulers=False)
+    assert sandbox.key not in (first.key, second.key) and sandbox.flavour == "sandbox"
+
+
+def test_corrupt_bzimage_is_rebuilt(tree: Path) -> None:
+    entry = ensure_kernel(source=tree, schedulers=False)
+    with entry.bzimage.open("r+b") as fh:
+        fh.truncate(100)
+    rebuilt = ensure_kernel(source=tree, schedulers=False)
+    assert builds(tree) == 2
+    assert rebuilt.bzimage.stat().st_size == 200_000
+    cache.load_entry(rebuilt.path)  # verifies
+
+
+def test_dropped_option_fails_with_its_dependency(tree: Path) -> None:
+    (tree / "drop").write_text("64BIT")
+    with pytest.raises(KtstrError, match=r"CONFIG_64BIT=y was dropped"):
+        ensure_kernel(source=tree, schedulers=False)
+    assert entry_dirs(tree) == []
+
+
+def test_failed_build_reports_log_tail_and_leaves_no_entry(tree: Path) -> None:
+    (tree / "fail").write_text("")
+    with pytest.raises(KtstrError) as err:
+        ensure_kernel(source=tree, schedulers=False)
+    message = str(err.value)
+    log = Path(message.split("log: ", 1)[1].split(";", 1)[0])
+    assert log.name == "ktstr-build.log"
+    tail = log.read_text().splitlines()[-40:]
+    assert message.endswith("\n" + "\n".join(tail))
+    assert "error line 50" in message and "error line 5\n" not in message
+    assert entry_dirs(tree) == []
+
+
+def test_schedulers_are_built_into_the_entry(tree: Path) -> None:
+    (tree / "Kconfig").write_text(KCONFIG + "config SCHED_CLASS_EXT\n\tbool \"scx\"\n")
+    entry = ensure_kernel(source=tree)  # sched_ext kernel: schedulers come with it
+    assert entry.sched_ext
+    assert sorted(entry.schedulers) == ["scx_central", "scx_flatcg", "scx_qmap", "scx_simple"]
+    out = subprocess.run([str(entry.schedulers["scx_simple"])], capture_output=True, text=True)
+    assert f"against {entry.vmlinux}" in out.stdout and "clang" in out.stdout
+    assert ensure_schedulers(entry) == entry.schedulers
+
+
+def test_schedulers_refused_without_sched_ext(tree: Path) -> None:
+    entry = ensure_kernel(source=tree, schedulers=False)
+    with pytest.raises(KtstrError, match="has no sched_ext"):
+        ensure_schedulers(entry)
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from ktstr.kernel import ensure_kernel
+start = time.monotonic()
+entry = ensure_kernel(source=Path(sys.argv[1]), schedulers=False)
+print(entry.key, round(time.monotonic() - start, 2), flush=True)
+"""
+
+
+def spawn(tree: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(tree)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_two_processes_build_once(tree: Path) -> None:
+    (tree / "sleep").write_text("2")
+    first = spawn(tree)
+    time.sleep(0.5)
+    second = spawn(tree)
+    out1, err1 = first.communicate(timeout=60)
+    out2, err2 = second.communicate(timeout=60)
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    assert out1.split()[0] == out2.split()[0]
+    assert builds(tree) == 1
+    assert err1.count("built local test kernel") + err2.count("built local test kernel") == 1
+
+
+def test_interrupted_build_leaves_no_entry(tree: Path) -> None:
+    (tree / "sleep").write_text("30")
+    child = spawn(tree)
+    deadline = time.monotonic() + 30
+    while builds(tree) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    child.communicate(timeout=30)
+    assert child.returncode != 0
+    assert entry_dirs(tree) == []
+    # make was stopped with ktstr, not left running in the build tree.
+    ps = subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True, text=True)
+    leftovers = [pid for pid in ps.stdout.split() if _cwd_under(int(pid), tree.parent)]
+    assert leftovers == []
+    (tree / "sleep").write_text("0")
+    assert ensure_kernel(source=tree, schedulers=False).bzimage.is_file()
+
+
+def _cwd_under(pid: int, base: Path) -> bool:
+    try:
+        return str(base) in os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+
+
+def test_resolve_kernel_paths(tree: Path, tmp_path: Path) -> None:
+    entry = ensure_kernel(source=tree, schedulers=False)
+    assert resolve_kernel(str(entry.bzimage)).bzimage == entry.bzimage
+    build_tree = tmp_path / "cache" / "build" / entry.key
+    assert resolve_kernel(str(build_tree)).bzimage == build_tree / "arch/x86/boot/bzImage"
+    not_image = tmp_path / "not-a-kernel"
+    not_image.write_bytes(b"\0" * 1024)
+    with pytest.raises(KtstrError, match="not a bzImage"):
+        resolve_kernel(str(not_image))
+    with pytest.raises(KtstrError, match="neither a catalog id"):
+        resolve_kernel("9.99")
+
+
+def test_in_tree_build_is_refused(tree: Path) -> None:
+    (tree / ".config").write_text("CONFIG_64BIT=y\n")
+    with pytest.raises(KtstrError, match="make mrproper"):
+        ensure_kernel(source=tree)
+
+
+def test_unknown_flavour_and_id() -> None:
+    with pytest.raises(KtstrError, match="unknown flavour"):
+        ensure_kernel("6.12", flavour="fast")
+    with pytest.raises(KtstrError, match=r"unknown kernel id '5\.4'"):
+        ensure_kernel("5.4")
+
+
+def test_cli_list_json(tree: Path) -> None:
+    import json
+
+    entry = ensure_kernel(source=tree, schedulers=False)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, "-m", "ktstr", "kernel", "list", "--json"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    (line,) = out.splitlines()
+    record = json.loads(line)
+    assert record["key"] == entry.key and record["bzimage"] == str(entry.bzimage)
+    assert record["sched_ext"] is False and record["schedulers"] == {}
+    for field in ("id", "flavour", "version", "path", "vmlinux"):
+        assert field in record
