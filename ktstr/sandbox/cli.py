@@ -1,0 +1,81 @@
+"""`ktstr sandbox run|status`."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+from pathlib import Path
+
+from ktstr.errors import KtstrError
+from ktstr.sandbox.detect import detect_kvm, in_sandbox
+from ktstr.sandbox.kernel import describe_kernel
+from ktstr.sandbox.qemu import QEMU_BINARY
+from ktstr.sandbox.run import run_in_sandbox
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sandbox", help="run commands in an emulated KVM host (QEMU TCG)",
+                       description="The sandbox: a QEMU TCG VM whose kernel has KVM built "
+                                   "in, for machines whose /dev/kvm cannot boot Linux.")
+    ssub = p.add_subparsers(dest="sandbox_command", metavar="ACTION")
+    ssub.required = True
+
+    run = ssub.add_parser("run", help="run CMD inside the sandbox; exit with its status",
+                          usage="ktstr sandbox run [OPTIONS] -- CMD [ARGS...]")
+    run.add_argument("--memory-mb", type=int, default=None,
+                     help="sandbox RAM (default: min(8192, half the host's RAM); "
+                          "env KTSTR_SANDBOX_MEMORY_MB)")
+    run.add_argument("--cpus", type=int, default=None,
+                     help="sandbox vCPUs (default: host CPUs; env KTSTR_SANDBOX_CPUS)")
+    run.add_argument("--timeout", type=float, default=None,
+                     help="stop the VM after this many seconds, exit 124 "
+                          "(default: none; env KTSTR_SANDBOX_TIMEOUT)")
+    run.add_argument("--kernel", type=Path, default=None,
+                     help="sandbox-flavour bzImage (default: $KTSTR_SANDBOX_KERNEL or the cache)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
+    run.set_defaults(func=_cmd_run)
+
+    status = ssub.add_parser("status", help="is KVM usable here, and is the sandbox ready?")
+    status.set_defaults(func=_cmd_status)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise KtstrError("no command given; usage: ktstr sandbox run [OPTIONS] -- CMD [ARGS...]")
+    for name in ("memory_mb", "cpus"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise KtstrError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return run_in_sandbox(command, memory_mb=args.memory_mb, cpus=args.cpus,
+                          timeout=args.timeout, kernel=args.kernel)
+
+
+def _qemu_line() -> str:
+    path = shutil.which(QEMU_BINARY)
+    if path is None:
+        return "QEMU: not installed (apt-get install qemu-system-x86)"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+        version = out.splitlines()[0] if out else "version unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        version = "version unknown"
+    return f"QEMU: {path} ({version})"
+
+
+def _cmd_status(_args: argparse.Namespace) -> int:
+    if in_sandbox():
+        print("KVM: inside the sandbox (KTSTR_IN_SANDBOX=1); " + detect_kvm(probe=False).reason)
+        print("sandbox: not used (already inside it)")
+    else:
+        kvm = detect_kvm()
+        print(f"KVM: {'usable' if kvm.usable else 'unusable'}: {kvm.reason}")
+        print("sandbox: not needed with --sandbox auto (KVM is usable)" if kvm.usable else
+              "sandbox: will be used with --sandbox auto (KVM is unusable here)")
+    print(f"sandbox kernel: {describe_kernel().source}")
+    print(_qemu_line())
+    return 0

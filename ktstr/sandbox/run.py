@@ -1,0 +1,344 @@
+"""Run one command inside the sandbox and return its exit status.
+
+The host side: pick the kernel and QEMU, prepare a per-run directory (scratch
+share with the init script, environment and, afterwards, the exit status;
+QEMU and console logs next to it), start QEMU in its own session, relay the
+command's stdout/stderr live, and tear everything down however the run ends
+(success, failure, timeout, SIGINT/SIGTERM, or this process dying: QEMU gets
+PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from ktstr.errors import KtstrError
+from ktstr.paths import cache_root
+from ktstr.sandbox import guest_init
+from ktstr.sandbox.detect import in_sandbox
+from ktstr.sandbox.diskcache import disk_cache
+from ktstr.sandbox.environ import guest_environment, render_env_script
+from ktstr.sandbox.kernel import sandbox_kernel
+from ktstr.sandbox.qemu import ROOT_TAG, Machine, Share, find_qemu, kernel_cmdline, qemu_command
+from ktstr.sandbox.tsc import host_tsc_khz
+
+MEMORY_ENV = "KTSTR_SANDBOX_MEMORY_MB"
+CPUS_ENV = "KTSTR_SANDBOX_CPUS"
+TIMEOUT_ENV = "KTSTR_SANDBOX_TIMEOUT"
+DEBUG_ENV = "KTSTR_SANDBOX_DEBUG"     # 1: print the console log and QEMU's output at exit
+MAX_DEFAULT_MEMORY_MB = 8192
+TIMEOUT_EXIT = 124                     # like timeout(1)
+KILL_GRACE_S = 3.0
+PR_SET_PDEATHSIG = 1
+
+
+class SandboxTimeout(KtstrError):
+    exit_code = TIMEOUT_EXIT
+
+
+class _Signalled(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def host_memory_mb() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise KtstrError("cannot read MemTotal from /proc/meminfo")
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise KtstrError(f"${name}={value!r} is not an integer") from None
+
+
+def default_memory_mb() -> int:
+    """Enough for inner VMs: min(8 GiB, half the host's RAM), or $KTSTR_SANDBOX_MEMORY_MB."""
+    return _int_env(MEMORY_ENV) or min(MAX_DEFAULT_MEMORY_MB, host_memory_mb() // 2)
+
+
+def default_cpus() -> int:
+    return _int_env(CPUS_ENV) or len(os.sched_getaffinity(0))
+
+
+def default_timeout() -> float | None:
+    value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise KtstrError(f"${TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+
+
+def checkout_dir(cwd: Path) -> Path:
+    """The git top-level holding `cwd`, else `cwd` itself: what the command may write."""
+    try:
+        out = subprocess.run(["git", "-C", str(cwd), "rev-parse", "--show-toplevel"],
+                             capture_output=True, text=True, check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return cwd
+    top = out.stdout.strip()
+    return Path(top) if out.returncode == 0 and top else cwd
+
+
+def writable_shares(paths: Sequence[Path], scratch: Path) -> list[Share]:
+    """9p shares for the read-write directories, nested ones folded into their parent.
+
+    Mounted parents first, so a share inside another lands on top of it.
+    """
+    resolved: list[Path] = []
+    for p in [*paths, scratch]:
+        r = p.resolve()
+        if r == Path("/"):
+            raise KtstrError("cannot share / read-write into the sandbox; run from a "
+                             "project directory")
+        if r not in resolved:
+            resolved.append(r)
+    kept = [p for p in resolved if not any(o != p and o in p.parents for o in resolved)]
+    kept.sort(key=lambda p: len(p.parts))
+    return [Share(tag=f"kt{i}", host_path=p, guest_path=str(p),
+                  cache="none" if p == scratch.resolve() else "mmap")
+            for i, p in enumerate(kept)]
+
+
+def _pdeathsig() -> None:
+    # Runs in the child between fork and exec: QEMU dies with this process.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _relay(fd: int, sink: BinaryIO | None) -> None:
+    """Copy a pipe to `sink` until EOF; a broken sink only stops the copying."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        if sink is None:
+            continue
+        try:
+            sink.write(chunk)
+            sink.flush()
+        except (OSError, ValueError):
+            sink = None
+    os.close(fd)
+
+
+def _default_sink(stream: object, fd: int) -> BinaryIO:
+    buf = getattr(stream, "buffer", None)
+    if buf is not None:
+        return buf
+    return open(os.dup(fd), "wb", buffering=0)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGINT/SIGTERM become an exception so the run can stop QEMU and clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise _Signalled(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _why(console_log: Path, qemu_log: Path) -> str:
+    """The most telling console lines, joined into one."""
+    lines = _tail(console_log, 200).splitlines()
+    for i, line in enumerate(lines):
+        if "Kernel panic" in line or line.startswith("ktstr-init:"):
+            return " | ".join(x.strip() for x in lines[i:i + 2])
+    rest = lines[-3:] or _tail(qemu_log, 3).splitlines() or ["no console output"]
+    return " | ".join(x.strip() for x in rest)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+@dataclass
+class _Run:
+    """What a run must tear down, whatever happens."""
+
+    rundir: Path
+    debug: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)
+
+    def cleanup(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        for t in self.threads:
+            t.join(5.0)
+        if self.debug:
+            print(f"--- sandbox console ---\n{_tail(self.rundir / 'console.log', 200)}\n"
+                  f"--- qemu ---\n{_tail(self.rundir / 'qemu.log', 50)}", file=sys.stderr)
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def run_in_sandbox(argv: Sequence[str], *, memory_mb: int | None = None,
+                   cpus: int | None = None, timeout: float | None = None,
+                   kernel: Path | None = None, cwd: Path | None = None,
+                   env: Mapping[str, str] | None = None,
+                   stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> int:
+    """Run `argv` in the sandbox VM; its exit status (128+N if killed by signal N).
+
+    Raises KtstrError when the sandbox cannot start or ends without a status,
+    SandboxTimeout (exit code 124) when `timeout` seconds pass first. SIGINT or
+    SIGTERM stop the VM and return 128+N. Nothing is left behind in any case:
+    no QEMU process, no temporary file or directory.
+    """
+    if not argv:
+        raise KtstrError("no command given; usage: ktstr sandbox run -- CMD [ARGS...]")
+    if in_sandbox():
+        raise KtstrError("already inside the sandbox (KTSTR_IN_SANDBOX=1); run the command "
+                         "directly")
+    qemu = find_qemu()
+    run = _Run(Path(tempfile.mkdtemp(prefix="ktstr-sandbox-")),
+               debug=os.environ.get(DEBUG_ENV) == "1")
+    try:
+        with _signals_raise():
+            return _run(run, qemu, argv, memory_mb=memory_mb, cpus=cpus, timeout=timeout,
+                        kernel=kernel, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+    except _Signalled as sig:
+        if run.proc is not None:
+            _stop(run.proc)
+        name = signal.Signals(sig.signum).name
+        print(f"ktstr: sandbox: {name} received; VM stopped", file=sys.stderr)
+        return 128 + sig.signum
+    finally:
+        run.cleanup()
+
+
+def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
+         cpus: int | None, timeout: float | None, kernel: Path | None, cwd: Path | None,
+         env: Mapping[str, str] | None, stdout: BinaryIO | None,
+         stderr: BinaryIO | None) -> int:
+    bzimage = kernel or sandbox_kernel()
+    memory_mb = memory_mb or default_memory_mb()
+    cpus = cpus or default_cpus()
+    timeout = timeout if timeout is not None else default_timeout()
+    work = (cwd or Path.cwd()).resolve()
+    host_env = dict(os.environ if env is None else env)
+    debug = run.debug
+    cache = cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    rundir = run.rundir
+    scratch = rundir / "share"
+    scratch.mkdir()
+    shares = writable_shares([checkout_dir(work), cache.resolve()], scratch)
+    console_log = rundir / "console.log"
+    qemu_log = rundir / "qemu.log"
+
+    with disk_cache(cache / "sandbox", rundir) as disk:
+        guest_env = guest_environment(
+            host_env, cwd=str(work), writable=[s.guest_path for s in shares],
+            extra={"KTSTR_CACHE_DIR": str(cache.resolve()),
+                   "KTSTR_DISK_CACHE_DIR": guest_init.DISK_MOUNT})
+        (scratch / guest_init.ENV_FILE).write_text(render_env_script(guest_env))
+        plan = guest_init.GuestPlan(
+            scratch=str(scratch.resolve()), shares=shares, cwd=str(work), argv=list(argv),
+            uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), disk=True)
+        init = scratch / guest_init.INIT_FILE
+        init.write_text(guest_init.render_init(plan))
+        init.chmod(0o755)
+
+        out_r, out_w = os.pipe()
+        run.fds += [out_r, out_w]
+        err_r, err_w = os.pipe()
+        run.fds += [err_r, err_w]
+        root = Share(tag=ROOT_TAG, host_path=Path("/"), guest_path="/", readonly=True,
+                     cache="loose")
+        machine = Machine(
+            qemu=qemu, kernel=bzimage, memory_mb=memory_mb, cpus=cpus,
+            cmdline=kernel_cmdline(root, str(init.resolve()), quiet=not debug,
+                                   tsc_khz=host_tsc_khz()),
+            shares=[root, *shares], disk=disk.path, console_log=console_log,
+            stdout_path=f"/proc/self/fd/{out_w}", stderr_path=f"/proc/self/fd/{err_w}")
+        with open(qemu_log, "wb") as log:
+            run.proc = subprocess.Popen(
+                qemu_command(machine), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, pass_fds=(out_w, err_w),
+                start_new_session=True, preexec_fn=_pdeathsig)
+        proc = run.proc
+        for w in (out_w, err_w):
+            run.fds.remove(w)
+            os.close(w)
+        for r, sink in ((out_r, stdout or _default_sink(sys.stdout, 1)),
+                        (err_r, stderr or _default_sink(sys.stderr, 2))):
+            run.fds.remove(r)  # the relay thread owns and closes it
+            t = threading.Thread(target=_relay, args=(r, sink), daemon=True)
+            t.start()
+            run.threads.append(t)
+
+        deadline = None if not timeout else time.monotonic() + timeout
+        while proc.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                _stop(proc)
+                raise SandboxTimeout(f"sandbox command did not finish within {timeout:g} s; "
+                                     f"VM stopped (raise --timeout)")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.2)
+        for t in run.threads:
+            t.join(5.0)
+
+    kvm = scratch / guest_init.KVM_FILE
+    if kvm.exists() and kvm.read_text().strip() != "ok":
+        print(f"ktstr: sandbox: warning: {kvm.read_text().strip()}", file=sys.stderr)
+    status = scratch / guest_init.STATUS_FILE
+    if not status.exists():
+        raise KtstrError(f"sandbox VM exited (QEMU status {proc.returncode}) before the "
+                         f"command finished: {_why(console_log, qemu_log)} "
+                         f"(set {DEBUG_ENV}=1 for the full console)")
+    return int(status.read_text().strip())
