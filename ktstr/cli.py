@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "ktstr.results.cli",
     "ktstr.sandbox.cli",
     "ktstr.vmm.cli",
+    "ktstr.shell",
     "ktstr.scenario.cli",
 )
 

@@ -144,6 +144,12 @@ class ResultChannel:
                 self.errors.append(str(err))
             return list(self.errors)
 
+    def write_guest(self, gpa: int, data: bytes) -> None:
+        """Write guest RAM on the guest's request (bounds-checked by GuestMemory)."""
+        if self._memory is None:
+            raise FrameError("channel not attached")
+        self._memory.write(gpa, data)
+
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [m.body for m in self.messages if m.body.get("type") == kind]
 

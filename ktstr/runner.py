@@ -1,0 +1,265 @@
+"""Host side of one guest run: pack, boot, collect, classify.
+
+:func:`run_guest` builds (or reuses) the cached base initramfs and a per-run
+suffix holding the request, boots a :class:`~ktstr.vmm.vm.Vm` with the result
+channel attached, turns the channel's messages into a :class:`GuestRun` and
+classifies anything that went wrong. It never hangs: the VM has a hard
+timeout, and a missing end marker is itself a failure.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ktstr import initramfs
+from ktstr.errors import KtstrError
+from ktstr.guest.frame import decode_serial
+from ktstr.guest.request import MountSpec, RunRequest, SchedulerSpec
+from ktstr.topology import Topology
+from ktstr.vmm.devices.channel import ResultChannel
+
+KERNEL_PROBLEM_RES = (
+    ("panic", re.compile(r"Kernel panic - not syncing[^\n]*")),
+    ("kernel_bug", re.compile(r"(?m)^.*\bBUG: [^\n]*")),
+    ("kernel_oops", re.compile(r"(?m)^.*\bOops: [^\n]*")),
+    ("kernel_warning", re.compile(r"(?m)^.*\bWARNING: [^\n]*")),
+)
+CONSOLE_TAIL = 4000
+# Failure kinds (GuestRun.failure); guest-side kinds come from ktstr.guest.sched.GuestFailure.
+F_TIMEOUT = "timeout"
+F_VM = "vm_error"
+F_CHANNEL = "channel"
+F_NO_END = "no_end_marker"
+F_NO_RESULT = "no_result"
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """The scheduler under test, as the host names it."""
+
+    binary: Path
+    args: Sequence[str] = ()
+    ops_name: str | None = None
+    """Expected sched_ext ops name (e.g. ``simple`` for scx_simple); None accepts any."""
+    watchdog_timeout_ms: int | None = None
+    attach_timeout_s: float = 20.0
+
+
+@dataclass
+class GuestRun:
+    """Everything one guest run produced. ``ok`` is False exactly when ``failure`` is set."""
+
+    failure: str | None
+    message: str
+    result: dict[str, Any] | None
+    reports: list[dict[str, Any]]
+    sched_samples: list[dict[str, Any]]
+    sched_exit: dict[str, Any] | None
+    shell: dict[str, Any] | None
+    traceback: str | None
+    exit_code: int | None
+    messages: list[dict[str, Any]]
+    channel_errors: list[str]
+    timings: dict[str, float]
+    """Seconds since VM start on the host clock: ``hello`` (init running),
+    ``scenario_start``, ``scenario_end``, ``end``; plus ``boot_ms`` from the boot port."""
+    vm: Any
+    """The :class:`~ktstr.vmm.vm.VmResult` (console, timing, exit counts)."""
+    base: initramfs.BaseArchive
+    channel_bytes: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    @property
+    def console_tail(self) -> str:
+        return str(getattr(self.vm, "console", ""))[-CONSOLE_TAIL:]
+
+    def summary(self) -> str:
+        if self.ok:
+            return "ok"
+        return f"{self.failure}: {self.message}"
+
+
+def run_guest(
+    kernel: Path | str,
+    *,
+    scenario: str | None = None,
+    test_file: Path | str | None = None,
+    args: Mapping[str, Any] | None = None,
+    shell: str | None = None,
+    interactive: bool = False,
+    topology: Topology | str = "1n1l2c1t",
+    memory_mb: int = 2048,
+    timeout: float = 60.0,
+    duration_s: float = 10.0,
+    scheduler: Scheduler | None = None,
+    sysctls: Mapping[str, str | int] | None = None,
+    binaries: Sequence[Path | str] = (),
+    devices: Sequence[Any] = (),
+    mounts: Sequence[MountSpec] = (),
+    test_files: Sequence[Path | str] = (),
+    modules: Sequence[str] = (),
+    compression: str = initramfs.DEFAULT_COMPRESSION,
+    channel: str = "mem",
+    cmdline_extra: str = "",
+    on_console: Callable[[bytes], None] | None = None,
+    quiet: bool = True,
+    console_input: bytes = b"",
+    vm_hook: Callable[[Any], None] | None = None,
+) -> GuestRun:
+    """Boot ``kernel`` and run ``scenario`` (``module:function`` from ``test_file``) in it.
+
+    Or run ``shell`` (a ``sh -c`` command, busybox) / an ``interactive`` shell.
+    ``test_files`` adds more modules to the cached base (share one base across a
+    suite). ``devices`` are extra VmDevices (disks); ``mounts`` what to mount.
+    ``vm_hook`` sees the Vm before it runs (e.g. to feed console input).
+    """
+    from ktstr.vmm.vm import Vm
+
+    topo = Topology.parse(topology) if isinstance(topology, str) else topology
+    if (scenario is None) == (shell is None and not interactive):
+        raise KtstrError("run_guest: give exactly one of scenario=, shell= or interactive=True")
+    if channel not in ("mem", "serial"):
+        raise KtstrError(f"channel {channel!r}: use 'mem' or 'serial'")
+    files = [Path(f).resolve() for f in (*test_files, *([test_file] if test_file else []))]
+    bins = [Path(b).resolve() for b in binaries]
+    if scheduler is not None:
+        if not Path(scheduler.binary).is_file():
+            raise KtstrError(f"scheduler binary {scheduler.binary} does not exist; build it "
+                             "(ktstr kernel schedulers) or fix the path")
+        bins.append(Path(scheduler.binary).resolve())
+    busybox = initramfs.default_busybox()
+    if (shell is not None or interactive) and busybox is None:
+        raise KtstrError("ktstr shell needs busybox on the host (apt-get install busybox-static)")
+    base = initramfs.build_base(initramfs.BaseSpec(
+        test_files=tuple(dict.fromkeys(files)), binaries=tuple(dict.fromkeys(bins)),
+        modules=tuple(modules), busybox=busybox, compression=compression))
+
+    request = RunRequest(
+        scenario=scenario,
+        test_file=str(Path(test_file).resolve()) if test_file else None,
+        args=dict(args or {}),
+        shell=shell,
+        interactive=interactive,
+        topology=topo.label,
+        duration_s=duration_s,
+        scheduler=SchedulerSpec(
+            binary=str(Path(scheduler.binary).resolve()), args=list(scheduler.args),
+            ops_name=scheduler.ops_name, attach_timeout_s=scheduler.attach_timeout_s,
+            watchdog_timeout_ms=scheduler.watchdog_timeout_ms,
+        ) if scheduler else None,
+        sysctls={k: str(v) for k, v in (sysctls or {}).items()},
+        mounts=list(mounts),
+        busybox=str(busybox) if busybox else None,
+    )
+    chan = ResultChannel()
+    chan.handlers["poke"] = lambda msg: _poke(chan, msg)
+    vm_devices = [*devices]
+    extra = cmdline_extra
+    if channel == "mem":
+        vm_devices.append(chan)
+    else:
+        extra = f"{extra} ktstr.channel=serial,ttyS1"
+
+    with tempfile.TemporaryDirectory(prefix="ktstr-run-") as tmp:
+        suffix = Path(tmp) / "run.cpio"
+        suffix.write_bytes(initramfs.build_suffix(
+            {"ktstr/request.json": request.to_json().encode()}))
+        vm = Vm(Path(kernel), [base.path, suffix], topo, memory_mb=memory_mb,
+                cmdline_extra=extra, devices=vm_devices, timeout=timeout, quiet=quiet,
+                on_console=on_console, console_input=console_input)
+        if vm_hook is not None:
+            vm_hook(vm)
+        start = time.monotonic()
+        result = vm.run()
+
+    if channel == "mem":
+        errors = chan.finish()
+        timed = [(m.received - start, m.body) for m in chan.messages]
+        nbytes = chan.bytes_received
+    else:
+        msgs, errors = decode_serial(result.channel2)
+        timed = [(float("nan"), m) for m in msgs]
+        nbytes = len(result.channel2)
+    return collect(timed, errors, result, base, nbytes, scenario_mode=scenario is not None)
+
+
+def _poke(chan: ResultChannel, msg: dict[str, Any]) -> None:
+    """The guest asks us to write its own RAM (sched_ext watchdog timeout); bounds-checked."""
+    gpa, data = msg.get("gpa"), msg.get("data")
+    if not isinstance(gpa, int) or not isinstance(data, str) or len(data) > 16:
+        raise ValueError("poke needs an integer gpa and at most 8 bytes of hex data")
+    chan.write_guest(gpa, bytes.fromhex(data))
+
+
+def _last(by_type: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any] | None:
+    items = by_type.get(kind)
+    return items[-1] if items else None
+
+
+def collect(timed: list[tuple[float, dict[str, Any]]], channel_errors: list[str], vm: Any,
+            base: initramfs.BaseArchive, nbytes: int, *, scenario_mode: bool) -> GuestRun:
+    """Turn channel messages and the VmResult into a classified :class:`GuestRun`."""
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    timings: dict[str, float] = {}
+    for t, body in timed:
+        kind = str(body.get("type"))
+        by_type.setdefault(kind, []).append(body)
+        timings.setdefault(kind, t)
+    if getattr(vm, "boot_ms", None) is not None:
+        timings["boot_ms"] = vm.boot_ms
+    results = by_type.get("result", [])
+    samples = [s for m in by_type.get("sched_samples", []) for s in m.get("samples", [])]
+    sched_exit = _last(by_type, "sched_exit")
+    shell = _last(by_type, "shell")
+    end = _last(by_type, "end")
+    failures = by_type.get("failure", [])
+    guest_failure = failures[0] if failures else None
+    run = GuestRun(
+        failure=None, message="",
+        result=results[-1].get("value") if results else None,
+        reports=[m.get("data", {}) for m in by_type.get("report", [])],
+        sched_samples=samples, sched_exit=sched_exit, shell=shell,
+        traceback=guest_failure.get("traceback") if guest_failure else None,
+        exit_code=end.get("exit_code") if end else getattr(vm, "exit_code", None),
+        messages=[b for _, b in timed], channel_errors=channel_errors, timings=timings,
+        vm=vm, base=base, channel_bytes=nbytes,
+    )
+    console = str(getattr(vm, "console", ""))
+    kernel_problem = next(((k, m.group(0).strip()) for k, rx in KERNEL_PROBLEM_RES
+                           if (m := rx.search(console))), None)
+    if getattr(vm, "error", None) and not getattr(vm, "timed_out", False) and not (
+            getattr(vm, "panicked", False)):
+        run.failure, run.message = F_VM, str(vm.error)
+    elif guest_failure is not None:
+        run.failure = str(guest_failure.get("kind", "exception"))
+        run.message = str(guest_failure.get("message", ""))
+        run.details = dict(guest_failure.get("details") or {})
+        if run.failure.startswith("scheduler") and run.details.get("log_tail"):
+            run.message += "\nscheduler output:\n" + run.details["log_tail"][-2000:]
+    elif kernel_problem is not None:
+        run.failure = kernel_problem[0]
+        run.message = f"{kernel_problem[1]}\nconsole tail:\n{console[-CONSOLE_TAIL:]}"
+    elif getattr(vm, "timed_out", False):
+        run.failure = F_TIMEOUT
+        run.message = f"{vm.error or 'guest timed out'}\nconsole tail:\n{console[-CONSOLE_TAIL:]}"
+    elif channel_errors:
+        run.failure, run.message = F_CHANNEL, "; ".join(channel_errors)
+    elif end is None:
+        run.failure = F_NO_END
+        run.message = ("guest ended without its end marker (init died or the channel lost "
+                       f"data)\nconsole tail:\n{console[-CONSOLE_TAIL:]}")
+    elif scenario_mode and not results:
+        run.failure, run.message = F_NO_RESULT, "the scenario sent no result"
+    elif scenario_mode and end.get("exit_code") != 0:
+        run.failure, run.message = "exit_code", f"guest exited with {end.get('exit_code')}"
+    return run

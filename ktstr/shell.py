@@ -1,0 +1,123 @@
+"""`ktstr shell`: a busybox shell in a fresh test VM.
+
+With ``--exec CMD`` the command runs under ``sh -c`` in the guest; its stdout
+and stderr come back over the result channel and are printed here, and the
+command's exit status becomes ours. Without ``--exec`` and with a terminal
+on stdin, the shell is interactive on the serial console.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from ktstr.errors import KtstrError
+from ktstr.topology import Topology
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "shell",
+        help="run a shell command (or an interactive shell) in a test VM",
+        description="Boot KERNEL with the ktstr guest runtime and run CMD with busybox sh; "
+        "prints its output and exits with its status.",
+    )
+    p.add_argument("--kernel", required=True, help="catalog id or path to a bzImage / build tree")
+    p.add_argument("--topology", default="1n1l2c1t", help="label like 1n2l4c2t or a preset name")
+    p.add_argument("--memory-mb", type=int, default=2048, help="guest memory (default 2048)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="hard timeout in seconds (default 120 with --exec, 3600 interactive)")
+    p.add_argument("--exec", dest="command", default=None, help="command for sh -c")
+    p.add_argument("--binary", action="append", default=[], type=Path,
+                   help="also pack this host binary (and its libraries); repeatable")
+    p.add_argument("--console", action="store_true", help="stream the guest console to stderr")
+    p.add_argument("--sandbox", default="auto", choices=("auto", "always", "never"))
+    p.set_defaults(func=_cmd_shell)
+
+
+def _resolve_kernel(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.resolve()
+    from ktstr.kernel import resolve_kernel
+
+    return Path(resolve_kernel(spec).bzimage)
+
+
+def _cmd_shell(args: argparse.Namespace) -> int:
+    topology = Topology.parse(args.topology)
+    topology.node_memory_mb(args.memory_mb)
+    interactive = args.command is None
+    if interactive and not sys.stdin.isatty():
+        raise KtstrError("ktstr shell: give --exec CMD, or run it from a terminal for an "
+                         "interactive shell")
+    for b in args.binary:
+        if not b.is_file():
+            raise KtstrError(f"--binary {b}: no such file")
+    kernel = _resolve_kernel(args.kernel)
+
+    from ktstr.sandbox.dispatch import dispatch, self_argv
+
+    code = dispatch(args.sandbox, self_argv())
+    if code is not None:
+        return code
+
+    from ktstr.runner import run_guest
+
+    timeout = args.timeout or (3600.0 if interactive else 120.0)
+    stream = None
+    if args.console or interactive:
+        def stream(data: bytes) -> None:
+            out = sys.stdout if interactive else sys.stderr
+            out.buffer.write(data)
+            out.buffer.flush()
+
+    hook = _interactive_hook if interactive else None
+    run = run_guest(kernel, shell=args.command, interactive=interactive, topology=topology,
+                    memory_mb=args.memory_mb, timeout=timeout, binaries=args.binary,
+                    on_console=stream, quiet=True, vm_hook=hook)
+    if run.shell is not None:
+        sys.stdout.write(run.shell.get("stdout", ""))
+        sys.stdout.flush()
+        sys.stderr.write(run.shell.get("stderr", ""))
+        sys.stderr.flush()
+    if run.failure is not None:
+        print(f"ktstr shell: {run.summary()}", file=sys.stderr)
+        return 1 if run.exit_code in (None, 0) else int(run.exit_code)
+    if run.exit_code is None:
+        print("ktstr shell: the guest did not report an exit status", file=sys.stderr)
+        return 1
+    return int(run.exit_code)
+
+
+def _interactive_hook(vm: Any) -> None:
+    """Forward the terminal to the guest's COM1 while the VM runs (raw mode)."""
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+
+    def pump() -> None:
+        tty.setraw(fd)
+        try:
+            while True:
+                com1 = getattr(vm, "com1", None)
+                machine = getattr(vm, "machine", None)
+                ready, _, _ = select.select([fd], [], [], 0.2)
+                if machine is not None and getattr(machine, "_closed", False):
+                    break
+                if ready and com1 is not None:
+                    data = os.read(fd, 1024)
+                    if not data:
+                        break
+                    com1.queue_input(data.replace(b"\x7f", b"\x08"))
+        finally:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+    threading.Thread(target=pump, name="ktstr-shell-stdin", daemon=True).start()
