@@ -9,7 +9,7 @@ import nox
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ktstr.sessions import checks, kernels  # noqa: E402
+from ktstr.sessions import checks, kernels, vm  # noqa: E402
 
 nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_existing_virtualenvs = True
@@ -46,3 +46,31 @@ for _kernel_id in kernels.catalog_ids():
 def build_schedulers(session: nox.Session) -> None:
     """Build the sched_ext example schedulers for a cached kernel (posargs: ID, --flavour)."""
     kernels.build_schedulers(session)
+
+
+# `nox -s vm_tests` runs the default kernel x every scheduler (the parametrized
+# session); the other catalog kernels' combinations are named sessions, e.g.
+# `nox -s "vm_tests(kernel='6.1', scheduler='eevdf')"`, and need
+# KTSTR_VM_KERNELS=6.1 (or all). Combinations that cannot work skip with the reason.
+_VM_DEFAULT, _VM_KERNELS = vm.catalog()
+
+
+@nox.session
+@nox.parametrize(
+    ("kernel", "scheduler"),
+    [nox.param(k, s, id=f"kernel='{k}', scheduler='{s}'")
+     for k, s in vm.combinations([_VM_DEFAULT])],
+)
+def vm_tests(session: nox.Session, kernel: str, scheduler: str) -> None:
+    """VM test suite for one kernel x scheduler (through the sandbox where KVM is unusable)."""
+    vm.vm_tests(session, kernel, scheduler)
+
+
+for _k, _s in vm.combinations([k for k in _VM_KERNELS if k != _VM_DEFAULT]):
+    nox.session(name=vm.session_name(_k, _s))(vm.vm_tests_for(_k, _s))
+
+
+@nox.session
+def gauntlet(session: nox.Session) -> None:
+    """Suite x topology presets x flag profiles; `-- --budget SECONDS` picks a covering subset."""
+    vm.gauntlet(session)

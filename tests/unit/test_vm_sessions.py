@@ -1,0 +1,102 @@
+"""The vm_tests matrix: nox listing -> CI matrix, workflow validity, skip rules, parallelism."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ktstr.paths import repo_root
+from ktstr.sessions import vm
+
+ROOT = repo_root()
+WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
+
+
+def _nox_listing(*args: str) -> list[dict[str, object]]:
+    if not shutil.which("nox"):
+        pytest.skip("nox is not installed")
+    out = subprocess.run(
+        ["nox", "-l", "--json", *args], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    return list(json.loads(out))
+
+
+def test_plain_vm_tests_selects_default_kernel_times_every_scheduler() -> None:
+    default, _ = vm.catalog()
+    listing = _nox_listing("-s", "vm_tests")
+    assert [row["session"] for row in listing] == [
+        vm.session_name(default, s) for s in vm.SCHEDULERS
+    ]
+
+
+def test_matrix_from_nox_listing_covers_every_combination() -> None:
+    _, kernels = vm.catalog()
+    proc = subprocess.run(
+        f"nox -l --json -k vm_tests | {sys.executable} -m ktstr.sessions.vm matrix",
+        shell=True, cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    matrix = json.loads(proc.stdout)
+    assert matrix["session"] == [vm.session_name(k, s) for k, s in vm.combinations(kernels)]
+    # Each entry is a session nox accepts by name.
+    listing = _nox_listing("-s", matrix["session"][-1])
+    assert [row["session"] for row in listing] == [matrix["session"][-1]]
+
+
+def test_workflow_is_valid_and_uses_the_matrix() -> None:
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load(WORKFLOW.read_text())
+    jobs = doc["jobs"]
+    assert set(jobs) >= {"unit", "setup", "vm"}
+    setup_run = " ".join(step.get("run", "") for step in jobs["setup"]["steps"])
+    assert "nox -l --json -k vm_tests | python -m ktstr.sessions.vm matrix" in setup_run
+    assert jobs["setup"]["outputs"]["matrix"] == "${{ steps.matrix.outputs.matrix }}"
+    vm_job = jobs["vm"]
+    assert vm_job["needs"] == "setup"
+    assert vm_job["strategy"]["matrix"] == "${{ fromJson(needs.setup.outputs.matrix) }}"
+    runs = [step.get("run", "") for step in vm_job["steps"]]
+    assert any('nox -s "${{ matrix.session }}"' in r for r in runs)
+
+
+def test_skip_rules() -> None:
+    assert vm.skip_reason("6.12", "scx_qmap", ["6.12"]) is None
+    reason = vm.skip_reason("6.1", "scx_simple", ["6.1"])
+    assert reason and "no sched_ext" in reason
+    assert vm.skip_reason("6.1", "eevdf", ["6.1"]) is None
+    reason = vm.skip_reason("6.1", "eevdf", ["6.12"])
+    assert reason and "KTSTR_VM_KERNELS" in reason
+    assert vm.kernel_has_sched_ext("6.12") and not vm.kernel_has_sched_ext("6.1")
+    assert vm.kernel_has_sched_ext("local") is None
+
+
+def test_selected_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(vm.VM_KERNELS_ENV, raising=False)
+    assert vm.selected_kernels("6.12", ["6.12", "6.1"]) == ["6.12"]
+    monkeypatch.setenv(vm.VM_KERNELS_ENV, "all")
+    assert vm.selected_kernels("6.12", ["6.12", "6.1"]) == ["6.12", "6.1"]
+    monkeypatch.setenv(vm.VM_KERNELS_ENV, "6.1, 6.12")
+    assert vm.selected_kernels("6.12", ["6.12", "6.1"]) == ["6.1", "6.12"]
+
+
+def test_parallel_jobs_budget() -> None:
+    assert vm.parallel_jobs(cpus=2, memory_mb=24576) == 1
+    assert vm.parallel_jobs(cpus=16, memory_mb=65536) == 8
+    assert vm.parallel_jobs(cpus=64, memory_mb=8192) == 4  # memory-bound
+    assert vm.parallel_jobs(cpus=1, memory_mb=512) == 1
+
+
+def test_gauntlet_plan_helper(tmp_path: Path) -> None:
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps([
+        {"name": "test_a", "duration_s": 1.0, "constraints": {}, "gauntlet": True},
+        {"name": "test_b", "duration_s": 1.0, "constraints": {}, "gauntlet": False},
+    ]))
+    plan = tmp_path / "plan.json"
+    assert vm.main(["plan", str(specs), str(plan), "--budget", "120"]) == 0
+    rows = json.loads(plan.read_text())
+    assert rows and {r["test"] for r in rows} == {"test_a"}
+    assert sum(r["cost_s"] for r in rows) <= 120
