@@ -10,7 +10,7 @@ symbols are unset), so the fragment can be fixed without `menuconfig`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -421,7 +421,7 @@ def explain(name: str, defs: list[SymbolDef], config: dict[str, str]) -> str:
 
 
 def verify(
-    requested: dict[str, str | None],
+    requested: Mapping[str, str | None],
     config: dict[str, str],
     index: Callable[[], KconfigIndex],
 ) -> Verification:
