@@ -161,7 +161,9 @@ def topology_seen(report: dict[str, Any]) -> TopologySeen:
 def topology_expected(topology: Topology) -> TopologySeen:
     return TopologySeen(
         cpus=topology.nr_cpus,
-        siblings=sorted({tuple(topology.siblings(c)) for c in range(topology.nr_cpus)}),  # type: ignore[arg-type]
+        siblings=[
+            list(s) for s in sorted({tuple(topology.siblings(c)) for c in range(topology.nr_cpus)})
+        ],
         llcs=[topology.cpus_in_llc(i) for i in range(topology.llcs)],
         nodes=[topology.cpus_in_node(i) for i in range(topology.numa_nodes)],
         packages=1,
@@ -170,7 +172,6 @@ def topology_expected(topology: Topology) -> TopologySeen:
 
 def topology_mismatches(seen: TopologySeen, topology: Topology) -> list[str]:
     want = topology_expected(topology)
-    want.siblings = [list(s) for s in want.siblings]
     out = []
     for name in ("cpus", "siblings", "llcs", "nodes"):
         if getattr(seen, name) != getattr(want, name):

@@ -1,0 +1,196 @@
+"""Tiny hand-assembled real-mode guests through /dev/kvm (no kernel; fine on a slow KVM).
+
+Each test checks the exit dispatch end to end and that teardown leaves no
+vCPU thread and no fd behind.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ktstr.vmm import kvm
+from ktstr.vmm.probe import measure_guest_mips
+from ktstr.vmm.vm import Machine
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="no /dev/kvm"),
+]
+
+LOAD = 0x1000
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+
+    def pio_read(self, port: int, size: int) -> bytes:
+        self.log.append(("in", port, size))
+        return b"\x5a" * size
+
+    def pio_write(self, port: int, data: bytes) -> None:
+        self.log.append(("out", port, data))
+
+    def mmio_read(self, offset: int, size: int) -> bytes:
+        self.log.append(("read", offset, size))
+        return bytes(range(0x40, 0x40 + size))
+
+    def mmio_write(self, offset: int, data: bytes) -> None:
+        self.log.append(("write", offset, data))
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    fds, threads = _fds(), set(threading.enumerate())
+    yield
+    assert set(threading.enumerate()) <= threads, "a vCPU thread survived"
+    assert _fds() == fds, "an fd leaked"
+
+
+def real_mode(code: bytes, *, irqchip: bool = False, cs: int = 0, rip: int = LOAD) -> Machine:
+    machine = Machine([(0, 0x10000)], irqchip=irqchip)
+    assert machine.memory is not None
+    machine.memory.write(LOAD, code)
+    vcpu = machine.add_vcpu(0)
+    sregs = vcpu.fd.get_sregs()
+    sregs.cs.base, sregs.cs.selector = cs << 4, cs
+    vcpu.fd.set_sregs(sregs)
+    regs = kvm.kvm_regs()
+    regs.rip, regs.rflags = rip, 2
+    vcpu.fd.set_regs(regs)
+    return machine
+
+
+def test_out_reaches_the_pio_device() -> None:
+    # mov dx, 0x3f9; mov al, 0x42; out dx, al; mov ax, 0x1234; out dx, ax; in al, dx; hlt
+    code = bytes.fromhex("BAF903B042EEB83412EFECF4")
+    rec, other = Recorder(), Recorder()
+    with real_mode(code) as m:
+        m.pio.add(0x3F8, 8, rec)
+        m.pio.add(0x2F8, 8, other)
+        out = m.run(10)
+    assert out.reason == "halted" and out.error is None
+    assert rec.log == [("out", 0x3F9, b"\x42"), ("out", 0x3F9, b"\x34\x12"), ("in", 0x3F9, 1)]
+    assert other.log == []
+    assert out.exit_counts[0]["io"] == 3
+
+
+def test_string_out_delivers_each_element() -> None:
+    # mov si, 0x1100; mov cx, 3; mov dx, 0x80; rep outsb; hlt
+    code = bytes.fromhex("BE0011B90300BA8000F36EF4")
+    rec = Recorder()
+    with real_mode(code) as m:
+        assert m.memory is not None
+        m.memory.write(0x1100, b"abc")
+        m.pio.add(0x80, 1, rec)
+        out = m.run(10)
+    assert out.error is None
+    assert [entry[2] for entry in rec.log] == [b"a", b"b", b"c"]
+
+
+def test_mmio_write_and_read_reach_the_device_at_its_offset() -> None:
+    # mov ax, 0x2000; mov ds, ax; mov byte [0x10], 0x5a; mov al, [0x14]; out 0x80, al;
+    # mov al, [0x800]; out 0x81, al; hlt      (0x20010 is inside the device, 0x20800 is not)
+    code = bytes.fromhex("B800208ED8C60610005AA01400E680A00008E681F4")
+    rec, port = Recorder(), Recorder()
+    with real_mode(code) as m:
+        m.mmio.add(0x20000, 0x100, rec)
+        m.pio.add(0x80, 2, port)
+        out = m.run(10)
+    assert out.error is None
+    assert rec.log == [("write", 0x10, b"\x5a"), ("read", 0x14, 1)]
+    # the device's byte came back; an unclaimed address reads as all ones
+    assert port.log == [("out", 0x80, b"\x40"), ("out", 0x81, b"\xff")]
+
+
+def test_hlt_ends_the_run() -> None:
+    with real_mode(bytes.fromhex("F4")) as m:
+        out = m.run(10)
+    assert out.reason == "halted"
+    assert out.exit_counts == [{"hlt": 1}]
+    assert not out.timed_out
+
+
+@pytest.mark.parametrize("irqchip", [False, True])
+def test_spinning_guest_is_stopped_by_the_timeout(irqchip: bool) -> None:
+    start = time.monotonic()
+    with real_mode(bytes.fromhex("EBFE"), irqchip=irqchip) as m:  # jmp $
+        out = m.run(1.0)
+    elapsed = time.monotonic() - start
+    assert out.timed_out and out.reason == "timeout"
+    assert 1.0 <= elapsed < 3.0
+
+
+def test_timeout_works_from_a_non_main_thread() -> None:
+    results: list[tuple[str, float]] = []
+
+    def body() -> None:
+        start = time.monotonic()
+        with real_mode(bytes.fromhex("EBFE"), irqchip=True) as m:
+            out = m.run(0.5)
+        results.append((out.reason, time.monotonic() - start))
+
+    worker = threading.Thread(target=body)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert results and results[0][0] == "timeout" and results[0][1] < 2.5
+
+
+def test_fetch_from_mmio_is_an_internal_error_with_a_diagnostic() -> None:
+    # CS base 0x10000 is beyond the 64 KiB of RAM: KVM cannot fetch the first instruction.
+    with real_mode(bytes.fromhex("EBFE"), cs=0x1000) as m:
+        out = m.run(10)
+    assert out.reason == "error"
+    assert out.error is not None
+    assert "KVM_EXIT_INTERNAL_ERROR" in out.error
+    assert "rip=1000" in out.error and "cs=1000 base=10000" in out.error
+
+
+def test_device_exception_becomes_a_vm_failure_not_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class Broken:
+        def pio_read(self, port: int, size: int) -> bytes:
+            return b"\0" * size
+
+        def pio_write(self, port: int, data: bytes) -> None:
+            raise ValueError("device exploded")
+
+    with real_mode(bytes.fromhex("B042E680EBFE")) as m:  # out 0x80; jmp $
+        m.pio.add(0x80, 1, Broken())
+        out = m.run(10)
+    assert out.reason == "error"
+    assert out.error is not None and "ValueError: device exploded" in out.error
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_triple_fault_is_a_reboot() -> None:
+    # Long mode with an empty page table and no IDT: the first fetch page-faults, the
+    # fault cannot be delivered, the double fault neither -> shutdown (triple fault).
+    with real_mode(bytes.fromhex("EBFE")) as m:
+        fd = m.vcpus[0].fd
+        sregs = fd.get_sregs()
+        sregs.cr0 |= 0x80000001
+        sregs.cr3 = 0x2000  # zeroed RAM: nothing is present
+        sregs.cr4 |= 0x20
+        sregs.efer = 0x500
+        sregs.cs.l = 1
+        fd.set_sregs(sregs)
+        out = m.run(10)
+    assert out.reason == "reboot", out
+    assert "triple fault" in out.detail
+
+
+def test_throughput_probe_measures_something() -> None:
+    mips = measure_guest_mips(0.2)
+    assert mips > 0.1
