@@ -172,3 +172,38 @@ def low_ram_end(regions: list[tuple[int, int]]) -> int:
         if gpa == 0:
             return size
     raise KtstrError("guest RAM does not start at address 0")
+
+
+NUMA_ALIGN = 2 * MiB
+
+
+def numa_ram_ranges(memory_bytes: int, numa_nodes: int) -> list[list[tuple[int, int]]]:
+    """Split guest RAM into ``numa_nodes`` consecutive, equal shares (2 MiB aligned; the
+    last node takes the remainder), following ``ram_regions`` around the MMIO gap.
+
+    Node 0 starts at address 0, so it also owns the boot data below 1 MiB. The result is
+    what ``acpi.build_acpi_tables`` wants as ``node_ranges``.
+    """
+    if numa_nodes < 1:
+        raise KtstrError(f"numa_nodes must be positive, got {numa_nodes}")
+    share = (memory_bytes // numa_nodes) & ~(NUMA_ALIGN - 1)
+    if share < NUMA_ALIGN * 2:
+        raise KtstrError(
+            f"guest memory {memory_bytes // MiB} MiB is too small for {numa_nodes} NUMA nodes"
+        )
+    pieces = list(ram_regions(memory_bytes))
+    nodes: list[list[tuple[int, int]]] = []
+    for node in range(numa_nodes):
+        want = share if node < numa_nodes - 1 else sum(size for _, size in pieces)
+        ranges: list[tuple[int, int]] = []
+        while want > 0:
+            gpa, size = pieces[0]
+            take = min(size, want)
+            ranges.append((gpa, take))
+            want -= take
+            if take == size:
+                pieces.pop(0)
+            else:
+                pieces[0] = (gpa + take, size - take)
+        nodes.append(ranges)
+    return nodes
