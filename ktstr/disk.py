@@ -207,20 +207,27 @@ def device_name(index: int) -> str:
             return "vd" + letters
 
 
-def mount_specs(disks: Sequence[DiskConfig]) -> list[dict[str, object]]:
-    """Plain-data specs for the guest (`ktstr.guest.disks.mount_disks`), JSON-serialisable."""
-    return [
-        {
-            "index": i,
-            "device": device_name(i),
-            "serial": disk_serial(i),
-            "filesystem": d.filesystem.value,
-            "mount_point": d.mount_point(i),
-            "read_only": d.read_only,
-            "capacity_bytes": d.capacity_bytes,
-        }
-        for i, d in enumerate(disks)
-    ]
+def mount_specs(disks: Sequence[DiskConfig]) -> list[dict[str, str]]:
+    """What the guest init mounts, as `ktstr.guest.request.MountSpec` fields (JSON-ready).
+
+    Only disks that auto-mount are listed. `device` is the name the disk gets
+    when devices probe in order; the guest confirms it by serial
+    (`ktstr.guest.disks.resolve_device`).
+    """
+    specs = []
+    for i, d in enumerate(disks):
+        mountpoint = d.mount_point(i)
+        if mountpoint is None:
+            continue
+        specs.append(
+            {
+                "device": f"/dev/{device_name(i)}",
+                "mountpoint": mountpoint,
+                "fstype": d.filesystem.value,
+                "options": "ro" if d.read_only else "",
+            }
+        )
+    return specs
 
 
 def disk_serial(index: int) -> str:

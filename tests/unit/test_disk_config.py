@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ktstr.disk import (
@@ -115,11 +117,37 @@ def test_mount_specs() -> None:
         DiskConfig(filesystem=Filesystem.BTRFS),
         DiskConfig(name="scratch", filesystem=Filesystem.EXT4, read_only=True),
         DiskConfig(filesystem=Filesystem.BTRFS, no_auto_mount=True),
-        DiskConfig(),
+        DiskConfig(),  # RAW: nothing to mount
     ]
-    specs = mount_specs(validate_disks(disks))
-    assert [s["mount_point"] for s in specs] == ["/mnt/disk0", "/mnt/scratch", None, None]
-    assert [s["device"] for s in specs] == ["vda", "vdb", "vdc", "vdd"]
-    assert specs[1]["read_only"] is True and specs[1]["filesystem"] == "ext4"
-    assert len({s["serial"] for s in specs}) == 4
+    assert mount_specs(validate_disks(disks)) == [
+        {"device": "/dev/vda", "mountpoint": "/mnt/disk0", "fstype": "btrfs", "options": ""},
+        {"device": "/dev/vdb", "mountpoint": "/mnt/scratch", "fstype": "ext4", "options": "ro"},
+    ]
+    assert len({disk_serial(i) for i in range(16)}) == 16
     assert all(len(disk_serial(i)) <= 20 for i in range(16))
+
+
+def test_guest_device_index_inverts_device_name() -> None:
+    from ktstr.guest.disks import disk_index
+
+    for i in range(0, 800, 7):
+        assert disk_index(f"/dev/{device_name(i)}") == i
+    with pytest.raises(ValueError):
+        disk_index("/dev/sda")
+
+
+def test_guest_resolves_device_by_serial(tmp_path: Path) -> None:
+    """Disks probed out of order: the spec's /dev/vda is found where its serial is."""
+    from ktstr.guest.disks import resolve_device, serials
+
+    sys_block, dev = tmp_path / "sys", tmp_path / "dev"
+    dev.mkdir()
+    for name, serial in (("vda", disk_serial(1)), ("vdb", disk_serial(0))):
+        (sys_block / name).mkdir(parents=True)
+        (sys_block / name / "serial").write_text(serial)
+        (dev / name).touch()
+    assert serials(sys_block) == {disk_serial(1): "vda", disk_serial(0): "vdb"}
+    assert resolve_device("/dev/vda", 1.0, sys_block, dev) == str(dev / "vdb")
+    assert resolve_device("/dev/vdb", 1.0, sys_block, dev) == str(dev / "vda")
+    with pytest.raises(OSError, match="did not appear"):
+        resolve_device("/dev/vdc", 0.05, sys_block, dev)
