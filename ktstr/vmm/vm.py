@@ -444,9 +444,11 @@ class Vm:
         except ImportError:
             acpi = None
         if acpi is not None:
-            tables = acpi.build_acpi_tables(self.topology, self.memory_mb * layout.MiB)
-            mem.write(layout.ACPI_ADDR, tables)
-            rsdp = layout.ACPI_ADDR
+            memory_bytes = self.memory_mb * layout.MiB
+            node_ranges = layout.numa_ram_ranges(memory_bytes, self.topology.numa_nodes)
+            tables = acpi.build_acpi_tables(self.topology, node_ranges)
+            mem.write(tables.base, tables.data)
+            rsdp = tables.rsdp_addr
         try:
             mptable = importlib.import_module("ktstr.vmm.x86.mptable")
         except ImportError:
