@@ -116,6 +116,7 @@ def _build(plan: Plan, root: Path) -> KernelEntry:
     log.write_text("")
     phases: dict[str, float] = {}
     start = time.monotonic()
+    _say(f"building {label} from {plan.source.description} (log: {log})")
 
     t = time.monotonic()
     src = plan.source.materialize(root)
