@@ -208,7 +208,7 @@ DEFAULT_CMDLINE = (
 EXIT_FRUGAL_CMDLINE = (
     # Each port access is a VM exit; these keep the boot from probing hardware it lacks.
     "8250.nr_uarts=2 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd reboot=k "
-    "tsc=reliable no_timer_check pci=off"
+    "tsc=reliable no_timer_check pci=off io_delay=none"
 )
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
 CONSOLE_TAIL_BYTES = 4000
