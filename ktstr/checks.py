@@ -98,7 +98,15 @@ class CheckResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CheckResult:
-        return cls(**{k: data.get(k) for k in (f.name for f in fields(cls))})
+        return cls(
+            name=str(data.get("name")),
+            passed=bool(data.get("passed")),
+            value=data.get("value"),
+            threshold=data.get("threshold"),
+            message=str(data.get("message", "")),
+            cgroup=data.get("cgroup"),
+            worker=data.get("worker"),
+        )
 
     def line(self) -> str:
         return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.message}"

@@ -187,14 +187,14 @@ def _mixed(p: Params) -> list[Step]:
 
 def _nested_steady(p: Params) -> list[Step]:
     a, b = p.halves
-    return _one(CgroupDef("outer", children=(
+    return _one(CgroupDef("outer", workers=0, children=(
         CgroupDef("inner0", a, workers=p.w), CgroupDef("inner1", b, workers=p.w),
     )))
 
 
 def _nested_move(p: Params) -> list[Step]:
     return [
-        Step((AddCgroup(CgroupDef("outer", children=(
+        Step((AddCgroup(CgroupDef("outer", workers=0, children=(
             CgroupDef("src", workers=p.w), CgroupDef("dst", workers=p.w),
         ))),), hold=0.5),
         Step((MoveAllTasks("outer/src", "outer/dst"),), hold=0.5),
@@ -246,7 +246,7 @@ def _host_contention(p: Params) -> list[Step]:
 
 
 def _io_sync(p: Params) -> list[Step]:
-    return _one(CgroupDef("io", workers=p.w, work=IoSync()), CgroupDef("spin", workers=p.w))
+    return _one(CgroupDef("io", workers=p.w, work=IoSync()))
 
 
 def _bursty(p: Params) -> list[Step]:
@@ -326,7 +326,7 @@ _ENTRIES = [
     Scenario("cache_pressure", "stress", "random writes over 4 MB buffers", _cache),
     Scenario("mutex_contention", "interaction", "workers contending for one lock", _mutex),
     Scenario("policy_churn", "sched_class", "workers cycling normal/batch/idle", _policy_churn,
-             {"fairness_spread_pct": None}),
+             {"fairness_spread_pct": None, "starvation_gap_ms": 1500.0}),
     Scenario("affinity_churn", "affinity", "workers re-pinning to random CPUs", _affinity_churn,
              _DYNAMIC),
     Scenario("sequence_phases", "advanced", "spin, sleep and yield phases in a loop", _sequence),
@@ -348,3 +348,54 @@ def get(name: str) -> Scenario:
 
 def default_names() -> list[str]:
     return [s.name for s in _ENTRIES if s.in_default_run]
+
+
+def validate(steps: list[Step], topology: Topology) -> None:
+    """Walk ``steps`` without running them: every op names a live cgroup and every
+    cpuset/affinity resolves on ``topology`` (raises KtstrError otherwise)."""
+    import os.path
+    import random
+
+    from ktstr.scenario.cpuset import resolve_affinity, resolve_cpuset
+
+    specs: dict[str, CpusetSpec | None] = {}
+    affs: dict[str, Affinity] = {}
+
+    def resolve() -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        for name in sorted(specs, key=lambda n: n.count("/")):
+            parent = os.path.dirname(name)
+            base = out[parent] if parent else tuple(range(topology.nr_cpus))
+            spec = specs[name]
+            out[name] = base if spec is None else resolve_cpuset(spec, topology, base)
+        for name, aff in affs.items():
+            resolve_affinity(aff, topology, out[name], 0, random.Random(0))
+        return out
+
+    def need(name: str) -> str:
+        if name not in specs:
+            raise KtstrError(f"no cgroup {name!r} at this point of the scenario")
+        return name
+
+    for step in steps:
+        for op in step.ops:
+            if isinstance(op, AddCgroup):
+                for full, d in op.cgroup.flatten(op.parent):
+                    specs[full] = d.cpuset
+                    affs[full] = d.affinity
+                    d.work.make_shared(d.workers, "/tmp") if d.work.group_size > 1 else None
+            elif isinstance(op, RemoveCgroup):
+                for n in [n for n in specs if n == need(op.name) or n.startswith(op.name + "/")]:
+                    del specs[n]
+                    del affs[n]
+            elif isinstance(op, SetCpuset):
+                specs[need(op.name)] = op.cpuset
+            elif isinstance(op, ClearCpuset):
+                specs[need(op.name)] = None
+            elif isinstance(op, SwapCpusets):
+                specs[need(op.a)], specs[need(op.b)] = specs[op.b], specs[op.a]
+            elif isinstance(op, SetAffinity):
+                affs[need(op.name)] = op.affinity
+            elif isinstance(op, MoveAllTasks):
+                need(op.src), need(op.dst)
+            resolve()

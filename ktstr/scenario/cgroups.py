@@ -17,6 +17,7 @@ must not care about:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -188,7 +189,7 @@ def cgroup_mounts() -> tuple[str | None, str | None]:
         for line in f:
             left, _, right = line.partition(" - ")
             fields = left.split()
-            fstype, _src, opts = (right.split() + ["", "", ""])[:3]
+            fstype, _src, opts = ([*right.split(), "", "", ""])[:3]
             mnt = fields[4]
             if fstype == "cgroup2" and v2 is None:
                 try:
@@ -264,7 +265,5 @@ def _kill_and_reap(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

@@ -89,7 +89,7 @@ def host_topology(cpus: Sequence[int] | None = None) -> tuple[Topology, tuple[in
             tpc = only if sizes.pop() % only == 0 else 1
         size = len(llc_groups[0])
         if tpc > 1:
-            ordered = []
+            ordered: list[int] = []
             for g in llc_groups:
                 by_core: dict[str, list[int]] = {}
                 for c in g:
@@ -196,8 +196,13 @@ def run_host(
             workers=workers,
             scratch_dir=tempfile.gettempdir(),
         )
-        for sc in scenarios:
-            steps = sc.steps(catalog.Params(session.topology, workers))
+        plans = [(sc, sc.steps(catalog.Params(session.topology, workers))) for sc in scenarios]
+        for sc, steps in plans:  # fail on an impossible scenario before running any
+            try:
+                catalog.validate(steps, session.topology)
+            except KtstrError as err:
+                raise KtstrError(f"scenario {sc.name}: {err}") from None
+        for sc, steps in plans:
             resolved = Checks.resolve(scheduler=checks, test=sc.checks)
             results.append(execute_steps(ctx, steps, duration=duration, name=sc.name,
                                          checks=resolved))

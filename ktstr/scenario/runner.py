@@ -181,7 +181,7 @@ class Runner:
         if parent:
             self._need(parent)
         entries = definition.flatten(parent)
-        for full, d in entries:
+        for full, _ in entries:
             if full in self.cgroups:
                 raise KtstrError(f"scenario {self.name}: cgroup {full!r} already exists")
         # Resolve first so an impossible cpuset fails before anything is created.

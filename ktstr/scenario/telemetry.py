@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -40,7 +41,7 @@ def coefficient_of_variation(values: Sequence[float]) -> float:
 def max_gap(checkpoints: Sequence[float], start: float, end: float) -> float:
     """Longest interval without a checkpoint in [start, end] (start and end count as edges)."""
     edges = [start, *sorted(c for c in checkpoints if start <= c <= end), end]
-    return max(b - a for a, b in zip(edges, edges[1:], strict=False))
+    return max(b - a for a, b in itertools.pairwise(edges))
 
 
 def off_cpu_pct(wall_ns: int, cpu_ns: int) -> float:
@@ -154,7 +155,9 @@ class CgroupStats:
     wake_p99_us: float | None
 
     @classmethod
-    def aggregate(cls, name: str, cpus: Sequence[int], workers: Sequence[WorkerStats]) -> CgroupStats:
+    def aggregate(
+        cls, name: str, cpus: Sequence[int], workers: Sequence[WorkerStats]
+    ) -> CgroupStats:
         off = [w.off_cpu_pct for w in workers]
         p99 = [w.wake_latency.p99_us for w in workers if w.wake_latency and w.wake_latency.count]
         return cls(

@@ -10,6 +10,7 @@ futex words, a lock file). Blocking waits poll ``rt.poll()`` at least every
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import mmap
@@ -289,10 +290,8 @@ class NiceSweep(Work):
         values += values[-2:0:-1]
         i = 0
         while True:
-            try:
+            with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, 0, values[i % len(values)])
-            except OSError:
-                pass
             i += 1
             spin(self.iterations)
             if not rt.tick():

@@ -14,6 +14,7 @@ isolation violation (see :meth:`WorkerHandle.harvest_cpus`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -231,9 +232,9 @@ class WorkerHandle:
             if not ep:
                 continue
             self.seen.add(cpu)
-            if ep == self.epoch and ok_now and cpu not in ok_now:
-                self.violations.add(cpu)
-            elif ep == self.epoch - 1 and ok_prev and cpu not in ok_prev:
+            now_bad = ep == self.epoch and ok_now and cpu not in ok_now
+            prev_bad = ep == self.epoch - 1 and ok_prev and cpu not in ok_prev
+            if now_bad or prev_bad:
                 self.violations.add(cpu)
 
     def sample_proc(self) -> None:
@@ -355,7 +356,7 @@ def spawn(spec: WorkerSpec) -> WorkerHandle:
         try:
             _child(spec, mm)
             code = 0
-        except BaseException as err:  # noqa: BLE001 - report anything, then exit
+        except BaseException as err:
             msg = f"{type(err).__name__}: {err}".encode()[: _ERR_LEN - 1]
             mm[_ERR_OFF : _ERR_OFF + len(msg)] = msg
             q[_STATE] = FAILED
@@ -451,14 +452,10 @@ def _reap(pid: int) -> bool:
 
 
 def kill_and_reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
 
 
 class WorkerError(Exception):
