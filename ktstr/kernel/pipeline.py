@@ -93,7 +93,11 @@ def ensure_kernel(kernel_id: str = DEFAULT_KERNEL, *, flavour: str = "test",
     entry = _load_valid(path)
     if entry is not None and not _needs_schedulers(entry, schedulers):
         return entry
-    with file_lock(cache.lock_path(root, plan.key)):
+    lock = cache.lock_path(root, plan.key)
+    with file_lock(lock, blocking=False) as free:
+        if not free:
+            _say(f"waiting for another process building {plan.key}")
+    with file_lock(lock):
         entry = _load_valid(path) if path.exists() else None
         if entry is None:
             cache.remove_leftovers(root, plan.key)

@@ -202,7 +202,9 @@ def spawn(tree: Path) -> subprocess.Popen[str]:
 def test_two_processes_build_once(tree: Path) -> None:
     (tree / "sleep").write_text("2")
     first = spawn(tree)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while builds(tree) == 0 and time.monotonic() < deadline:  # first holds the lock now
+        time.sleep(0.05)
     second = spawn(tree)
     out1, err1 = first.communicate(timeout=60)
     out2, err2 = second.communicate(timeout=60)
@@ -211,6 +213,7 @@ def test_two_processes_build_once(tree: Path) -> None:
     assert out1.split()[0] == out2.split()[0]
     assert builds(tree) == 1
     assert err1.count("built local test kernel") + err2.count("built local test kernel") == 1
+    assert "waiting for another process building" in err2
 
 
 def test_interrupted_build_leaves_no_entry(tree: Path) -> None:
