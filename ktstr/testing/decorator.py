@@ -9,8 +9,10 @@ The pytest plugin turns functions carrying a spec into VM test items.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -45,7 +47,7 @@ class KtstrTestSpec:
     watchdog_timeout: float | None
     memory_mb: int | None
     disks: tuple[Any, ...] = ()
-    expect_err: bool = False
+    expect_err: bool | str = False
     checks: Any = None
     timeout: float | None = None
     constraints: Constraints = field(default_factory=Constraints)
@@ -159,7 +161,7 @@ def ktstr_test(
     watchdog_timeout: float | None = None,
     memory_mb: int | None = None,
     disk: Any = None,
-    expect_err: bool = False,
+    expect_err: bool | str = False,
     checks: Any = None,
     timeout: float | None = None,
     min_cpus: int = 1,
@@ -176,7 +178,8 @@ def ktstr_test(
     ``"scx_qmap@batch"`` or a :class:`~ktstr.scheduler.Scheduler`); without
     it the run's scheduler (``--ktstr-scheduler`` / ``KTSTR_SCHEDULER``) is
     used. ``expect_err`` inverts the verdict: the test passes only if the run
-    fails (scheduler error, watchdog ejection, failed check). The remaining
+    fails (scheduler error, watchdog ejection, failed check); a string is a
+    regex the failure's description must match (e.g. ``"stall"``). The remaining
     keywords constrain which topologies the gauntlet may run the test on.
     """
 
@@ -212,8 +215,18 @@ def ktstr_test(
                     f"{where}: timeout={timeout} must exceed duration={duration} "
                     "(it also covers boot and teardown)"
                 )
-        if not isinstance(expect_err, bool):
-            raise KtstrError(f"{where}: expect_err={expect_err!r} must be True or False")
+        if isinstance(expect_err, str):
+            try:
+                re.compile(expect_err)
+            except re.error as err:
+                raise KtstrError(
+                    f"{where}: expect_err={expect_err!r} is not a regex: {err}"
+                ) from None
+        elif not isinstance(expect_err, bool):
+            raise KtstrError(
+                f"{where}: expect_err={expect_err!r} must be True, False or a regex the "
+                "failure must match"
+            )
         for name, value in (("min_cpus", min_cpus), ("min_llcs", min_llcs),
                             ("min_numa_nodes", min_numa_nodes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -248,10 +261,9 @@ def ktstr_test(
             constraints=constraints,
             gauntlet=gauntlet,
         )
-        setattr(fn, SPEC_ATTR, spec)
-        # pytest must not collect it as a plain function test needing a `ctx` fixture;
-        # the plugin collects it through the spec instead.
-        return fn
+        wrapper = _guest_entry(fn)
+        setattr(wrapper, SPEC_ATTR, spec)
+        return wrapper  # type: ignore[return-value]
 
     if func is not None:
         return wrap(func)
@@ -265,6 +277,47 @@ def _check_checks(checks: Any, where: str) -> None:
 
     if not isinstance(checks, Checks):
         raise KtstrError(f"{where}: checks={checks!r}; use ktstr.checks.Checks(...)")
+
+
+def _guest_entry(fn: Callable[..., Any]) -> Callable[[Any], Any]:
+    """What the guest calls as ``module:function``: adapt ctx in, make the result a dict out.
+
+    The guest context names the duration ``duration_s`` and carries the
+    resolved thresholds in ``args["checks"]``; the scenario runner reads
+    ``ctx.duration`` and ``ctx.checks``. Results travel as JSON, so an
+    AssertResult or ScenarioResult becomes its ``to_dict()``.
+    """
+
+    @functools.wraps(fn)
+    def entry(ctx: Any) -> Any:
+        if not hasattr(ctx, "duration") and hasattr(ctx, "duration_s"):
+            ctx.duration = ctx.duration_s
+        if getattr(ctx, "checks", None) is None:
+            raw = (getattr(ctx, "args", None) or {}).get("checks")
+            if raw is not None:
+                from ktstr.checks import Checks
+
+                ctx.checks = Checks().override(raw)
+        value = fn(ctx)
+        return to_result_dict(value)
+
+    return entry
+
+
+def to_result_dict(value: Any) -> Any:
+    """A scenario's return value as JSON-able data (None, dicts and lists pass through)."""
+    if value is None or isinstance(value, dict | list):
+        return value
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        out = to_dict()
+        if type(value).__name__ == "AssertResult" and isinstance(out, dict):
+            out["kind"] = "assert_result"
+        return out
+    raise KtstrError(
+        f"the scenario returned {type(value).__name__}; return an AssertResult, the "
+        "result of execute_defs/execute_steps, or a dict"
+    )
 
 
 def spec_of(obj: Any) -> KtstrTestSpec | None:

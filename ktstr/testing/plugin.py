@@ -114,6 +114,7 @@ def _kernel_default() -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots a real kernel in a VM (ktstr)")
+    config.addinivalue_line("markers", "expect_err: a ktstr VM test that passes only if it fails")
     kernel = config.getoption("ktstr_kernel") or os.environ.get(KERNEL_ENV) or _kernel_default()
     sched = config.getoption("ktstr_scheduler") or os.environ.get(SCHEDULER_ENV) or "eevdf"
     state = SessionState(config=config, kernel_spec=kernel, sched_spec=sched)

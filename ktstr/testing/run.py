@@ -7,6 +7,7 @@ function of the guest outcome.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,8 +84,10 @@ def checks_from_result(result: Any) -> list[CheckOutcome] | None:
     if not isinstance(result, Mapping):
         return None
     raw = result.get("checks")
-    if raw is None and "passed" in result and "details" in result:
-        raw = result.get("details")
+    if raw is None and result.get("kind") == "assert_result":
+        raw = result.get("results") or []
+        if not raw and not result.get("passed", True):
+            raw = [str(d) for d in result.get("details") or ["the scenario reported failure"]]
     if not isinstance(raw, list):
         if "passed" in result and isinstance(result.get("passed"), bool):
             return [CheckOutcome("scenario", bool(result["passed"]),
@@ -106,7 +109,9 @@ def checks_from_result(result: Any) -> list[CheckOutcome] | None:
     return out
 
 
-def judge(outcome: GuestOutcome, checks: Sequence[CheckOutcome], expect_err: bool) -> Verdict:
+def judge(
+    outcome: GuestOutcome, checks: Sequence[CheckOutcome], expect_err: bool | str
+) -> Verdict:
     """Pass/fail from the guest outcome and the check results; ``expect_err`` inverts it."""
     failed = [c for c in checks if not c.passed]
     if not outcome.ok:
@@ -118,6 +123,14 @@ def judge(outcome: GuestOutcome, checks: Sequence[CheckOutcome], expect_err: boo
         reason = ""
     run_failed = bool(reason)
     if expect_err:
+        if run_failed and isinstance(expect_err, str):
+            text = "\n".join([reason, outcome.failure_message, _one_line(outcome.sched_exit)])
+            if not re.search(expect_err, text, re.IGNORECASE):
+                return Verdict(
+                    False, "fail",
+                    f"failed, but not as expected (wanted /{expect_err}/): {reason}",
+                    list(checks),
+                )
         if run_failed:
             return Verdict(True, "pass", f"failed as expected ({reason})", list(checks))
         return Verdict(
@@ -228,18 +241,84 @@ def write_result(
     return write_sidecar(sidecar_record(plan, verdict, outcome, started, finished))
 
 
-def boot(plan: RunPlan) -> GuestOutcome:
-    """Boot the VM and run the scenario in it (``ktstr.guest`` host runtime)."""
-    try:
-        from ktstr.guest.host import run_guest  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as err:
-        from ktstr.errors import KtstrError
+DEFAULT_MEMORY_MB = 1024
+BOOT_ALLOWANCE_S = 60.0
+"""Seconds allowed beyond the scenario's duration for boot, attach and teardown."""
 
-        raise KtstrError(f"the guest runtime is not available ({err})") from None
-    raise NotImplementedError(run_guest)
+
+def resolved_checks(plan: RunPlan) -> Any:
+    """Defaults, then the scheduler's overrides, then the test's (``ktstr.checks.Checks``)."""
+    from ktstr.checks import Checks
+
+    return Checks.resolve(plan.scheduler.checks, plan.spec.checks)
+
+
+def boot(plan: RunPlan) -> GuestOutcome:
+    """Boot the VM and run the scenario in it (:func:`ktstr.runner.run_guest`)."""
+    from ktstr.runner import Scheduler as GuestScheduler
+    from ktstr.runner import run_guest
+
+    sched = None
+    if plan.scheduler_binary is not None:
+        wd = plan.watchdog_timeout
+        sched = GuestScheduler(
+            binary=plan.scheduler_binary,
+            args=(*plan.scheduler.command_args(plan.profile), *plan.extra_args),
+            watchdog_timeout_ms=int(wd * 1000) if wd else None,
+        )
+    timeout = plan.spec.timeout or plan.spec.duration * 2 + BOOT_ALLOWANCE_S
+    kwargs: dict[str, Any] = dict(
+        scenario=plan.spec.target,
+        test_file=plan.test_file,
+        args={"checks": resolved_checks(plan).to_dict()},
+        topology=plan.topology,
+        memory_mb=plan.spec.memory_mb or DEFAULT_MEMORY_MB,
+        timeout=timeout,
+        duration_s=plan.spec.duration,
+        scheduler=sched,
+        sysctls=dict(plan.scheduler.sysctls),
+        cmdline_extra=" ".join(plan.scheduler.kargs),
+    )
+    if plan.spec.disks:
+        from ktstr.guest.request import MountSpec
+        from ktstr.vmm.disk_template import per_test_disks
+
+        with per_test_disks(list(plan.spec.disks), kernel=plan.kernel_path) as prepared:
+            mounts = [MountSpec(**m) for m in prepared.mounts]
+            run = run_guest(plan.kernel_path, devices=prepared.devices, mounts=mounts, **kwargs)
+    else:
+        run = run_guest(plan.kernel_path, **kwargs)
+    vm = run.vm
+    return GuestOutcome(
+        ok=run.ok,
+        failure_kind=run.failure,
+        failure_message=run.message,
+        result=run.result,
+        reports=list(run.reports),
+        sched_exit=run.sched_exit,
+        console=str(getattr(vm, "console", "") or ""),
+        boot_ms=run.timings.get("boot_ms"),
+        vm_s=getattr(vm, "duration_s", None),
+    )
 
 
 def evaluate_checks(plan: RunPlan, outcome: GuestOutcome) -> list[CheckOutcome]:
-    """Checks the guest already applied, else the test's thresholds applied here."""
-    done = checks_from_result(outcome.result)
-    return done or []
+    """The test's thresholds over the returned telemetry, plus scheduler health from the log.
+
+    A scenario that returned an AssertResult (not telemetry) keeps its own
+    verdict; health checks from the console apply either way.
+    """
+    from ktstr.checks import evaluate, scheduler_health
+
+    checks = resolved_checks(plan)
+    telemetry = telemetry_of(outcome.result)
+    out: list[CheckOutcome] = []
+    if telemetry:
+        raw = evaluate(telemetry, checks, log_text=outcome.console if checks.health else None)
+    else:
+        out.extend(checks_from_result(outcome.result) or [])
+        raw = scheduler_health(outcome.console) if checks.health and outcome.console else []
+    for r in raw:
+        out.append(CheckOutcome(name=r.name, passed=r.passed, value=r.value,
+                                threshold=r.threshold, detail=r.message, worker=r.worker))
+    return out

@@ -188,3 +188,37 @@ def test_checks_from_assert_result_dict() -> None:
     )
     assert parsed is not None and parsed[0].name == "gap" and not parsed[0].passed
     assert checks_from_result({"workers": []}) is None
+
+
+def test_expect_err_regex() -> None:
+    stall = GuestOutcome(ok=False, failure_kind="scheduler_ejected",
+                         failure_message="scheduler 'qmap' was ejected (runnable task stall)")
+    assert judge(stall, [], expect_err="stall").passed
+    v = judge(stall, [], expect_err="scx_bpf_error")
+    assert not v.passed and "not as expected" in v.reason
+    with pytest.raises(KtstrError, match="not a regex"):
+        ktstr_test(expect_err="(")(scenario)
+
+
+def test_guest_entry_adapts_ctx_and_result() -> None:
+    from types import SimpleNamespace
+
+    from ktstr.checks import AssertResult, Checks
+
+    seen = {}
+
+    def body(ctx: object) -> AssertResult:
+        seen["duration"] = ctx.duration  # type: ignore[attr-defined]
+        seen["checks"] = ctx.checks  # type: ignore[attr-defined]
+        return AssertResult.fail("worker cg0[0] made no progress")
+
+    body.__qualname__ = "scenario"
+    body.__module__ = __name__
+    entry = ktstr_test(body)
+    ctx = SimpleNamespace(duration_s=3.0, args={"checks": {"max_gap_ms": 100.0}})
+    out = entry(ctx)
+    assert seen["duration"] == 3.0
+    assert isinstance(seen["checks"], Checks) and seen["checks"].max_gap_ms == 100.0
+    assert out["kind"] == "assert_result" and out["passed"] is False
+    parsed = checks_from_result(out)
+    assert parsed and not parsed[0].passed and "no progress" in parsed[0].detail
