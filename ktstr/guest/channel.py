@@ -24,6 +24,7 @@ import struct
 import termios
 import threading
 import tty
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ktstr.guest.frame import HEADER_SIZE, encode_message, serial_line, split_frames
@@ -42,10 +43,36 @@ class Channel(Protocol):
     def close(self) -> None: ...
 
 
+class WindowWriter:
+    """Frames into a shared window, one doorbell per frame, each acknowledged by the host.
+
+    ``window`` is any writable buffer laid out as the host device expects
+    (control words, then the frame area); ``ring`` performs the doorbell.
+    """
+
+    def __init__(self, window: Any, ring: Callable[[], None]) -> None:
+        self.window = window
+        self.ring = ring
+        self.max_payload = len(window) - FRAME_OFFSET - HEADER_SIZE
+        if self.max_payload <= 0:
+            raise ChannelError(f"channel window of {len(window)} bytes is too small")
+
+    def send_bytes(self, data: bytes) -> None:
+        seq, _status, _errors = CONTROL.unpack_from(self.window, 0)
+        for i, frame in enumerate(split_frames(data, seq, self.max_payload)):
+            self.window[FRAME_OFFSET:FRAME_OFFSET + len(frame)] = frame
+            self.ring()
+            next_seq, status, errors = CONTROL.unpack_from(self.window, 0)
+            if status != 0 or next_seq != (seq + i + 1) & 0xFFFFFFFF:
+                raise ChannelError(f"host rejected frame {seq + i} (status {status}, "
+                                   f"{errors} errors so far)")
+
+
 class MemChannel:
+    """The RAM-window transport: /dev/mem for the window, /dev/port for the doorbell."""
+
     def __init__(self, gpa: int, size: int, port: int) -> None:
         self.gpa, self.size, self.port = gpa, size, port
-        self.max_payload = size - FRAME_OFFSET - HEADER_SIZE
         self._lock = threading.Lock()
         self._mem_fd = os.open("/dev/mem", os.O_RDWR | os.O_SYNC)
         try:
@@ -56,6 +83,10 @@ class MemChannel:
             raise ChannelError(f"cannot map the channel window {gpa:#x}+{size:#x} from "
                                f"/dev/mem: {err}") from err
         self._port_fd = os.open("/dev/port", os.O_WRONLY)
+        self._writer = WindowWriter(self._map, self._ring)
+
+    def _ring(self) -> None:
+        os.pwrite(self._port_fd, b"\x01", self.port)
 
     def send(self, message: dict[str, Any]) -> None:
         self.send_bytes(encode_message(message))
@@ -64,14 +95,7 @@ class MemChannel:
         with self._lock:
             fcntl.flock(self._mem_fd, fcntl.LOCK_EX)
             try:
-                seq, _status, _errors = CONTROL.unpack_from(self._map, 0)
-                for i, frame in enumerate(split_frames(data, seq, self.max_payload)):
-                    self._map[FRAME_OFFSET:FRAME_OFFSET + len(frame)] = frame
-                    os.pwrite(self._port_fd, b"\x01", self.port)
-                    next_seq, status, errors = CONTROL.unpack_from(self._map, 0)
-                    if status != 0 or next_seq != (seq + i + 1) & 0xFFFFFFFF:
-                        raise ChannelError(f"host rejected frame {seq + i} (status {status}, "
-                                           f"{errors} errors so far)")
+                self._writer.send_bytes(data)
             finally:
                 fcntl.flock(self._mem_fd, fcntl.LOCK_UN)
 
