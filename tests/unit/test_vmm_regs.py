@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import struct
+
+import pytest
 
 from ktstr.vmm import layout
 from ktstr.vmm.x86 import regs
@@ -106,3 +109,66 @@ def test_identity_page_tables_elsewhere_and_smaller() -> None:
     tables = regs.identity_page_tables(0x40000, gib=1)
     assert len(tables) == 3 * 0x1000
     assert _walk(tables, 0x40000, 0x3FE00000) == 0x3FE00000
+
+
+# A 64-bit program at the kernel entry point: read a qword near the top of the first
+# GiB through the identity map, report it and RSI on the exit-code port, halt.
+#   mov rax, [0x3ffff000]; mov dx, EXIT_PORT; out dx, eax; mov eax, esi; out dx, eax;
+#   mov eax, ss; out dx, eax; hlt
+PROBE = 0xCAFEBABE
+PROGRAM = (
+    bytes.fromhex("488b042500f0ff3f")
+    + b"\x66\xba"
+    + layout.EXIT_PORT.to_bytes(2, "little")
+    + bytes.fromhex("ef89f0ef8cd0eff4")
+)
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no usable /dev/kvm")
+def test_entry_state_runs_under_kvm() -> None:
+    """The GDT, segments, page tables and registers really put a vCPU in long mode."""
+    import ctypes
+
+    from ktstr.vmm import kvm
+    from ktstr.vmm.memory import GuestMemory
+
+    with kvm.Kvm() as dev, dev.create_vm() as vm, GuestMemory([(0, 1 << 30)]) as mem:
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        mem.register(vm)
+        mem.write(layout.GDT_ADDR, regs.gdt_bytes())
+        mem.write(layout.PAGE_TABLES_ADDR, regs.identity_page_tables())
+        mem.write(regs.entry_point(), PROGRAM)
+        mem.write(0x3FFFF000, PROBE.to_bytes(8, "little"))
+        with vm.create_vcpu(0) as vcpu:
+            lm = regs.LongModeState()
+            sregs = vcpu.get_sregs()
+            for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+                seg, target = getattr(lm, name), getattr(sregs, name)
+                for fname, *_ in kvm.kvm_segment._fields_:
+                    if fname != "padding":
+                        setattr(target, fname, getattr(seg, fname))
+            sregs.gdt.base, sregs.gdt.limit = lm.gdt_base, lm.gdt_limit
+            sregs.idt.base, sregs.idt.limit = lm.idt_base, lm.idt_limit
+            sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = lm.cr0, lm.cr3, lm.cr4, lm.efer
+            vcpu.set_sregs(sregs)
+            br = regs.boot_regs()
+            r = kvm.kvm_regs()
+            r.rip, r.rsi, r.rsp, r.rbp, r.rflags = br.rip, br.rsi, br.rsp, br.rbp, br.rflags
+            vcpu.set_regs(r)
+            run_map = vcpu.map_run(dev.vcpu_mmap_size())
+            seen: list[int] = []
+            try:
+                for _ in range(10):
+                    vcpu.run()
+                    run = kvm.kvm_run.from_buffer_copy(run_map[: ctypes.sizeof(kvm.kvm_run)])
+                    if run.exit_reason == kvm.KVM_EXIT_HLT:
+                        break
+                    assert run.exit_reason == kvm.KVM_EXIT_IO, kvm.exit_reason_name(run.exit_reason)
+                    io = run.u.io
+                    assert (io.port, io.size, io.direction) == (layout.EXIT_PORT, 4, 1)
+                    off = io.data_offset
+                    seen.append(int.from_bytes(run_map[off : off + 4], "little"))
+            finally:
+                run_map.close()
+    assert seen == [PROBE, layout.ZERO_PAGE_ADDR, regs.DATA_SELECTOR]
