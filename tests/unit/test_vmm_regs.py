@@ -133,7 +133,9 @@ def test_entry_state_runs_under_kvm() -> None:
     from ktstr.vmm import kvm
     from ktstr.vmm.memory import GuestMemory
 
-    with kvm.Kvm() as dev, dev.create_vm() as vm, GuestMemory([(0, 1 << 30)]) as mem:
+    dev = kvm.Kvm()
+    vm = dev.create_vm()
+    with dev, vm, GuestMemory([(0, 1 << 30)]) as mem:
         vm.set_tss_addr(layout.KVM_TSS_ADDR)
         mem.register(vm)
         mem.write(layout.GDT_ADDR, regs.gdt_bytes())
