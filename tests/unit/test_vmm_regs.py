@@ -142,7 +142,8 @@ def test_entry_state_runs_under_kvm() -> None:
         mem.write(layout.PAGE_TABLES_ADDR, regs.identity_page_tables())
         mem.write(regs.entry_point(), PROGRAM)
         mem.write(0x3FFFF000, PROBE.to_bytes(8, "little"))
-        with vm.create_vcpu(0) as vcpu:
+        vcpu = vm.create_vcpu(0)
+        with vcpu:
             lm = regs.LongModeState()
             sregs = vcpu.get_sregs()
             for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
