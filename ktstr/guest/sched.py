@@ -180,10 +180,17 @@ class SchedulerProcess:
                 return state
             rc = self.proc.poll()
             if rc is not None:
+                lines = self.kmsg.sched_ext_lines()
+                events = disabled_events(lines)
+                why = ""
+                if events:
+                    ev = events[-1]
+                    why = f" (sched_ext: {ev['reason']}" + (
+                        f": {ev['message']})" if ev["message"] else ")")
                 raise GuestFailure(
                     "scheduler_crashed",
-                    f"scheduler {self.spec.binary} exited with status {rc} before attaching",
-                    log_tail=tail(LOG_PATH), kernel_lines=self.kmsg.sched_ext_lines())
+                    f"scheduler {self.spec.binary} exited with status {rc} before attaching"
+                    f"{why}", log_tail=tail(LOG_PATH), kernel_lines=lines)
             if time.monotonic() > deadline:
                 raise GuestFailure(
                     "scheduler_attach_timeout",
