@@ -131,6 +131,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except KtstrError as err:
             raise pytest.UsageError(str(err)) from None
     config.stash[STATE] = state
+    _STATE_BY_PROCESS["state"] = state
     run_id()  # fix the run id now so xdist workers inherit it through the environment
 
 
@@ -241,8 +242,11 @@ class KtstrItem(pytest.Item):
         except KtstrError as err:
             raise KtstrTestFailure(f"{self.nodeid}: {err}") from None
         finally:
-            state.walls.append((self.nodeid, f"{sched.name}@{profile.name}",
-                                time.time() - started))
+            # user_properties travel with the report, so xdist's controller sees them too.
+            self.user_properties.append(
+                ("ktstr", {"scheduler": f"{sched.name}@{profile.name}",
+                           "wall_s": round(time.time() - started, 3)})
+            )
         if not verdict.passed:
             title = (
                 f"{self.name} [{sched.name}@{profile.name} {plan.topology.label}, "
@@ -267,6 +271,20 @@ def _kernel_info(resolved: Any, config: pytest.Config) -> dict[str, Any]:
         info.update(id=entry.id, version=entry.version, key=entry.key,
                     sched_ext=bool(entry.sched_ext))
     return info
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call":
+        return
+    for key, value in report.user_properties:
+        if key == "ktstr" and isinstance(value, dict):
+            state = _STATE_BY_PROCESS.get("state")
+            if state is not None:
+                state.walls.append((report.nodeid, str(value["scheduler"]),
+                                    float(value["wall_s"])))
+
+
+_STATE_BY_PROCESS: dict[str, SessionState] = {}
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
