@@ -9,6 +9,28 @@ Documentation/driver-api/early-userspace/buffer-format.rst): a 110-byte ASCII
 header ``070701`` + 13 eight-digit hex fields, the NUL-terminated name padded
 so that header+name is a multiple of 4, then the data padded to 4. The archive
 ends with an entry named ``TRAILER!!!``.
+
+The guest Python runtime (interpreter, libpython, the stdlib modules the guest
+init and the test modules import, their extension modules and shared-library
+closure, busybox) is packed into a *base* archive cached under
+``cache_root()/initramfs/``; each run adds a tiny uncompressed suffix.
+
+Compression (``benchmarks/initramfs.py``, base of 923 files, 30.0 MB raw, this
+2-core EPYC host, median of 5):
+
+=========  =======  ==========  ==============
+format     size MB  compress s  decompress ms
+=========  =======  ==========  ==============
+none        29.95     0.00          0
+gzip -1     11.70     0.54        159
+lz4 -l -1   14.98     0.16         27
+zstd -3     10.38     0.21         40
+=========  =======  ==========  ==============
+
+The kernel must unpack the cpio either way; decompression is pure extra boot
+time, while copying 30 MB into guest RAM costs a few ms. ``none`` is the
+default; the cache holds the bigger file, which is cheap. The cached lookup
+(stat of every packed file) takes ~2 ms.
 """
 
 from __future__ import annotations
