@@ -456,6 +456,42 @@ def build_template_via_vm(image: Path, fs: Filesystem, mkfs: Path, kernel: Path)
         )
 
 
+# --- a reflink-capable scratch directory -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def loop_btrfs(base: Path, size: str = "1G") -> Iterator[Path]:
+    """A fresh btrfs image under `base`, loop-mounted at `base/mnt` (root only).
+
+    For tests and benchmarks that need FICLONE on a host whose disk cannot do
+    it. Unmounted and detached whatever happens inside the block.
+    """
+    image, mnt = base / "btrfs.img", base / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(_parse_size(size))
+    mkfs = locate_host_mkfs(Filesystem.BTRFS)
+    subprocess.run([str(mkfs), "-q", str(image)], check=True, capture_output=True)
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+        with contextlib.suppress(OSError):
+            image.unlink()
+
+
+def _parse_size(size: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
 # --- per-test disks -------------------------------------------------------------------------
 
 

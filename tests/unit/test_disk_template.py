@@ -7,7 +7,6 @@ tests are about the cache; the template-build VM is covered by tests/vm.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import signal
@@ -26,31 +25,11 @@ from ktstr.vmm import disk_template as dt
 BTRFS = DiskConfig(capacity_mb=128, filesystem=Filesystem.BTRFS)
 
 
-@contextlib.contextmanager
-def loop_btrfs(base: Path, size: str = "1G") -> Iterator[Path]:
-    """A btrfs image loop-mounted under `base`; unmounted and detached whatever happens."""
-    image, mnt = base / "btrfs.img", base / "mnt"
-    mnt.mkdir()
-    subprocess.run(["truncate", "-s", size, str(image)], check=True)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    dev = subprocess.run(
-        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
-        subprocess.run(["mount", dev, str(mnt)], check=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=False)
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
-
-
 @pytest.fixture(scope="module")
 def btrfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.fail("these tests need root (losetup, mount)")
-    with loop_btrfs(tmp_path_factory.mktemp("loop")) as mnt:
+    with dt.loop_btrfs(tmp_path_factory.mktemp("loop")) as mnt:
         yield mnt
 
 
