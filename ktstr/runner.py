@@ -74,6 +74,8 @@ class GuestRun:
     base: initramfs.BaseArchive
     channel_bytes: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """Things the guest could not do but that do not fail the run (e.g. watchdog timeout)."""
 
     @property
     def ok(self) -> bool:
@@ -233,6 +235,7 @@ def collect(timed: list[tuple[float, dict[str, Any]]], channel_errors: list[str]
         exit_code=end.get("exit_code") if end else getattr(vm, "exit_code", None),
         messages=[b for _, b in timed], channel_errors=channel_errors, timings=timings,
         vm=vm, base=base, channel_bytes=nbytes,
+        warnings=[str(m.get("text", "")) for m in by_type.get("warning", [])],
     )
     console = str(getattr(vm, "console", ""))
     kernel_problem = next(((k, m.group(0).strip()) for k, rx in KERNEL_PROBLEM_RES

@@ -218,7 +218,10 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
         state = sched.wait_attached()
         chan.send({"type": "sched_attached", "state": state, "uptime": uptime()})
         if req.scheduler.watchdog_timeout_ms:
-            chan.send(watchdog_poke(req.scheduler.watchdog_timeout_ms))
+            try:
+                chan.send(watchdog_poke(req.scheduler.watchdog_timeout_ms))
+            except GuestFailure as err:  # the run is still meaningful with the default
+                chan.send({"type": "warning", "text": err.message})
     disks = mount_disks(req.mounts)
     func = load_function(req.scenario or "", req.test_file)
     topo = Topology.parse(req.topology) if req.topology else None
