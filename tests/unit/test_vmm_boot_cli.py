@@ -1,0 +1,82 @@
+"""`ktstr boot` input validation and report parsing (no VM)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ktstr import initramfs
+from ktstr.topology import Topology
+from ktstr.vmm.cli import (
+    build_initramfs,
+    parse_cpulist,
+    parse_report,
+    topology_mismatches,
+    topology_seen,
+)
+
+KERNEL = Path("/tmp/kb/linux-source-6.12/arch/x86/boot/bzImage")
+
+
+def run_boot(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ktstr", "boot", "--sandbox", "never", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--kernel", "/nonexistent/bzImage"], "no such file"),
+        (["--kernel", __file__], "not a bzImage"),
+        (["--kernel", __file__, "--topology", "3n2l1c1t"], "multiple of numa_nodes"),
+        (["--kernel", __file__, "--memory-mb", "16"], "too small"),
+        (["--kernel", __file__, "--topology", "2n2l1c1t", "--memory-mb", "1025"], "divide"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str) -> None:
+    proc = run_boot(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_report_parsing_and_comparison() -> None:
+    topo = Topology.parse("1n2l1c2t")
+    cpus = [
+        {
+            "cpu": str(c),
+            "package": "0",
+            "siblings": ",".join(map(str, topo.siblings(c))),
+            "llc": "-".join(map(str, (topo.cpus_in_llc(c // 2)[0], topo.cpus_in_llc(c // 2)[-1]))),
+        }
+        for c in range(4)
+    ]
+    raw = b"noise\r\n" + (
+        b'{"kernel":"6.12","online":"0-3","sched_ext":"yes","cpus":'
+        + str(cpus).replace("'", '"').encode()
+        + b',"nodes":{"0":"0-3"}}\r\n'
+    )
+    report = parse_report(raw)
+    assert report is not None
+    seen = topology_seen(report)
+    assert seen.cpus == 4 and seen.siblings == [[0, 1], [2, 3]] and seen.llcs == [[0, 1], [2, 3]]
+    assert topology_mismatches(seen, topo) == []
+    assert topology_mismatches(seen, Topology.parse("1n1l4c1t"))
+    assert parse_report(b"garbage") is None
+    assert parse_cpulist("0-2,5,7-8") == [0, 1, 2, 5, 7, 8]
+
+
+def test_builtin_initramfs_has_init_and_busybox(tmp_path: Path) -> None:
+    if not Path("/bin/busybox").is_file():
+        pytest.skip("busybox-static not installed")
+    path = build_initramfs(tmp_path / "i.cpio")
+    names = {e.name for e in initramfs.decode_newc(path.read_bytes())}
+    assert {"init", "bin/busybox", "dev/console"} <= names
