@@ -35,6 +35,7 @@ default; the cache holds the bigger file, which is cheap. The cached lookup
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -273,17 +274,9 @@ def atomic_write(path: Path | str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 def write_archive(path: Path | str, entries: Iterable[CpioEntry] | Archive,
@@ -463,24 +456,97 @@ def _load_manifest(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "deps" in data else None
 
 
+class _Finder(modulefinder.ModuleFinder):
+    """modulefinder limited to the stdlib, ktstr and the test files' own directories.
+
+    Third-party packages (anything under a site-packages directory) are not
+    scanned: their static import graph is enormous (pytest reaches numpy,
+    IPython, cryptography through optional imports inside functions). They
+    are packed from what importing the test modules actually loads (see
+    :func:`trace_imports`). Namespace packages (no loader) count as not found
+    instead of crashing modulefinder.
+    """
+
+    def __init__(self, path: list[str], excludes: list[str], blocked: list[str]) -> None:
+        super().__init__(path=path, excludes=excludes)
+        self.blocked = [b.rstrip("/") + "/" for b in blocked]
+
+    def find_module(self, name: str, path: Any, parent: Any = None) -> Any:
+        try:
+            found = super().find_module(name, path, parent)
+        except AttributeError as err:
+            raise ImportError(f"{name}: {err}") from err
+        top = parent.__name__.split(".")[0] if parent is not None else name
+        pathname = found[1]
+        if top != "ktstr" and pathname and any(
+                os.path.abspath(pathname).startswith(b) for b in self.blocked):
+            if found[0] is not None:
+                found[0].close()
+            raise ImportError(f"{name}: third-party, packed from the import trace")
+        return found
+
+
+_TRACE = """
+import importlib, importlib.util, json, os, sys
+paths, files, names = json.loads(sys.argv[1])
+sys.path[:0] = paths
+for name in names:
+    importlib.import_module(name)
+for i, f in enumerate(files):
+    sys.path.insert(0, os.path.dirname(f))
+    spec = importlib.util.spec_from_file_location("_ktstr_trace_%d" % i, f)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+out = {}
+for name, mod in list(sys.modules.items()):
+    f = getattr(mod, "__file__", None)
+    if f and not name.startswith("_ktstr_trace_") and name != "__main__":
+        out[name] = f
+print(json.dumps(out))
+"""
+
+
+def trace_imports(files: Iterable[Path], path: list[str], names: Iterable[str]
+                  ) -> dict[str, str]:
+    """module -> file for everything importing ``names`` and then ``files`` loads (host run)."""
+    arg = json.dumps([path, [str(f) for f in files], list(names)])
+    proc = subprocess.run([sys.executable, "-c", _TRACE, arg], capture_output=True, text=True,
+                          check=False, cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise KtstrError("initramfs: importing the test modules on the host failed; fix "
+                         f"them first:\n{proc.stderr[-3000:]}")
+    result: dict[str, str] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def find_modules(scripts: Iterable[Path], path: list[str], extra: Iterable[str] = ()
                  ) -> dict[str, str]:
-    """module name -> host file, for everything ``scripts`` import (statically, transitively)."""
+    """module name -> host file for what the guest will import.
+
+    Static (modulefinder, imports inside functions included) over the stdlib,
+    ktstr and the test files' directories; plus whatever actually importing
+    ``extra`` and the test modules loads (third-party packages).
+    """
+    scripts = list(scripts)
     extra = tuple(extra)
     soft = [m for m in SOFT_EXCLUDES if m not in extra]
-    finder = modulefinder.ModuleFinder(path=path, excludes=[*MODULE_EXCLUDES, *soft])
+    blocked = [p for p in path if os.path.basename(p) in ("site-packages", "dist-packages")]
+    finder = _Finder(path, [*MODULE_EXCLUDES, *soft], blocked)
     for script in scripts:
         finder.run_script(str(script))
     for name in (*extra, *ALWAYS_PACKAGES, sysconfig_data_module()):
-        try:
+        # Third-party names fail here; the trace below finds them.
+        with contextlib.suppress(ImportError):
             finder.import_hook(name)
-        except ImportError as err:
-            raise KtstrError(f"initramfs: module {name!r} not found: {err}") from err
     out: dict[str, str] = {}
     for name, mod in finder.modules.items():
         file = getattr(mod, "__file__", None)
         if file and name != "__main__":
             out[name] = file
+    for name, file in trace_imports(scripts, path, extra).items():
+        if name.split(".")[0] not in MODULE_EXCLUDES:
+            out.setdefault(name, file)
     for pkg in ALWAYS_PACKAGES:
         pkg_dir = Path(out[pkg]).parent
         for f in pkg_dir.glob("*.py"):
