@@ -9,9 +9,11 @@ Ctrl-C and SIGTERM (turned into KeyboardInterrupt while a session is open).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -28,6 +30,8 @@ from ktstr.scenario.telemetry import ScenarioResult
 from ktstr.topology import Topology
 
 _SYS_CPU = "/sys/devices/system/cpu"
+_PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def host_cpus() -> list[int]:
@@ -147,6 +151,8 @@ def host_session(cpuset: str | None = None) -> Iterator[HostSession]:
     for s in old:
         signal.signal(s, _raise_interrupt)
     backend: CgroupBackend | None = None
+    # Orphans of killed workers (e.g. a fork_exit child) re-parent to us, so we reap them.
+    _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     try:
         if version == 2:
             V2Backend(base)  # enables cpuset/cpu for children of the mount root
@@ -168,8 +174,24 @@ def host_session(cpuset: str | None = None) -> Iterator[HostSession]:
             elif os.path.isdir(root):
                 os.rmdir(root)
         finally:
+            _reap_all()
             for s, handler in old.items():
                 signal.signal(s, handler)
+
+
+def _reap_all(timeout: float = 2.0) -> None:
+    """Wait for every child of this process (host mode owns all of them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid:
+            continue
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
 
 
 def run_host(

@@ -13,9 +13,10 @@ import contextlib
 import mmap
 import os
 import random
+import signal
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, runtime_checkable
@@ -151,10 +152,12 @@ class Runner:
         elif isinstance(op, MoveAllTasks):
             self._need(op.src)
             dst = self._need(op.dst)
+            target = frozenset(self.real(self.effective[dst.name]))
             for h in [h for h in self.live if h.cgroup == op.src]:
+                h.set_allowed(h.allowed | target)  # samples racing the move may show either
                 self.backend.attach(dst.name, h.pid)
                 h.cgroup = dst.name
-                h.set_allowed(frozenset(self.real(self.effective[dst.name])))
+                h.set_allowed(target)
         elif isinstance(op, SetAffinity):
             cg = self._need(op.name)
             cg.affinity = op.affinity
@@ -228,6 +231,10 @@ class Runner:
 
     def apply_cpusets(self) -> None:
         new = self.resolve_all()
+        # Placement samples racing the change may show either set: widen first.
+        changing = [h for h in self.live if frozenset(self.real(new[h.cgroup])) != h.allowed]
+        for h in changing:
+            h.set_allowed(h.allowed | frozenset(self.real(new[h.cgroup])))
         self.backend.apply_cpus(
             explicit={
                 n: (self.real(new[n]) if cg.spec is not None else None)
@@ -269,10 +276,11 @@ class Runner:
                     seed=self.rng.randrange(1 << 30),
                 )
                 cg.next_index += 1
-                h = wk.spawn(spec)
-                h.allowed = frozenset(self.real(self.effective[cg.name]))
-                handles.append(h)
-                self.live.append(h)
+                with signals_blocked():  # a Ctrl-C between fork and bookkeeping leaks a pid
+                    h = wk.spawn(spec)
+                    h.allowed = frozenset(self.real(self.effective[cg.name]))
+                    handles.append(h)
+                    self.live.append(h)
             wk.wait_started(handles)
         except wk.WorkerError as err:
             raise KtstrError(f"scenario {self.name}: {err}") from None
@@ -326,6 +334,10 @@ class Runner:
 
     def close(self) -> None:
         """Kill every worker and remove every cgroup this runner created (idempotent)."""
+        with signals_blocked():
+            self._close()
+
+    def _close(self) -> None:
         for h in self.live:
             wk.kill_and_reap(h.pid)
         self.live = []
@@ -336,6 +348,19 @@ class Runner:
         for shared in self._shared:
             _close_shared(shared)
         self._shared = []
+
+
+_DEFERRED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Defer Ctrl-C/SIGTERM/SIGHUP (delivered on exit) so bookkeeping is never cut in half."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _close_shared(obj: Any) -> None:

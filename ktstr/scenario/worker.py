@@ -211,7 +211,8 @@ class WorkerHandle:
         return self.final is None
 
     def set_allowed(self, cpus: frozenset[int]) -> None:
-        """Call after the kernel applied a new cpuset/affinity/cgroup to this worker."""
+        """Start a new placement epoch. Around a change, call it twice: before the
+        kernel applies it with old | new, and after it with the new set."""
         self.harvest_cpus()
         self._prev_allowed = self.allowed
         self.allowed = cpus
@@ -372,6 +373,8 @@ def _child(spec: WorkerSpec, mm: mmap.mmap) -> None:  # pragma: no cover - child
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # The parent forks with these signals blocked; the mask is inherited.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     if os.getppid() == 1:
         os._exit(4)
     spec.attach(os.getpid())
