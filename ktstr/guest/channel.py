@@ -93,11 +93,12 @@ class MemChannel:
 
     def send_bytes(self, data: bytes) -> None:
         with self._lock:
-            fcntl.flock(self._mem_fd, fcntl.LOCK_EX)
+            lock_fd = _process_lock()
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
                 self._writer.send_bytes(data)
             finally:
-                fcntl.flock(self._mem_fd, fcntl.LOCK_UN)
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._map.close()
@@ -113,20 +114,22 @@ class SerialChannel:
         attrs = termios.tcgetattr(self._fd)
         attrs[4] = attrs[5] = termios.B115200
         termios.tcsetattr(self._fd, termios.TCSANOW, attrs)
-        self._seq = 0
 
     def send(self, message: dict[str, Any]) -> None:
         data = encode_message(message)
         with self._lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            lock_fd = _process_lock()
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
-                frames = split_frames(data, self._seq, SERIAL_MAX_PAYLOAD)
-                self._seq += len(frames)
+                # The sequence number lives in a shared file so forked senders agree.
+                seq = int(os.pread(lock_fd, 16, 0).decode() or 0)
+                frames = split_frames(data, seq, SERIAL_MAX_PAYLOAD)
+                os.pwrite(lock_fd, b"%-15d" % (seq + len(frames)), 0)
                 for frame in frames:
                     _write_all(self._fd, serial_line(frame))
                 termios.tcdrain(self._fd)
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -140,6 +143,20 @@ class NullChannel:
 
     def close(self) -> None:
         pass
+
+
+LOCK_PATH = "/run/ktstr-channel.lock"
+_lock_fds: dict[int, int] = {}
+
+
+def _process_lock() -> int:
+    """An fd for flock opened by *this* process: flock locks belong to the open file
+    description, which a forked child would otherwise share with its parent."""
+    pid = os.getpid()
+    fd = _lock_fds.get(pid)
+    if fd is None:
+        fd = _lock_fds[pid] = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+    return fd
 
 
 def _write_all(fd: int, data: bytes) -> None:
