@@ -134,11 +134,9 @@ def _in_sandbox_argv(session: nox.Session, argv: list[str]) -> list[str]:
     return ["python", "-m", "ktstr", "sandbox", "run", "--", *argv]
 
 
-def _prepare(session: nox.Session, kernel: str, need_schedulers: bool) -> None:
-    """Build or reuse the kernel (and, for sched_ext kernels, its schedulers)."""
+def _prepare(session: nox.Session, kernel: str) -> None:
+    """Build or reuse the kernel; for a sched_ext kernel that includes its schedulers."""
     session.run("python", "-m", "ktstr", "kernel", "build", kernel)
-    if need_schedulers:
-        session.run("python", "-m", "ktstr", "kernel", "schedulers", kernel)
 
 
 def _pytest_argv(kernel: str, scheduler: str | None, jobs: int, extra: Sequence[str]) -> list[str]:
@@ -158,7 +156,7 @@ def vm_tests(session: nox.Session, kernel: str, scheduler: str) -> None:
     if reason:
         session.skip(reason)
     _install(session)
-    _prepare(session, kernel, need_schedulers=bool(kernel_has_sched_ext(kernel)))
+    _prepare(session, kernel)
     jobs = parallel_jobs()
     env = {"KTSTR_RUN_ID": run_id(kernel, scheduler), "KTSTR_SCHEDULER": scheduler,
            "KTSTR_KERNEL": kernel}
@@ -189,7 +187,7 @@ def gauntlet(session: nox.Session) -> None:
     kernel = opts.kernel or default
     _install(session)
     sched_ext = bool(kernel_has_sched_ext(kernel))
-    _prepare(session, kernel, need_schedulers=sched_ext)
+    _prepare(session, kernel)
     tmp = Path(session.create_tmp())
     specs = tmp / "specs.json"
     session.run("python", "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
