@@ -273,11 +273,30 @@ def evaluate(
     checks: Checks | Mapping[str, Any] | None = None,
     log_text: str | None = None,
 ) -> list[CheckResult]:
-    """Every enabled check over ``result`` (and ``log_text`` for scheduler health)."""
-    if not isinstance(result, ScenarioResult):
-        result = ScenarioResult.from_dict(dict(result))
+    """Every enabled check over ``result`` (and ``log_text`` for scheduler health).
+
+    ``result`` may be a ScenarioResult or its dict; an AssertResult dict (what a
+    scenario function may return instead) contributes its own results, and any
+    other mapping only the health checks.
+    """
     if not isinstance(checks, Checks):
         checks = Checks().override(checks)
+    if not isinstance(result, ScenarioResult):
+        data = dict(result or {})
+        if "workers" not in data:
+            found: list[CheckResult] = []
+            if "results" in data or data.get("kind") == "assert_result":
+                found = AssertResult.from_dict(data).results
+                if not found and not data.get("passed", True):
+                    found = [CheckResult("scenario", False, None, None,
+                                       "; ".join(data.get("details", [])) or "scenario failed")]
+            if log_text is not None and checks.health:
+                found.extend(scheduler_health(log_text))
+            return found
+        data.setdefault("name", "scenario")
+        data.setdefault("topology", "")
+        data.setdefault("duration_s", 0.0)
+        result = ScenarioResult.from_dict(data)
     workers = result.workers
     out: list[CheckResult] = []
     if not workers:

@@ -108,7 +108,10 @@ class Runner:
                 f"context: cpu_ids has {len(self.cpu_ids)} entries for "
                 f"{self.topology.nr_cpus} topology CPUs"
             )
-        self.scratch_dir: str = getattr(ctx, "scratch_dir", None) or tempfile.gettempdir()
+        self.scratch_dir: str = (
+            getattr(ctx, "scratch_dir", None) or getattr(ctx, "scratch", None)
+            or tempfile.gettempdir()
+        )
         self.rng = random.Random(getattr(ctx, "seed", 0) or 0)
         self.lifetime_s = lifetime_s
         self.cgroups: dict[str, _Cgroup] = {}
@@ -397,7 +400,11 @@ def execute_steps(
     """
     from ktstr.checks import AssertResult, evaluate
 
-    total = float(duration if duration is not None else ctx.duration)
+    if duration is None:  # the guest's ctx may only carry duration_s
+        duration = getattr(ctx, "duration", None) or getattr(ctx, "duration_s", None)
+    if duration is None:
+        raise KtstrError(f"scenario {name}: no duration (pass duration= or set ctx.duration)")
+    total = float(duration)
     if total <= 0:
         raise KtstrError(f"scenario {name}: duration must be > 0, got {total:g}")
     plan = planned_seconds(steps, total)

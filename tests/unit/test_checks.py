@@ -153,3 +153,14 @@ def test_scheduler_health() -> None:
     # evaluate() folds the log in when given one
     names = [r.name for r in evaluate(result(w()), log_text=CONSOLE_BAD) if not r.passed]
     assert "sched_ext_ejected" in names
+
+
+def test_evaluate_accepts_dicts_from_the_guest() -> None:
+    data = result(w(units=0, cpu_share=0)).to_dict()
+    del data["name"]
+    assert not by_name(evaluate(data), "starvation").passed
+    failed = AssertResult.fail("custom reason").to_dict()
+    out = evaluate({**failed, "kind": "assert_result"})
+    assert [(r.name, r.passed, r.message) for r in out] == [("scenario", False, "custom reason")]
+    assert evaluate({"anything": 1}) == []
+    assert next(r.name for r in evaluate({}, log_text=CONSOLE_OK)) == "sched_ext_ejected"
