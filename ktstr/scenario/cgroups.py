@@ -160,7 +160,10 @@ class V1Backend(CgroupBackend):
         # Grow top-down to the union, then shrink bottom-up to the target: each
         # write keeps every child inside its parent, as v1 requires.
         for name in names:
-            union = set(effective[name]) | set(previous.get(name, ()))
+            # What the kernel has now (a new v1 cgroup holds a copy of its parent's CPUs).
+            with open(os.path.join(self.path(name), "cpuset.cpus")) as f:
+                current = parse_cpu_list(f.read().strip())
+            union = set(effective[name]) | set(current)
             _write(os.path.join(self.path(name), "cpuset.cpus"), format_cpu_list(union))
         for name in reversed(names):
             _write(os.path.join(self.path(name), "cpuset.cpus"), format_cpu_list(effective[name]))
