@@ -28,8 +28,8 @@ def test_steady(ctx):
 
 @ktstr_test(topology="1n1l2c1t", duration=2.0, checks=Checks(fairness_spread_pct=35.0))
 def test_oversubscribed(ctx):
-    """Three runnable workers per CPU: nobody starves, off-CPU time stays even."""
-    return execute_defs(ctx, [CgroupDef("busy", workers=6, work=CpuSpin())])
+    """Two runnable workers per CPU: nobody starves, off-CPU time stays even."""
+    return execute_defs(ctx, [CgroupDef("busy", workers=4, work=CpuSpin())])
 
 
 @ktstr_test(topology="1n2l2c1t", duration=2.0)
