@@ -60,7 +60,7 @@ def main() -> int:
     if args.memory_mb:
         env["KTSTR_SANDBOX_MEMORY_MB"] = str(args.memory_mb)
     shell = series("sh", ["sh", "-c", "echo ready"], args.runs, env)
-    series("python", ["python3", "-c", "print('ready')"], args.runs, env)
+    series("python", [sys.executable, "-c", "print('ready')"], args.runs, env)
     verdict = "within" if shell <= TARGET_S else "OVER"
     print(f"start overhead {shell:.2f} s: {verdict} the {TARGET_S:.0f} s target")
     return 0 if shell <= TARGET_S else 1

@@ -35,24 +35,30 @@ class GuestPlan:
     gid: int = 0
     groups: Sequence[int] = ()
     disk: bool = False           # /dev/vda holds the btrfs disk-template cache
+    # A static busybox runs the setup as in-process applets: far fewer files
+    # to fetch over 9p than util-linux and friends. The command itself always
+    # starts from /bin/sh with the host's own tools.
+    busybox: str | None = None
+    setpriv: str = "setpriv"     # absolute path on the host (not busybox's applet)
 
 
 def _q(value: str) -> str:
     return shlex.quote(value)
 
 
-_PROLOGUE = r"""#!/bin/sh
+_PROLOGUE = r"""
 # ktstr sandbox init (PID 1). Messages here go to the kernel console log.
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
-log() { echo "ktstr-init: $*"; }
+log() { read -r up _ < /proc/uptime; echo "ktstr-init: [$up] $*"; }
 halt() {
     sync
     [ -x /bin/busybox ] && /bin/busybox poweroff -f
     poweroff -f -f 2>/dev/null
     exit 1   # PID 1 exiting panics; panic=-1 + QEMU -no-reboot end the VM
 }
-mount -t proc proc /proc
+# Before /proc exists busybox cannot re-run itself for an applet: call it by path.
+$BB mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
@@ -61,6 +67,7 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+log "base mounts done"
 share() {
     mkdir -p "$3" 2>/dev/null
     mount -t 9p -o "$2" "$1" "$3" || { log "cannot mount 9p share $1 at $3"; halt; }
@@ -68,6 +75,7 @@ share() {
 """
 
 _RUN = r"""
+log "shares mounted"
 ip link set lo up 2>/dev/null
 if ! grep -qw -e svm -e vmx /proc/cpuinfo; then
     echo "the sandbox CPU has no SVM/VMX" > "$S/kvm"
@@ -84,13 +92,15 @@ for p in /sys/class/virtio-ports/*; do
     [ "$name" = "$OUT_PORT" ] && out=/dev/${p##*/}
     [ "$name" = "$ERR_PORT" ] && err=/dev/${p##*/}
 done
+log "running the command"
 cd "$CWD" || { log "working directory $CWD is missing inside"; echo 126 > "$S/status"; halt; }
 # A clean environment: only what the host passed through env.sh.
 inner='. "$1" || exit 126; shift
 [ -e /run/ktstr/disk-ok ] || unset KTSTR_DISK_CACHE_DIR
 exec "$@"'
-$AS_USER env -i /bin/sh -c "$inner" sh "$S/env.sh" "$@" </dev/null >"$out" 2>"$err"
+$AS_USER /usr/bin/env -i /bin/sh -c "$inner" sh "$S/env.sh" "$@" </dev/null >"$out" 2>"$err"
 rc=$?
+log "command exited with status $rc"
 echo "$rc" > "$S/status.tmp" && mv "$S/status.tmp" "$S/status"
 """
 
@@ -103,7 +113,8 @@ halt
 
 def render_init(plan: GuestPlan) -> str:
     """The init script for one run (pure: same plan, same bytes)."""
-    lines = [_PROLOGUE]
+    shell = f"{plan.busybox} sh" if plan.busybox else "/bin/sh"
+    lines = [f"#!{shell}\nBB={_q(plan.busybox or '')}", _PROLOGUE]
     lines.append(f"S={_q(plan.scratch)}\nCWD={_q(plan.cwd)}\n"
                  f"OUT_PORT={_q(STDOUT_PORT)}\nERR_PORT={_q(STDERR_PORT)}\n")
     for share in plan.shares:
@@ -120,7 +131,7 @@ def render_init(plan: GuestPlan) -> str:
         lines.append("AS_USER=\n")
     else:
         groups = ",".join(str(g) for g in plan.groups) or str(plan.gid)
-        lines.append(f"AS_USER='setpriv --reuid={plan.uid} --regid={plan.gid} "
+        lines.append(f"AS_USER='{plan.setpriv} --reuid={plan.uid} --regid={plan.gid} "
                      f"--groups={groups}'\n")
     lines.append("set -- " + " ".join(_q(a) for a in plan.argv) + "\n")
     lines.append(_RUN)

@@ -95,3 +95,20 @@ def sandbox_kernel() -> Path:
         return _ensure()
     raise KtstrError(f"no sandbox kernel: set ${ENV_VAR} to a bzImage built with "
                      f"kernels/ktstr.kconfig + kernels/sandbox.kconfig")
+
+
+def kernel_hz(bzimage: Path) -> int | None:
+    """CONFIG_HZ of `bzimage`, from the .config beside it (cache entry or build tree)."""
+    candidates = [bzimage.parent / ".config"]
+    if len(bzimage.parents) > 3:
+        candidates.append(bzimage.parents[3] / ".config")   # <O>/arch/x86/boot/bzImage
+    for config in candidates:
+        try:
+            text = config.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("CONFIG_HZ="):
+                value = line.split("=", 1)[1]
+                return int(value) if value.isdigit() else None
+    return None

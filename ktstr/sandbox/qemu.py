@@ -64,14 +64,15 @@ def _esc(value: object) -> str:
 
 
 def kernel_cmdline(root: Share, init: str, *, quiet: bool = True,
-                   tsc_khz: int | None = None, extra: Sequence[str] = ()) -> str:
+                   tsc_khz: int | None = None, hz: int | None = None,
+                   extra: Sequence[str] = ()) -> str:
     """The outer kernel's command line: 9p root (read-only), our init, no reboot loops."""
     if any(c.isspace() for c in init):
         raise KtstrError(f"sandbox init path {init!r} contains whitespace; "
                          f"set TMPDIR to a path without spaces")
     parts = [
         "console=ttyS0",
-        "loglevel=1" if quiet else "loglevel=7",
+        "loglevel=1" if quiet else "loglevel=7 printk.time=1",
         *(["quiet"] if quiet else []),
         f"root={root.tag}", "rootfstype=9p", f"rootflags={root.mount_options()}", "ro",
         f"init={init}",
@@ -82,6 +83,8 @@ def kernel_cmdline(root: Share, init: str, *, quiet: bool = True,
         "random.trust_cpu=on",
         # microvm has no HPET/PM timer to calibrate the TSC against (see tsc.py).
         *([f"tsc_early_khz={tsc_khz}", "tsc=reliable"] if tsc_khz else []),
+        # Secondary CPUs otherwise calibrate their delay loop, slowly and in vain.
+        *([f"lpj={tsc_khz * 1000 // hz}"] if tsc_khz and hz else []),
         *extra,
     ]
     return " ".join(parts)

@@ -31,7 +31,7 @@ from ktstr.sandbox import guest_init
 from ktstr.sandbox.detect import in_sandbox
 from ktstr.sandbox.diskcache import disk_cache
 from ktstr.sandbox.environ import guest_environment, render_env_script
-from ktstr.sandbox.kernel import sandbox_kernel
+from ktstr.sandbox.kernel import kernel_hz, sandbox_kernel
 from ktstr.sandbox.qemu import ROOT_TAG, Machine, Share, find_qemu, kernel_cmdline, qemu_command
 from ktstr.sandbox.tsc import host_tsc_khz
 
@@ -42,6 +42,7 @@ DEBUG_ENV = "KTSTR_SANDBOX_DEBUG"     # 1: print the console log and QEMU's outp
 MAX_DEFAULT_MEMORY_MB = 8192
 TIMEOUT_EXIT = 124                     # like timeout(1)
 KILL_GRACE_S = 3.0
+POWEROFF_GRACE_S = 10.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -121,6 +122,20 @@ def writable_shares(paths: Sequence[Path], scratch: Path) -> list[Share]:
     return [Share(tag=f"kt{i}", host_path=p, guest_path=str(p),
                   cache="none" if p == scratch.resolve() else "mmap")
             for i, p in enumerate(kept)]
+
+
+def _static_busybox() -> str | None:
+    """/bin/busybox when it is statically linked (it then needs nothing else over 9p)."""
+    path = Path("/bin/busybox")
+    try:
+        with path.open("rb") as f:
+            header = f.read(4096)
+    except OSError:
+        return None
+    # A dynamic ELF names its interpreter (PT_INTERP) near the start of the file.
+    if header[:4] != b"\x7fELF" or b"/ld-linux" in header or b"ld.so" in header:
+        return None
+    return str(path)
 
 
 def _pdeathsig() -> None:
@@ -289,7 +304,8 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
         (scratch / guest_init.ENV_FILE).write_text(render_env_script(guest_env))
         plan = guest_init.GuestPlan(
             scratch=str(scratch.resolve()), shares=shares, cwd=str(work), argv=list(argv),
-            uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), disk=True)
+            uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), disk=True,
+            busybox=_static_busybox(), setpriv=shutil.which("setpriv") or "setpriv")
         init = scratch / guest_init.INIT_FILE
         init.write_text(guest_init.render_init(plan))
         init.chmod(0o755)
@@ -303,7 +319,7 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
         machine = Machine(
             qemu=qemu, kernel=bzimage, memory_mb=memory_mb, cpus=cpus,
             cmdline=kernel_cmdline(root, str(init.resolve()), quiet=not debug,
-                                   tsc_khz=host_tsc_khz()),
+                                   tsc_khz=host_tsc_khz(), hz=kernel_hz(bzimage)),
             shares=[root, *shares], disk=disk.path, console_log=console_log,
             stdout_path=f"/proc/self/fd/{out_w}", stderr_path=f"/proc/self/fd/{err_w}")
         with open(qemu_log, "wb") as log:
@@ -323,11 +339,19 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
             run.threads.append(t)
 
         deadline = None if not timeout else time.monotonic() + timeout
+        status = scratch / guest_init.STATUS_FILE
+        reported: float | None = None
         while proc.poll() is None:
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 _stop(proc)
                 raise SandboxTimeout(f"sandbox command did not finish within {timeout:g} s; "
                                      f"VM stopped (raise --timeout)")
+            # The command is done; a guest that fails to power off must not hang us.
+            if reported is None and status.exists():
+                reported = now
+            if reported is not None and now - reported > POWEROFF_GRACE_S:
+                _stop(proc)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(0.2)
         for t in run.threads:
@@ -336,7 +360,6 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
     kvm = scratch / guest_init.KVM_FILE
     if kvm.exists() and kvm.read_text().strip() != "ok":
         print(f"ktstr: sandbox: warning: {kvm.read_text().strip()}", file=sys.stderr)
-    status = scratch / guest_init.STATUS_FILE
     if not status.exists():
         raise KtstrError(f"sandbox VM exited (QEMU status {proc.returncode}) before the "
                          f"command finished: {_why(console_log, qemu_log)} "
