@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ktstr.paths import repo_root
 from ktstr.sandbox.kernel import sandbox_kernel
 
 pytestmark = pytest.mark.sandbox
@@ -33,7 +34,9 @@ def kernel() -> Path:
 def env(tmp_path: Path, kernel: Path) -> Iterator[dict[str, str]]:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    e = dict(os.environ, KTSTR_SANDBOX_KERNEL=str(kernel), TMPDIR=str(tmp),
+    # ktstr importable from any cwd, installed or not.
+    pythonpath = os.pathsep.join(filter(None, [str(repo_root()), os.environ.get("PYTHONPATH")]))
+    e = dict(os.environ, KTSTR_SANDBOX_KERNEL=str(kernel), TMPDIR=str(tmp), PYTHONPATH=pythonpath,
              KTSTR_CACHE_DIR=str(tmp_path / "cache"), KTSTR_SANDBOX_MEMORY_MB=MEMORY_MB)
     e.pop("KTSTR_IN_SANDBOX", None)
     yield e
