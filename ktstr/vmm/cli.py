@@ -23,6 +23,7 @@ from ktstr.vmm import layout
 BUSYBOX = Path("/bin/busybox")
 INIT_MARKER = "KTSTR-INIT-REACHED"
 """The built-in init prints this on the console first thing (benchmarks time it)."""
+REPORT_TAG = "KTSTR-REPORT"
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin
@@ -32,14 +33,14 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 printf '\%(magic)03o' | dd of=/dev/port bs=1 seek=%(boot_port)d count=1 2>/dev/null
-echo %(marker)s > /dev/console
+# Report lines go through /dev/kmsg: printk reaches the console by polling, so they do
+# not depend on serial interrupts. <2> keeps them visible under `quiet`.
+k() { echo "<2>$*" > /dev/kmsg; }
+k %(marker)s
 r() { tr -d '\n' < "$1" 2>/dev/null; }
-stty -F /dev/ttyS1 raw -echo 2>/dev/null
-{
-printf '{"kernel":"%%s","online":"%%s","sched_ext":"%%s","cpus":[' \
-  "$(uname -r)" "$(r /sys/devices/system/cpu/online)" \
-  "$([ -d /sys/kernel/sched_ext ] && echo yes || echo no)"
-sep=
+j="{\"kernel\":\"$(uname -r)\",\"online\":\"$(r /sys/devices/system/cpu/online)\""
+j="$j,\"sched_ext\":\"$([ -d /sys/kernel/sched_ext ] && echo yes || echo no)\"}"
+k "%(report)s $j"
 for d in /sys/devices/system/cpu/cpu[0-9]*; do
   [ -d "$d/topology" ] || continue
   llc=; lvl=0
@@ -48,22 +49,19 @@ for d in /sys/devices/system/cpu/cpu[0-9]*; do
     l=$(r "$c/level")
     if [ "$l" -ge "$lvl" ]; then lvl=$l; llc=$(r "$c/shared_cpu_list"); fi
   done
-  printf '%%s{"cpu":"%%s","package":"%%s","die":"%%s","core":"%%s","siblings":"%%s",' \
-    "$sep" "${d##*/cpu}" "$(r $d/topology/physical_package_id)" "$(r $d/topology/die_id)" \
-    "$(r $d/topology/core_id)" "$(r $d/topology/thread_siblings_list)"
-  printf '"llc":"%%s","llc_level":"%%s","apic":"%%s"}' "$llc" "$lvl" \
-    "$(grep -m1 -A20 "^processor.*: ${d##*/cpu}\$" /proc/cpuinfo | grep -m1 '^apicid' | tr -dc 0-9)"
-  sep=,
+  n=${d##*/cpu}
+  apic=$(grep -A20 "^processor.*: $n\$" /proc/cpuinfo | grep -m1 '^apicid' | tr -dc 0-9)
+  j="{\"cpu\":\"$n\",\"package\":\"$(r $d/topology/physical_package_id)\""
+  j="$j,\"die\":\"$(r $d/topology/die_id)\",\"core\":\"$(r $d/topology/core_id)\""
+  j="$j,\"siblings\":\"$(r $d/topology/thread_siblings_list)\""
+  j="$j,\"llc\":\"$llc\",\"llc_level\":\"$lvl\",\"apic\":\"$apic\"}"
+  k "%(report)s-CPU $j"
 done
-printf '],"nodes":{'
-sep=
 for d in /sys/devices/system/node/node[0-9]*; do
   [ -d "$d" ] || continue
-  printf '%%s"%%s":"%%s"' "$sep" "${d##*/node}" "$(r $d/cpulist)"
-  sep=,
+  k "%(report)s-NODE {\"node\":\"${d##*/node}\",\"cpus\":\"$(r $d/cpulist)\"}"
 done
-printf '}}\n'
-} > /dev/ttyS1
+k %(report)s-END
 sync
 printf '\000' | dd of=/dev/port bs=1 seek=%(exit_port)d count=1 2>/dev/null
 if [ -d /sys/firmware/acpi/tables ]; then poweroff -f; fi
@@ -77,6 +75,7 @@ def init_script() -> str:
         "boot_port": layout.BOOT_PORT,
         "exit_port": layout.EXIT_PORT,
         "marker": INIT_MARKER,
+        "report": REPORT_TAG,
     }
 
 
@@ -111,16 +110,35 @@ def parse_cpulist(text: str) -> list[int]:
     return out
 
 
-def parse_report(channel2: bytes) -> dict[str, Any] | None:
-    text = channel2.decode("utf-8", "replace").replace("\r", "")
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end < start:
+def parse_report(output: bytes | str) -> dict[str, Any] | None:
+    """The init's report from the console (``KTSTR-REPORT`` lines), ``None`` if incomplete."""
+    text = output.decode("utf-8", "replace") if isinstance(output, bytes) else output
+    report: dict[str, Any] | None = None
+    cpus: list[dict[str, Any]] = []
+    nodes: dict[str, str] = {}
+    complete = False
+    for line in text.replace("\r", "").splitlines():
+        _tag, found, rest = line.partition(REPORT_TAG)
+        if not found:
+            continue
+        kind, _, payload = rest.partition(" ")
+        try:
+            obj = json.loads(payload) if payload.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if kind == "" and isinstance(obj, dict):
+            report = obj
+        elif kind == "-CPU" and isinstance(obj, dict):
+            cpus.append(obj)
+        elif kind == "-NODE" and isinstance(obj, dict):
+            nodes[str(obj.get("node"))] = str(obj.get("cpus", ""))
+        elif kind == "-END":
+            complete = True
+    if report is None or not complete:
         return None
-    try:
-        report = json.loads(text[start : end + 1])
-    except json.JSONDecodeError:
-        return None
-    return report if isinstance(report, dict) else None
+    report["cpus"] = cpus
+    report["nodes"] = nodes
+    return report
 
 
 @dataclass
@@ -263,7 +281,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    report = parse_report(result.channel2)
+    report = parse_report(result.console)
     seen = topology_seen(report) if report else None
     mismatches = topology_mismatches(seen, topology) if seen else ["no report from the guest"]
     summary: dict[str, Any] = {

@@ -24,6 +24,8 @@ class IrqLine:
         self._level = False
         self._eventfd: int | None = None
         self._closed = False
+        self.raises = 0
+        """Rising edges sent (diagnostics)."""
 
     def set_level(self, high: bool) -> None:
         with self._lock:
@@ -31,6 +33,7 @@ class IrqLine:
                 return
             self._level = high
             self._vm.irq_line(self.gsi, high)
+            self.raises += int(high)
 
     def trigger(self) -> None:
         """An edge: the irqfd if KVM accepted one, else a 1-0 pulse on the line."""

@@ -50,26 +50,23 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str) -> None:
 
 def test_report_parsing_and_comparison() -> None:
     topo = Topology.parse("1n2l1c2t")
-    cpus = [
-        {
-            "cpu": str(c),
-            "package": "0",
-            "siblings": ",".join(map(str, topo.siblings(c))),
-            "llc": "-".join(map(str, (topo.cpus_in_llc(c // 2)[0], topo.cpus_in_llc(c // 2)[-1]))),
-        }
-        for c in range(4)
-    ]
-    raw = b"noise\r\n" + (
-        b'{"kernel":"6.12","online":"0-3","sched_ext":"yes","cpus":'
-        + str(cpus).replace("'", '"').encode()
-        + b',"nodes":{"0":"0-3"}}\r\n'
-    )
-    report = parse_report(raw)
+    lines = ['[    1.0] KTSTR-REPORT {"kernel":"6.12","online":"0-3","sched_ext":"yes"}']
+    for c in range(4):
+        llc = topo.cpus_in_llc(c // 2)
+        sib = ",".join(map(str, topo.siblings(c)))
+        lines.append(
+            f'KTSTR-REPORT-CPU {{"cpu":"{c}","package":"0","siblings":"{sib}",'
+            f'"llc":"{llc[0]}-{llc[-1]}","apic":"{c}"}}\r'
+        )
+    lines += ['KTSTR-REPORT-NODE {"node":"0","cpus":"0-3"}', "noise", "KTSTR-REPORT-END"]
+    report = parse_report("\n".join(lines))
     assert report is not None
     seen = topology_seen(report)
     assert seen.cpus == 4 and seen.siblings == [[0, 1], [2, 3]] and seen.llcs == [[0, 1], [2, 3]]
+    assert seen.nodes == [[0, 1, 2, 3]]
     assert topology_mismatches(seen, topo) == []
     assert topology_mismatches(seen, Topology.parse("1n1l4c1t"))
+    assert parse_report("\n".join(lines[:-1])) is None  # no END line: incomplete
     assert parse_report(b"garbage") is None
     assert parse_cpulist("0-2,5,7-8") == [0, 1, 2, 5, 7, 8]
 

@@ -61,7 +61,7 @@ def test_guest_sees_the_declared_topology(kernel: Path, initramfs: Path, label: 
     assert not result.panicked and not result.timed_out
     assert result.boot_ms is not None and 0 < result.boot_ms < result.duration_s * 1000
     assert INIT_MARKER in result.console
-    report = parse_report(result.channel2)
+    report = parse_report(result.console)
     assert report is not None, result.console_tail
     seen = topology_seen(report)
     want = topology_expected(topology)
