@@ -33,6 +33,7 @@ from ktstr.sandbox.diskcache import disk_cache
 from ktstr.sandbox.environ import guest_environment, render_env_script
 from ktstr.sandbox.kernel import kernel_hz, sandbox_kernel
 from ktstr.sandbox.qemu import ROOT_TAG, Machine, Share, find_qemu, kernel_cmdline, qemu_command
+from ktstr.sandbox.shims import resolve_shim
 from ktstr.sandbox.tsc import host_tsc_khz
 
 MEMORY_ENV = "KTSTR_SANDBOX_MEMORY_MB"
@@ -43,6 +44,8 @@ MAX_DEFAULT_MEMORY_MB = 8192
 TIMEOUT_EXIT = 124                     # like timeout(1)
 KILL_GRACE_S = 3.0
 POWEROFF_GRACE_S = 10.0
+RUNDIR_PREFIX = "ktstr-sandbox-"
+OWNER_FILE = "owner.pid"
 PR_SET_PDEATHSIG = 1
 
 
@@ -217,6 +220,37 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale_rundirs(tmp: Path, *, min_age_s: float = 60.0) -> list[Path]:
+    """Remove run directories left by a `ktstr` that was SIGKILLed (its QEMU died with it).
+
+    Only directories whose owner process is gone, and old enough that a run
+    being set up right now (owner file not yet written) is never touched.
+    """
+    removed = []
+    now = time.time()
+    for path in tmp.glob(RUNDIR_PREFIX + "*"):
+        try:
+            if now - path.stat().st_mtime < min_age_s:
+                continue
+            pid = int((path / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @dataclass
 class _Run:
     """What a run must tear down, whatever happens."""
@@ -260,8 +294,10 @@ def run_in_sandbox(argv: Sequence[str], *, memory_mb: int | None = None,
         raise KtstrError("already inside the sandbox (KTSTR_IN_SANDBOX=1); run the command "
                          "directly")
     qemu = find_qemu()
-    run = _Run(Path(tempfile.mkdtemp(prefix="ktstr-sandbox-")),
+    reap_stale_rundirs(Path(tempfile.gettempdir()))
+    run = _Run(Path(tempfile.mkdtemp(prefix=RUNDIR_PREFIX)),
                debug=os.environ.get(DEBUG_ENV) == "1")
+    (run.rundir / OWNER_FILE).write_text(str(os.getpid()))
     try:
         with _signals_raise():
             return _run(run, qemu, argv, memory_mb=memory_mb, cpus=cpus, timeout=timeout,
@@ -285,7 +321,7 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
     cpus = cpus or default_cpus()
     timeout = timeout if timeout is not None else default_timeout()
     work = (cwd or Path.cwd()).resolve()
-    host_env = dict(os.environ if env is None else env)
+    argv, host_env = resolve_shim(argv, os.environ if env is None else env, work)
     debug = run.debug
     cache = cache_root()
     cache.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,14 @@ from ktstr.cli import main
 from ktstr.errors import KtstrError
 from ktstr.sandbox import dispatch
 from ktstr.sandbox.diskcache import LOCK_NAME, PERSISTENT_NAME, disk_cache
-from ktstr.sandbox.run import checkout_dir, run_in_sandbox, writable_shares
+from ktstr.sandbox.run import (
+    OWNER_FILE,
+    RUNDIR_PREFIX,
+    checkout_dir,
+    reap_stale_rundirs,
+    run_in_sandbox,
+    writable_shares,
+)
 from ktstr.sandbox.tsc import host_tsc_khz
 
 
@@ -105,3 +113,22 @@ def test_cli_status_has_four_lines(capsys: pytest.CaptureFixture[str]) -> None:
 def test_host_tsc_frequency_is_plausible() -> None:
     khz = host_tsc_khz()
     assert khz is not None and 100_000 < khz < 10_000_000
+
+
+def test_reap_stale_rundirs(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old = time.time() - 3600
+
+    def rundir(name: str, pid: int, mtime: float) -> Path:
+        d = tmp_path / f"{RUNDIR_PREFIX}{name}"
+        d.mkdir()
+        (d / OWNER_FILE).write_text(str(pid))
+        os.utime(d, (mtime, mtime))
+        return d
+
+    stale = rundir("stale", dead.pid, old)
+    mine = rundir("mine", os.getpid(), old)
+    fresh = rundir("fresh", dead.pid, time.time())
+    assert reap_stale_rundirs(tmp_path) == [stale]
+    assert not stale.exists() and mine.exists() and fresh.exists()
