@@ -74,6 +74,16 @@ def test_dev_kvm_exists_inside(env: dict[str, str]) -> None:
     assert "warning" not in r.stderr
 
 
+def test_kvm_inside_is_real(env: dict[str, str]) -> None:
+    # KVM_GET_API_VERSION and KVM_CREATE_VM reach kvm_amd in the sandbox kernel.
+    script = ('import fcntl, os; fd = os.open("/dev/kvm", os.O_RDWR); '
+              'print(fcntl.ioctl(fd, 0xAE00), fcntl.ioctl(fd, 0xAE01, 0) > 0, '
+              'os.path.exists("/sys/module/kvm_amd"))')
+    r = ktstr_sandbox("--", sys.executable, "-c", script, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "12 True True\n"
+
+
 def test_exit_status_comes_back_unchanged(env: dict[str, str]) -> None:
     r = ktstr_sandbox("--", "sh", "-c", "echo out; echo err >&2; exit 3", env=env)
     assert r.returncode == 3
