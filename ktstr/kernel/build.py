@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def run_logged(cmd: Sequence[str], log: Path, *, what: str, total: int | None = 
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     count = 0
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as out:
+    with log.open("a", buffering=1) as out:  # line-buffered: `tail -f` works
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -137,14 +138,21 @@ def previous_lines(log: Path) -> int | None:
     return None
 
 
-def build_bzimage(src: Path, out: Path, log: Path, *, base: str, label: str) -> float:
-    """`make -jN bzImage`; returns seconds. Progress estimate from the key's last build."""
+def children_cpu() -> float:
+    """CPU seconds (user + sys) of finished child processes: load-independent cost."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def build_bzimage(src: Path, out: Path, log: Path, *, base: str,
+                  label: str) -> tuple[float, float]:
+    """`make -jN bzImage`; returns (wall, CPU) seconds. Progress estimate from the last build."""
     count_file = out / ".ktstr-lines"
     estimate = previous_lines(count_file) or DEFAULT_LINES.get(base, 3000)
-    start = time.monotonic()
+    start, cpu = time.monotonic(), children_cpu()
     lines = make(src, out, "bzImage", log=log, what=f"building {label}", total=estimate,
                  progress=None, parallel=True)
     seconds = time.monotonic() - start
     with contextlib.suppress(OSError):
         count_file.write_text(f"{lines}\n")
-    return seconds
+    return seconds, children_cpu() - cpu

@@ -134,7 +134,8 @@ def _build(plan: Plan, root: Path) -> KernelEntry:
         _say(f"not available in this kernel ({plan.kernel_id}), skipped: {names}")
     phases["configure"] = time.monotonic() - t
 
-    phases["make"] = kbuild.build_bzimage(src, out, log, base=plan.base, label=label)
+    phases["make"], phases["make_cpu"] = kbuild.build_bzimage(src, out, log, base=plan.base,
+                                                              label=label)
 
     t = time.monotonic()
     version = kbuild.kernelrelease(src, out)
