@@ -9,7 +9,7 @@ import nox
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ktstr.sessions import checks, kernels, vm  # noqa: E402
+from ktstr.sessions import checks, kernels, vm
 
 nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_existing_virtualenvs = True

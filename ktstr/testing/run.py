@@ -124,7 +124,10 @@ def judge(
     run_failed = bool(reason)
     if expect_err:
         if run_failed and isinstance(expect_err, str):
-            text = "\n".join([reason, outcome.failure_message, _one_line(outcome.sched_exit)])
+            # Match the classified failure and the scheduler's exit report only: a
+            # console full of unrelated noise must not satisfy the expectation.
+            text = "\n".join([str(outcome.failure_kind or ""), outcome.failure_message,
+                              *(c.line() for c in failed)])
             if not re.search(expect_err, text, re.IGNORECASE):
                 return Verdict(
                     False, "fail",

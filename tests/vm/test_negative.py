@@ -17,14 +17,14 @@ QMAP_ERROR = BUILTIN["scx_qmap"].with_args("-e", "200", name="scx_qmap_error")
 
 
 @ktstr_test(topology="1n1l2c1t", scheduler=QMAP_STALL, duration=6.0, watchdog_timeout=2.0,
-            expect_err="stall", gauntlet=False)
+            expect_err="runnable task stall", gauntlet=False)
 def test_qmap_stall_is_ejected(ctx):
     """Stalled threads: the watchdog ejects the scheduler within its timeout."""
     return execute_defs(ctx, [CgroupDef("victims", workers=6)])
 
 
 @ktstr_test(topology="1n1l2c1t", scheduler=QMAP_ERROR, duration=3.0,
-            expect_err="error", gauntlet=False)
+            expect_err=r"runtime error|scx_bpf_error", gauntlet=False)
 def test_qmap_error_is_reported(ctx):
     """scx_bpf_error() after 200 enqueues: the scheduler exits with an error."""
     return execute_defs(ctx, [CgroupDef("load", workers=4)])
