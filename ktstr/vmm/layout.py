@@ -80,8 +80,8 @@ keyboard, 3/4 the UARTs, 8 the RTC, 9 the ACPI SCI; 16..23 are the KVM IOAPIC's 
 VIRTIO_MMIO_SLOTS = len(VIRTIO_MMIO_IRQS)
 
 SCI_IRQ = 9
-"""FADT SCI_INT. The FADT is hardware-reduced, so Linux never installs an SCI handler, but a
-zero SCI_INT would make Linux treat the MADT's IRQ0 override as the SCI override."""
+"""FADT SCI_INT (level, active high via a MADT override). Nothing raises it: the platform
+has no fixed or general-purpose ACPI events."""
 
 IOAPIC_ADDR = 0xFEC0_0000
 IOAPIC_SIZE = 0x1000
@@ -114,21 +114,25 @@ BOOT_MAGIC = 123
 EXIT_PORT = 0x501
 """The guest writes its exit status (one byte, or a 4-byte little-endian int) here."""
 
-SLEEP_CONTROL_PORT = 0x600
-SLEEP_STATUS_PORT = 0x601
-"""FADT SLEEP_CONTROL_REG / SLEEP_STATUS_REG (system I/O, 8 bits each)."""
+PM1A_EVT_PORT = 0x600
+PM1_EVT_LEN = 4
+"""FADT PM1a_EVT_BLK: status (2 bytes) then enable (2 bytes). No fixed events exist, so both
+read as zero."""
+PM1A_CNT_PORT = 0x604
+PM1_CNT_LEN = 2
+"""FADT PM1a_CNT_BLK: Linux's legacy ACPI poweroff writes ``SLP_TYP | SLP_EN`` here."""
 S5_SLP_TYP = 5
-"""The SLP_TYP value the DSDT's \\_S5 package gives; poweroff writes it to the control port."""
-SLEEP_ENABLE = 0x20
-SLEEP_TYPE_SHIFT = 2
-SLEEP_TYPE_MASK = 0x1C
-SLEEP_POWEROFF_VALUE = ((S5_SLP_TYP << SLEEP_TYPE_SHIFT) & SLEEP_TYPE_MASK) | SLEEP_ENABLE
-"""The byte Linux's ``acpi_hw_extended_sleep(S5)`` writes to SLEEP_CONTROL_PORT (0x34)."""
+"""The SLP_TYP value the DSDT's \\_S5 package gives; poweroff writes it to PM1a_CNT."""
+PM1_SLP_TYP_SHIFT = 10
+PM1_SLP_TYP_MASK = 0x7 << PM1_SLP_TYP_SHIFT
+PM1_SLP_EN = 1 << 13
+PM1_POWEROFF_VALUE = (S5_SLP_TYP << PM1_SLP_TYP_SHIFT) | PM1_SLP_EN
+"""The 16-bit value Linux's ``acpi_hw_legacy_sleep(S5)`` writes to PM1A_CNT_PORT (0x3400)."""
 
 
-def sleep_control_is_poweroff(value: int) -> bool:
-    """True if a byte written to SLEEP_CONTROL_PORT requests S5 (soft off)."""
-    return bool(value & SLEEP_ENABLE) and (value & SLEEP_TYPE_MASK) >> SLEEP_TYPE_SHIFT == (
+def pm1_control_is_poweroff(value: int) -> bool:
+    """True if a value written to PM1A_CNT_PORT requests S5 (soft off)."""
+    return bool(value & PM1_SLP_EN) and (value & PM1_SLP_TYP_MASK) >> PM1_SLP_TYP_SHIFT == (
         S5_SLP_TYP
     )
 

@@ -143,7 +143,7 @@ def check_tables(topo: Topology, memory: int) -> Parsed:
     (ioapic,) = [e for etype, e in madt_entries(madt) if etype == 1]
     assert struct.unpack_from("<II", ioapic, 4) == (layout.IOAPIC_ADDR, 0)
     isos = {e[3]: struct.unpack_from("<IH", e, 4) for etype, e in madt_entries(madt) if etype == 2}
-    assert isos[0] == (2, 0)
+    assert 0 not in isos  # IRQ0 stays on pin 0, matching KVM's default GSI routing
     assert isos[layout.SCI_IRQ] == (layout.SCI_IRQ, 0xD)
     (nmi,) = [e for etype, e in madt_entries(madt) if etype == 4]
     assert nmi[2] == 0xFF and nmi[5] == 1  # all CPUs, LINT1
@@ -182,14 +182,36 @@ def test_fadt_fields() -> None:
     fadt = p.tables[b"FACP"]
     assert len(fadt) == 276 and fadt[8] == 6 and fadt[131] == 3
     (flags,) = struct.unpack_from("<I", fadt, 112)
-    assert flags & (1 << 20)  # HW_REDUCED_ACPI
+    assert not flags & (1 << 20)  # not hardware-reduced: Linux keeps the legacy IRQs
     (sci,) = struct.unpack_from("<H", fadt, 46)
     assert sci == layout.SCI_IRQ
-    for off, port in ((244, layout.SLEEP_CONTROL_PORT), (256, layout.SLEEP_STATUS_PORT)):
+    (smi_cmd,) = struct.unpack_from("<I", fadt, 48)
+    assert smi_cmd == 0  # already in ACPI mode
+    pm1a_evt, _, pm1a_cnt, _, _, pm_tmr, gpe0, gpe1 = struct.unpack_from("<8I", fadt, 56)
+    assert (pm1a_evt, pm1a_cnt) == (layout.PM1A_EVT_PORT, layout.PM1A_CNT_PORT)
+    assert pm_tmr == gpe0 == gpe1 == 0
+    assert tuple(fadt[88:90]) == (layout.PM1_EVT_LEN, layout.PM1_CNT_LEN)
+    for off, port, length in (
+        (148, layout.PM1A_EVT_PORT, layout.PM1_EVT_LEN),
+        (172, layout.PM1A_CNT_PORT, layout.PM1_CNT_LEN),
+    ):
         space, width, shift, access, addr = struct.unpack_from("<BBBBQ", fadt, off)
-        assert (space, width, shift, access, addr) == (1, 8, 0, 1, port)
-    # No legacy fixed hardware blocks.
-    assert struct.unpack_from("<8I", fadt, 56) == (0,) * 8
+        assert (space, width, shift, access, addr) == (1, 8 * length, 0, 2, port)
+    (facs32,) = struct.unpack_from("<I", fadt, 36)
+    (facs64,) = struct.unpack_from("<Q", fadt, 132)
+    tables = acpi.build_acpi_tables(PRESETS["tiny-1llc"], [[(0, 2 * GiB)]])
+    facs_addr, facs_len = tables.tables["FACS"]
+    assert facs_len == 64 and facs_addr % 64 == 0
+    off = facs_addr - tables.base
+    assert tables.data[off : off + 64] == acpi.facs()
+    assert facs32 == facs64 != 0
+
+
+def test_facs_layout() -> None:
+    facs = acpi.facs()
+    assert len(facs) == 64 and facs[:4] == b"FACS"
+    assert struct.unpack_from("<I", facs, 4) == (64,)
+    assert facs[32] == 2  # version
 
 
 def test_dsdt_s5_package() -> None:
@@ -198,7 +220,7 @@ def test_dsdt_s5_package() -> None:
     # Name(_S5_, Package(4){5, 0, 0, 0})
     assert aml == bytes([0x08]) + b"_S5_" + bytes([0x12, 0x07, 0x04, 0x0A, 5, 0, 0, 0])
     slp_typ = aml[aml.index(b"\x0a") + 1]
-    assert (slp_typ << 2) | 0x20 == layout.SLEEP_POWEROFF_VALUE
+    assert (slp_typ << 10) | (1 << 13) == layout.PM1_POWEROFF_VALUE
 
 
 def test_pkg_length_encodings() -> None:
@@ -278,20 +300,20 @@ def test_iasl_disassembles_every_table(tmp_path: Path, topo: Topology) -> None:
         path = tmp_path / f"{sig.lower()}.dat"
         path.write_bytes(t.data[gpa - t.base : gpa - t.base + length])
         decoded[sig] = iasl_disassemble(path)
-    assert set(decoded) == {"XSDT", "FACP", "DSDT", "APIC", "SRAT", "SLIT"}
+    assert set(decoded) == {"XSDT", "FACP", "FACS", "DSDT", "APIC", "SRAT", "SLIT"}
     madt = decoded["APIC"]
     xapic = sum(1 for p in topo.places if p.apic_id <= 254)
     assert madt.count("[Processor Local APIC]") == xapic
     assert madt.count("[Processor Local x2APIC]") == topo.nr_cpus - xapic
     assert madt.count("[I/O APIC]") == 1
-    assert madt.count("[Interrupt Source Override]") == 2
+    assert madt.count("[Interrupt Source Override]") == 1  # the SCI only
     srat = decoded["SRAT"]
     assert srat.count("[Processor Local APIC/SAPIC Affinity]") == xapic
     assert srat.count("[Processor Local x2APIC Affinity]") == topo.nr_cpus - xapic
     assert srat.count("[Memory Affinity]") == sum(
         len(r) for r in layout.numa_ram_ranges(2 * GiB, topo.numa_nodes)
     )
-    assert "Hardware Reduced (V5) : 1" in decoded["FACP"]
+    assert "Hardware Reduced (V5) : 0" in decoded["FACP"]
     assert re.search(r"Name \(_S5, Package \(0x04\)[^{]*\{\s*0x05,", decoded["DSDT"])
 
 

@@ -87,43 +87,14 @@ def test_ports_are_distinct() -> None:
         layout.I8042_COMMAND_PORT,
         layout.BOOT_PORT,
         layout.EXIT_PORT,
-        layout.SLEEP_CONTROL_PORT,
-        layout.SLEEP_STATUS_PORT,
+        *range(layout.PM1A_EVT_PORT, layout.PM1A_EVT_PORT + layout.PM1_EVT_LEN),
+        *range(layout.PM1A_CNT_PORT, layout.PM1A_CNT_PORT + layout.PM1_CNT_LEN),
     ]
     assert len(ports) == len(set(ports))
 
 
-def test_poweroff_byte_matches_linux_extended_sleep() -> None:
-    # acpi_hw_extended_sleep: ((SLP_TYP << 2) & 0x1C) | SLP_EN(0x20)
-    assert layout.SLEEP_POWEROFF_VALUE == (5 << 2) | 0x20 == 0x34
-    assert layout.sleep_control_is_poweroff(0x34)
-    assert not layout.sleep_control_is_poweroff(0x80)  # WAK_STS clear, written first
-    assert not layout.sleep_control_is_poweroff(0x14)  # SLP_TYP 5 without SLP_EN
-
-
-@pytest.mark.parametrize("memory", [2 * GiB, 6 * GiB, 3 * GiB + 512 * MiB])
-@pytest.mark.parametrize("nodes", [1, 2, 3, 4])
-def test_numa_ranges_cover_ram_exactly(memory: int, nodes: int) -> None:
-    split = layout.numa_ram_ranges(memory, nodes)
-    assert len(split) == nodes
-    flat = [r for ranges in split for r in ranges]
-    # Consecutive, no overlap, exactly the RAM regions.
-    merged: list[tuple[int, int]] = []
-    for gpa, size in flat:
-        assert size > 0
-        if merged and merged[-1][0] + merged[-1][1] == gpa:
-            merged[-1] = (merged[-1][0], merged[-1][1] + size)
-        else:
-            merged.append((gpa, size))
-    assert merged == layout.ram_regions(memory)
-    assert split[0][0][0] == 0
-    sizes = [sum(s for _, s in ranges) for ranges in split]
-    for size in sizes[:-1]:
-        assert size % layout.NUMA_ALIGN == 0
-        assert size == sizes[0]
-    assert sizes[-1] >= sizes[0]
-
-
-def test_numa_ranges_too_small() -> None:
-    with pytest.raises(KtstrError, match="too small"):
-        layout.numa_ram_ranges(64 * MiB, 32)
+def test_poweroff_value_matches_linux_legacy_sleep() -> None:
+    # acpi_hw_legacy_sleep: SLP_TYP in bits 10..12, SLP_EN is bit 13
+    assert layout.PM1_POWEROFF_VALUE == (5 << 10) | (1 << 13) == 0x3400
+    assert layout.pm1_control_is_poweroff(0x3400)
+    assert not layout.pm1_control_is_poweroff(5 << 10)  # SLP_TYP is written alone first

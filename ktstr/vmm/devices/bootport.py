@@ -3,13 +3,12 @@
 * ``layout.BOOT_PORT``: the guest init writes ``BOOT_MAGIC``; the first such
   write is timestamped (boot time = that moment minus VM start).
 * ``layout.EXIT_PORT``: the guest's exit status (a byte, or 4 bytes little endian).
-* ``layout.SLEEP_CONTROL_PORT``: the FADT's hardware-reduced sleep register;
+* ``layout.PM1A_CNT_PORT``: the FADT's PM1a control block;
   an S5 request is the guest powering off.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
@@ -60,28 +59,23 @@ class ExitPort:
 
 
 class SleepControl:
-    """ACPI hardware-reduced sleep control/status registers; S5 calls ``on_poweroff``."""
+    """ACPI PM1a event/control blocks; an S5 request on PM1a_CNT calls ``on_poweroff``."""
 
     def __init__(self, on_poweroff: Callable[[], None]) -> None:
         self.on_poweroff = on_poweroff
-        self._lock = threading.Lock()
-        self.status = 0
 
     def attach(self, ctx: AttachContext) -> None:
-        ctx.add_pio(layout.SLEEP_CONTROL_PORT, 1, self)
-        ctx.add_pio(layout.SLEEP_STATUS_PORT, 1, self)
+        ctx.add_pio(layout.PM1A_EVT_PORT, layout.PM1_EVT_LEN, self)
+        ctx.add_pio(layout.PM1A_CNT_PORT, layout.PM1_CNT_LEN, self)
 
     def close(self) -> None:
         pass
 
     def pio_read(self, port: int, size: int) -> bytes:
-        value = self.status if port == layout.SLEEP_STATUS_PORT else 0
-        return bytes([value]) * size
+        return bytes(size)  # no events pending or enabled; SCI_EN reads clear (no SMI_CMD)
 
     def pio_write(self, port: int, data: bytes) -> None:
-        if port == layout.SLEEP_STATUS_PORT:
-            with self._lock:
-                self.status &= ~data[0] & 0xFF  # write-1-to-clear
-            return
-        if layout.sleep_control_is_poweroff(data[0]):
+        if port != layout.PM1A_CNT_PORT or len(data) < 2:
+            return  # PM1 status/enable writes: there are no events to clear or enable
+        if layout.pm1_control_is_poweroff(int.from_bytes(data[:2], "little")):
             self.on_poweroff()

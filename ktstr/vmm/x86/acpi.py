@@ -1,12 +1,16 @@
-"""ACPI tables for the guest: RSDP, XSDT, FADT, DSDT, MADT, SRAT, SLIT.
+"""ACPI tables for the guest: RSDP, XSDT, FADT, FACS, DSDT, MADT, SRAT, SLIT.
 
 Linux takes CPU enumeration (MADT), NUMA placement (SRAT, SLIT) and the
-poweroff path (FADT + DSDT ``\\_S5``) from these. The platform is
-*hardware-reduced* ACPI: no PM1 event/control blocks, no PM timer, no GPEs.
-Poweroff therefore goes through the FADT's extended sleep registers: Linux's
-``acpi_hw_extended_sleep(S5)`` writes 0x80 to SLEEP_STATUS_REG (clear WAK_STS),
-then ``(SLP_TYP << 2) | SLP_EN`` = ``layout.SLEEP_POWEROFF_VALUE`` to
-SLEEP_CONTROL_REG, both byte-wide system-I/O ports from ``layout``.
+poweroff path (FADT + DSDT ``\\_S5``) from these. The platform is a legacy-PC
+ACPI one, not hardware-reduced: a hardware-reduced FADT makes Linux drop the
+legacy PIC, and then the raw ISA IRQs of the UARTs (3, 4) and of the
+``virtio_mmio.device=`` slots (5, 6, 7, 10..15) have no interrupt mapping.
+PM1a event/control blocks are two system-I/O ports from ``layout``; there is
+no PM timer, no GPE block and no SMI command port (so Linux finds the platform
+already in ACPI mode). Poweroff is Linux's ``acpi_hw_legacy_sleep(S5)``:
+``SLP_TYP << 10 | SLP_EN`` written to PM1a_CNT (``layout.PM1_POWEROFF_VALUE``).
+IRQ0 has no interrupt source override: KVM's default routing sends GSI 0
+(the in-kernel PIT) to IOAPIC pin 0.
 
 Logical CPU order is MADT order, which is ``Topology.places`` order (boot CPU,
 APIC ID 0, first). APIC IDs below 255 use xAPIC entries (MADT type 0, SRAT type
@@ -43,13 +47,17 @@ FADT_F_WBINVD = 1 << 0
 FADT_F_PWR_BUTTON = 1 << 4
 """Set = no fixed-feature power button."""
 FADT_F_SLP_BUTTON = 1 << 5
-FADT_F_HW_REDUCED_ACPI = 1 << 20
+FACS_SIZE = 64
+FACS_VERSION = 2
+FACS_ALIGN = 64
 IAPC_NO_VGA = 1 << 2
 IAPC_NO_CMOS_RTC = 1 << 5
 """No 8042 flag: Linux skips probing the keyboard controller (reset still works)."""
 HYPERVISOR_VENDOR = b"KTSTRVMM"
 GAS_SYSTEM_IO = 1
 GAS_ACCESS_BYTE = 1
+GAS_ACCESS_WORD = 2
+GAS_ACCESS_DWORD = 3
 
 # MADT
 MADT_REVISION = 5
@@ -132,24 +140,34 @@ def xsdt(table_addrs: Sequence[int]) -> bytes:
     return table(b"XSDT", XSDT_REVISION, struct.pack(f"<{len(table_addrs)}Q", *table_addrs))
 
 
-def fadt(dsdt_addr: int) -> bytes:
+def fadt(dsdt_addr: int, facs_addr: int) -> bytes:
     body = bytearray(FADT_SIZE - HEADER_SIZE)
 
     def put(offset: int, fmt: str, *values: int | bytes) -> None:
         struct.pack_into(fmt, body, offset - HEADER_SIZE, *values)
 
+    put(36, "<I", facs_addr)
     put(40, "<I", dsdt_addr if dsdt_addr < 1 << 32 else 0)
     put(46, "<H", layout.SCI_IRQ)
+    put(56, "<I", layout.PM1A_EVT_PORT)
+    put(64, "<I", layout.PM1A_CNT_PORT)
+    put(88, "<BB", layout.PM1_EVT_LEN, layout.PM1_CNT_LEN)
     put(109, "<H", IAPC_NO_VGA | IAPC_NO_CMOS_RTC)
-    put(112, "<I", FADT_F_WBINVD | FADT_F_PWR_BUTTON | FADT_F_SLP_BUTTON | FADT_F_HW_REDUCED_ACPI)
+    put(112, "<I", FADT_F_WBINVD | FADT_F_PWR_BUTTON | FADT_F_SLP_BUTTON)
     put(131, "<B", FADT_MINOR_REVISION)
+    put(132, "<Q", facs_addr)
     put(140, "<Q", dsdt_addr)
-    sleep_ctl = gas(GAS_SYSTEM_IO, 8, layout.SLEEP_CONTROL_PORT, GAS_ACCESS_BYTE)
-    sleep_sts = gas(GAS_SYSTEM_IO, 8, layout.SLEEP_STATUS_PORT, GAS_ACCESS_BYTE)
-    body[244 - HEADER_SIZE : 256 - HEADER_SIZE] = sleep_ctl
-    body[256 - HEADER_SIZE : 268 - HEADER_SIZE] = sleep_sts
+    pm1_evt = gas(GAS_SYSTEM_IO, 8 * layout.PM1_EVT_LEN, layout.PM1A_EVT_PORT, GAS_ACCESS_WORD)
+    pm1_cnt = gas(GAS_SYSTEM_IO, 8 * layout.PM1_CNT_LEN, layout.PM1A_CNT_PORT, GAS_ACCESS_WORD)
+    body[148 - HEADER_SIZE : 160 - HEADER_SIZE] = pm1_evt
+    body[172 - HEADER_SIZE : 184 - HEADER_SIZE] = pm1_cnt
     put(268, "<8s", HYPERVISOR_VENDOR)
     return table(b"FACP", FADT_REVISION, bytes(body))
+
+
+def facs() -> bytes:
+    """Firmware ACPI Control Structure: required on non-hardware-reduced platforms; no checksum."""
+    return struct.pack("<4sIIIIIQB3xI24x", b"FACS", FACS_SIZE, 0, 0, 0, 0, 0, FACS_VERSION, 0)
 
 
 # --- AML -------------------------------------------------------------------------------
@@ -216,8 +234,6 @@ def madt(topology: Topology) -> bytes:
             any_x2apic = True
             body += struct.pack("<BBHIII", MADT_X2APIC, 16, 0, p.apic_id, LAPIC_ENABLED, p.cpu)
     body += struct.pack("<BBBBII", MADT_IOAPIC, 12, IOAPIC_ID, 0, layout.IOAPIC_ADDR, 0)
-    # IRQ0 (PIT) is wired to IOAPIC pin 2, as on PCs and in KVM's default routing.
-    body += struct.pack("<BBBBIH", MADT_ISO, 10, 0, 0, 2, ISO_FLAGS_CONFORMING)
     body += struct.pack(
         "<BBBBIH", MADT_ISO, 10, 0, layout.SCI_IRQ, layout.SCI_IRQ, ISO_FLAGS_LEVEL_HIGH
     )
@@ -282,7 +298,7 @@ def build_acpi_tables(
     *,
     max_size: int = layout.ACPI_MAX_SIZE,
 ) -> AcpiTables:
-    """RSDP at ``base``, then XSDT, FADT, DSDT, MADT, SRAT and SLIT.
+    """RSDP at ``base``, then XSDT, FADT, FACS, DSDT, MADT, SRAT and SLIT.
 
     ``node_ranges[n]`` lists the guest-physical RAM ranges (gpa, size) of NUMA node n.
     """
@@ -297,17 +313,20 @@ def build_acpi_tables(
         "SRAT": srat(topology, node_ranges),
         "SLIT": slit(topology.numa_nodes),
     }
-    # Layout: RSDP | XSDT | FADT | DSDT | APIC | SRAT | SLIT, each 16-byte aligned.
+    # Layout: RSDP | XSDT | FADT | FACS | DSDT | APIC | SRAT | SLIT, each 16-byte aligned
+    # (the FACS 64-byte aligned).
     listed = [sig for sig in ("APIC", "SRAT", "SLIT") if sig in blobs]
     xsdt_addr = _align(base + RSDP_SIZE)
     xsdt_len = HEADER_SIZE + 8 * (1 + len(listed))
     fadt_addr = _align(xsdt_addr + xsdt_len)
-    addr = _align(fadt_addr + FADT_SIZE)
-    where: dict[str, tuple[int, int]] = {}
+    facs_addr = _align(fadt_addr + FADT_SIZE, FACS_ALIGN)
+    blobs["FACS"] = facs()
+    addr = _align(facs_addr + FACS_SIZE)
+    where: dict[str, tuple[int, int]] = {"FACS": (facs_addr, FACS_SIZE)}
     for sig in ("DSDT", *listed):
         where[sig] = (addr, len(blobs[sig]))
         addr = _align(addr + len(blobs[sig]))
-    blobs["FACP"] = fadt(where["DSDT"][0])
+    blobs["FACP"] = fadt(where["DSDT"][0], facs_addr)
     where["FACP"] = (fadt_addr, FADT_SIZE)
     blobs["XSDT"] = xsdt([fadt_addr] + [where[sig][0] for sig in listed])
     where["XSDT"] = (xsdt_addr, xsdt_len)
