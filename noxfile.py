@@ -13,7 +13,8 @@ from ktstr.sessions import checks, kernels, vm
 
 nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["tests"]
+# No default selection: `nox -l --json` lists every session (it is the CI matrix source).
+# Name a session to run one: `nox -s tests`, `nox -s vm_tests`.
 
 
 @nox.session
