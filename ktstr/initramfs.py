@@ -43,6 +43,7 @@ import json
 import modulefinder
 import os
 import shutil
+import site
 import stat
 import subprocess
 import sys
@@ -394,6 +395,26 @@ def default_busybox() -> Path | None:
     return Path(found) if found else None
 
 
+def search_path(spec: BaseSpec) -> list[str]:
+    """Where the guest's modules are looked up: ktstr, the test files' directories, the
+    interpreter's stdlib and site-packages. Deliberately not ``sys.path``, which also
+    holds the invoking script's directory and whatever pytest inserted, so the same
+    request yields the same archive from any caller."""
+    paths = sysconfig.get_paths()
+    stdlib = paths["stdlib"]
+    candidates = [
+        str(KTSTR_DIR.parent),
+        *(str(Path(t).resolve().parent) for t in spec.test_files),
+        stdlib,
+        os.path.join(stdlib, "lib-dynload"),
+        paths["platstdlib"],
+        *site.getsitepackages(),
+        paths["purelib"],
+        paths["platlib"],
+    ]
+    return list(dict.fromkeys(os.path.abspath(p) for p in candidates if os.path.isdir(p)))
+
+
 def _cache_key(spec: BaseSpec, python: str) -> str:
     """Names what is asked for; whether the packed files changed is the manifest's job."""
     roots = [python, *(str(p) for p in spec.test_files), *(str(p) for p in spec.binaries)]
@@ -402,8 +423,9 @@ def _cache_key(spec: BaseSpec, python: str) -> str:
     blob = json.dumps({
         "v": FORMAT_VERSION,
         "roots": [os.path.abspath(r) for r in roots],
-        "sys_path": sys.path,
-        "ktstr": str(KTSTR_DIR),
+        "search": search_path(spec),
+        # The packer's own code: a change to how archives are built invalidates them.
+        "packer": [_stat_sig(str(Path(__file__).resolve())), _stat_sig(elf.__file__)],
         "modules": spec.modules,
         "compression": spec.compression,
         "strip": spec.strip,
@@ -609,19 +631,16 @@ def pack_runtime(spec: BaseSpec, python: str) -> tuple[Archive, set[str], list[s
     archive.add_chardev("dev/null", 1, 3, 0o666)
     deps: set[str] = set()
 
-    test_dirs = [str(Path(t).resolve().parent) for t in spec.test_files]
-    search = [str(KTSTR_DIR.parent), *test_dirs,
-              *(p for p in sys.path if p and os.path.isdir(p))]
-    search = list(dict.fromkeys(os.path.abspath(p) for p in search))
+    search = search_path(spec)
     modules = find_modules(spec.test_files, search, (GUEST_MODULE, *spec.modules))
 
     elf_files: list[str] = []
-    used_dirs: set[str] = set()
+    used_dirs: dict[str, None] = {}
     for name, host_file in sorted(modules.items()):
         host_file = os.path.abspath(host_file)
-        root = _search_root(host_file, name, search)
-        if root:
-            used_dirs.add(root)
+        root = _module_root(host_file, name)
+        if root is not None:
+            used_dirs[root] = None
         if host_file.endswith(".py"):
             mtime = int(os.stat(host_file).st_mtime)
             real = add_host_path(archive, host_file, mtime=mtime)
@@ -661,7 +680,9 @@ def pack_runtime(spec: BaseSpec, python: str) -> tuple[Archive, set[str], list[s
     if spec.busybox:
         _add_busybox(archive, os.path.abspath(spec.busybox))
 
+    # Search order first; then roots only the import trace knew (.pth-added paths).
     guest_path = [p for p in search if p in used_dirs]
+    guest_path += [p for p in used_dirs if p not in guest_path]
     init = (f"#!{python} {INTERP_FLAGS}\n"
             "import sys\n"
             f"sys.path[:0] = {guest_path!r}\n"
@@ -677,13 +698,24 @@ def pack_runtime(spec: BaseSpec, python: str) -> tuple[Archive, set[str], list[s
     return archive, deps, guest_path
 
 
-def _search_root(host_file: str, module: str, search: list[str]) -> str | None:
-    """The sys.path entry ``module`` was found under."""
-    depth = module.count(".") + (1 if os.path.basename(host_file).startswith("__init__.") else 0)
-    root = os.path.dirname(host_file)
-    for _ in range(depth):
-        root = os.path.dirname(root)
-    return root if root in search else None
+def _module_root(host_file: str, module: str) -> str | None:
+    """The sys.path entry ``module`` lives under (``a.b`` in ``R/a/b.py`` -> ``R``).
+
+    None for aliases whose file does not sit at their name's place
+    (``os.path`` is posixpath.py, ``_frozen_importlib`` is importlib/_bootstrap.py).
+    """
+    parts = module.split(".")
+    base = os.path.basename(host_file)
+    if base.startswith("__init__."):
+        parts.append("__init__")
+    here = os.path.dirname(host_file)
+    if base.split(".")[0] != parts[-1]:
+        return None
+    for part in reversed(parts[:-1]):
+        if os.path.basename(here) != part:
+            return None
+        here = os.path.dirname(here)
+    return here
 
 
 def _add_busybox(archive: Archive, busybox: str) -> None:
@@ -696,9 +728,15 @@ def _add_busybox(archive: Archive, busybox: str) -> None:
         archive.add_symlink(sh, busybox)
 
 
-def build_suffix(files: dict[str, bytes], first_ino: int = 1 << 24) -> bytes:
-    """The small per-run archive (uncompressed: tiny, and nothing to gain)."""
+def build_suffix(files: dict[str, bytes], compression: str = "none",
+                 first_ino: int = 1 << 24) -> bytes:
+    """The small per-run archive.
+
+    It must use the base's compression: the kernel's lz4 reader (legacy
+    frames carry no end marker) would otherwise swallow a plain cpio that
+    follows it, silently dropping the suffix.
+    """
     archive = Archive()
     for name, data in files.items():
         archive.add_file(name, data, 0o644)
-    return archive.encode(first_ino)
+    return compress(archive.encode(first_ino), compression)

@@ -175,7 +175,7 @@ def run_guest(
     with tempfile.TemporaryDirectory(prefix="ktstr-run-") as tmp:
         suffix = Path(tmp) / "run.cpio"
         suffix.write_bytes(initramfs.build_suffix(
-            {"ktstr/request.json": request.to_json().encode()}))
+            {"ktstr/request.json": request.to_json().encode()}, compression))
         vm = Vm(Path(kernel), [base.path, suffix], topo, memory_mb=memory_mb,
                 cmdline_extra=extra, devices=vm_devices, timeout=timeout, quiet=quiet,
                 on_console=on_console, console_input=console_input)
