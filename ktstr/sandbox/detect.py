@@ -56,7 +56,7 @@ def _open_error(err: OSError) -> str:
 
 def _load_probe() -> Callable[[], float] | None:
     try:
-        from ktstr.vmm import probe  # type: ignore[attr-defined]
+        from ktstr.vmm import probe
     except ImportError:
         return None
     fn = getattr(probe, "measure_guest_mips", None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ktstr.sandbox.detect import KVM_DEVICE, PVM_MODULE, detect_kvm, in_sandbox
+from ktstr.sandbox.detect import KVM_DEVICE, MIN_GUEST_MIPS, PVM_MODULE, detect_kvm, in_sandbox
 
 
 def test_missing_device(tmp_path: Path) -> None:
@@ -51,3 +51,12 @@ def test_in_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
     assert in_sandbox()
     monkeypatch.delenv("KTSTR_IN_SANDBOX")
     assert not in_sandbox()
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not os.access(KVM_DEVICE, os.R_OK | os.W_OK), reason="no usable /dev/kvm")
+def test_throughput_probe_decides_when_the_module_check_passes(tmp_path: Path) -> None:
+    status = detect_kvm(pvm_module=tmp_path / "absent")
+    assert status.mips is not None and status.mips > 0
+    assert status.usable == (status.mips >= MIN_GUEST_MIPS)
+    assert ("too slow" in status.reason) != status.usable
