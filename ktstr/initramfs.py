@@ -28,9 +28,13 @@ zstd -3     10.38     0.21         40
 =========  =======  ==========  ==============
 
 The kernel must unpack the cpio either way; decompression is pure extra boot
-time, while copying 30 MB into guest RAM costs a few ms. ``none`` is the
-default; the cache holds the bigger file, which is cheap. The cached lookup
-(stat of every packed file) takes ~2 ms.
+time, while copying 30 MB into guest RAM costs a few ms. Booted for real (6.12
+test kernel, nested KVM in the sandbox, `sh -c true`, two rounds), guest uptime
+when init ran was none 10.2/-, lz4 17.8/9.7, zstd 15.0/15.6, gzip 14.4/11.2 s:
+the emulated host's noise exceeds any difference between formats. ``none`` is
+the default (no decompression work anywhere); the cache holds the bigger file,
+which is cheap. The cached lookup (stat of every packed file) takes ~2 ms
+natively, ~1 s under the sandbox's emulation.
 """
 
 from __future__ import annotations
@@ -730,11 +734,10 @@ def _add_busybox(archive: Archive, busybox: str) -> None:
 
 def build_suffix(files: dict[str, bytes], compression: str = "none",
                  first_ino: int = 1 << 24) -> bytes:
-    """The small per-run archive.
+    """The small per-run archive, placed *before* the base in the initrd.
 
-    It must use the base's compression: the kernel's lz4 reader (legacy
-    frames carry no end marker) would otherwise swallow a plain cpio that
-    follows it, silently dropping the suffix.
+    Uncompressed by default. It must not follow an lz4 base: the kernel's lz4
+    reader (legacy frames carry no end marker) consumes whatever follows.
     """
     archive = Archive()
     for name, data in files.items():

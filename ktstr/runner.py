@@ -26,6 +26,7 @@ from ktstr.vmm.devices.channel import ResultChannel
 
 KERNEL_PROBLEM_RES = (
     ("panic", re.compile(r"Kernel panic - not syncing[^\n]*")),
+    ("initramfs", re.compile(r"Initramfs unpacking failed[^\n]*")),
     ("kernel_bug", re.compile(r"(?m)^.*\bBUG: [^\n]*")),
     ("kernel_oops", re.compile(r"(?m)^.*\bOops: [^\n]*")),
     ("kernel_warning", re.compile(r"(?m)^.*\bWARNING: [^\n]*")),
@@ -175,8 +176,10 @@ def run_guest(
     with tempfile.TemporaryDirectory(prefix="ktstr-run-") as tmp:
         suffix = Path(tmp) / "run.cpio"
         suffix.write_bytes(initramfs.build_suffix(
-            {"ktstr/request.json": request.to_json().encode()}, compression))
-        vm = Vm(Path(kernel), [base.path, suffix], topo, memory_mb=memory_mb,
+            {"ktstr/request.json": request.to_json().encode()}))
+        # The suffix goes first: the kernel's lz4 reader consumes everything after an lz4
+        # stream (legacy frames have no end marker), so nothing may follow the base.
+        vm = Vm(Path(kernel), [suffix, base.path], topo, memory_mb=memory_mb,
                 cmdline_extra=extra, devices=vm_devices, timeout=timeout, quiet=quiet,
                 on_console=on_console, console_input=console_input)
         if vm_hook is not None:
