@@ -224,6 +224,7 @@ def install_entry(root: Path, key: str, files: dict[str, Path],
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=base))
     try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the kernel from other users
         artifacts: dict[str, object] = {}
         for name, src in files.items():
             _copy_synced(src, tmp / name)
@@ -246,6 +247,7 @@ def install_schedulers(entry: KernelEntry, binaries: dict[str, Path]) -> KernelE
     """Add scheduler binaries to an existing entry (caller holds the key's lock)."""
     tmp = Path(tempfile.mkdtemp(prefix=".schedulers-tmp-", dir=entry.path))
     try:
+        tmp.chmod(0o755)
         records: dict[str, object] = {}
         for name, src in sorted(binaries.items()):
             _copy_synced(src, tmp / name)
