@@ -73,9 +73,23 @@ class _RangeMap:
 class PioBus:
     def __init__(self) -> None:
         self._map = _RangeMap("pio bus")
+        self._cache: dict[int, object] = {}
 
     def add(self, port: int, length: int, device: PioDevice) -> None:
         self._map.add(port, length, device)
+        self._cache = {}
+
+    def device_for(self, port: int, size: int) -> PioDevice | None:
+        """The device decoding ``size`` bytes at ``port``, or None; cached per (port, size)."""
+        key = port << 3 | size
+        try:
+            return self._cache[key]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        hit = self._map.find(port, size)
+        device = None if hit is None else hit[1]
+        self._cache[key] = device
+        return device  # type: ignore[return-value]
 
     def read(self, port: int, size: int) -> bytes:
         hit = self._map.find(port, size)

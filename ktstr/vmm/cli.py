@@ -24,6 +24,8 @@ BUSYBOX = Path("/bin/busybox")
 INIT_MARKER = "KTSTR-INIT-REACHED"
 """The built-in init prints this on the console first thing (benchmarks time it)."""
 REPORT_TAG = "KTSTR-REPORT"
+EXIT_SITES_SHOWN = 16
+"""How many of the most frequent exit sites (port/address) the report lists."""
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin
@@ -301,6 +303,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
         "panicked": result.panicked,
         "error": result.error,
         "exit_counts": result.total_exits,
+        "exit_sites": dict(list(result.exit_sites.items())[:EXIT_SITES_SHOWN]),
     }
     ok = result.exit_code == 0 and not mismatches
     if args.json:
@@ -325,6 +328,8 @@ def _print_human(summary: dict[str, Any], result: Any) -> None:
     for line in summary["mismatches"]:
         print(f"mismatch: {line}")
     print("exits: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["exit_counts"].items())))
+    if summary["exit_sites"]:
+        print("exit sites: " + ", ".join(f"{k}: {v}" for k, v in summary["exit_sites"].items()))
     if result.error:
         print(f"error: {result.error}")
     if result.error or summary["mismatches"]:

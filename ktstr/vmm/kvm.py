@@ -217,6 +217,22 @@ class kvm_lapic_state(ctypes.Structure):
     _fields_ = [("regs", c_char * KVM_APIC_REG_SIZE)]
 
 
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [
+        ("nr_xcrs", c_uint32),
+        ("flags", c_uint32),
+        ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+        ("padding", c_uint64 * 16),
+    ]
+
+
 class kvm_mp_state(ctypes.Structure):
     _fields_ = [("mp_state", c_uint32)]
 
@@ -383,6 +399,8 @@ KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_MAX_VCPU_ID = 128
 KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_XCRS = 56
+KVM_CAP_TSC_DEADLINE_TIMER = 72
 
 # --- request numbers ---------------------------------------------------------
 
@@ -412,6 +430,8 @@ KVM_SET_FPU = IOW(KVMIO, 0x8D, kvm_fpu)
 KVM_GET_LAPIC = IOR(KVMIO, 0x8E, kvm_lapic_state)
 KVM_SET_LAPIC = IOW(KVMIO, 0x8F, kvm_lapic_state)
 KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)
+KVM_GET_XCRS = IOR(KVMIO, 0xA6, kvm_xcrs)
+KVM_SET_XCRS = IOW(KVMIO, 0xA7, kvm_xcrs)
 KVM_GET_MP_STATE = IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = IOW(KVMIO, 0x99, kvm_mp_state)
 
@@ -427,6 +447,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _ioctl.restype = ctypes.c_int
+
+run_ioctl = _libc.ioctl
+"""A separate libc ``ioctl`` handle for the KVM_RUN hot path: ``(fd, request, 0)``, all ints
+(cheaper argument conversion than the pointer-typed one); errno via ``ctypes.get_errno``."""
+run_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+run_ioctl.restype = ctypes.c_int
 
 
 class KvmIoctlError(OSError):
@@ -629,6 +655,18 @@ class VcpuFd(KvmFd):
 
     def set_lapic(self, state: kvm_lapic_state) -> None:
         self.ioctl(KVM_SET_LAPIC, state)
+
+    def get_xcrs(self) -> dict[int, int]:
+        buf = kvm_xcrs()
+        self.ioctl(KVM_GET_XCRS, buf)
+        return {buf.xcrs[i].xcr: buf.xcrs[i].value for i in range(buf.nr_xcrs)}
+
+    def set_xcrs(self, values: dict[int, int]) -> None:
+        buf = kvm_xcrs(nr_xcrs=len(values))
+        for i, (xcr, value) in enumerate(sorted(values.items())):
+            buf.xcrs[i].xcr = xcr
+            buf.xcrs[i].value = value
+        self.ioctl(KVM_SET_XCRS, buf)
 
     def get_mp_state(self) -> int:
         state = kvm_mp_state()

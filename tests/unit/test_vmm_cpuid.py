@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ktstr.topology import PRESETS, Topology
-from ktstr.vmm.x86.cpuid import CpuidEntry, cpuid_for_vcpu, family_model, vendor
+from ktstr.vmm.x86.cpuid import (
+    CPUID1_ECX_TSC_DEADLINE,
+    CpuidEntry,
+    cpuid_for_vcpu,
+    family_model,
+    vendor,
+    xcr0_for,
+)
 
 SIG = KVM_SIG = 1
 
@@ -259,3 +266,25 @@ def test_real_supported_cpuid() -> None:
     supported = [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in raw]
     for name in ("smt-2llc", "odd-3llc", "numa2-8llc", "max-64cpu"):
         check_topology(PRESETS[name], supported)
+
+
+@pytest.mark.parametrize("deadline", [False, True])
+def test_tsc_deadline_bit_follows_the_capability(deadline: bool) -> None:
+    topo = Topology(1, 1, 2, 1)
+    # KVM never reports the bit; the Intel fixture has it set, the AMD one clear: either
+    # way the guest sees exactly what the capability says.
+    for supported in (amd_supported(), intel_supported()):
+        out = cpuid_for_vcpu(supported, topo, topo.place(0), tsc_deadline=deadline)
+        leaf1 = next(e for e in out if e.function == 1)
+        assert bool(leaf1.ecx & CPUID1_ECX_TSC_DEADLINE) == deadline
+        assert leaf1.ecx & (1 << 31)  # hypervisor bit untouched by the option
+
+
+def test_xcr0_covers_every_offered_state_component() -> None:
+    xsave = [_e(0x1, 0, 0, 0, 0, 1 << 26, 0), _e(0xD, 0, SIG, 0x207, 0x240, 0xA88, 0)]
+    assert xcr0_for(xsave) == 0x207
+    assert xcr0_for([_e(0x1, 0, 0, 0, 0, 1 << 26, 0), _e(0xD, 0, SIG, 0x6, 0, 0, 1)]) == (
+        1 << 32 | 0x7
+    )  # EDX holds components 32..63; x87 is always on
+    assert xcr0_for([_e(0x1, 0, 0, 0, 0, 0, 0), _e(0xD, 0, SIG, 0x207, 0, 0, 0)]) == 0
+    assert xcr0_for(intel_supported()) == 0  # no leaf 0xD

@@ -59,10 +59,16 @@ class ExitPort:
 
 
 class SleepControl:
-    """ACPI PM1a event/control blocks; an S5 request on PM1a_CNT calls ``on_poweroff``."""
+    """ACPI PM1a event/control blocks; an S5 request on PM1a_CNT calls ``on_poweroff``.
+
+    PM1 status reads zero (no event ever fires); PM1 enable keeps what the guest writes,
+    since ACPICA verifies an enable by reading it back (the Global Lock event otherwise
+    fails with "Could not enable GlobalLock event" at error level).
+    """
 
     def __init__(self, on_poweroff: Callable[[], None]) -> None:
         self.on_poweroff = on_poweroff
+        self.enable = bytearray(layout.PM1_EVT_LEN // 2)
 
     def attach(self, ctx: AttachContext) -> None:
         ctx.add_pio(layout.PM1A_EVT_PORT, layout.PM1_EVT_LEN, self)
@@ -72,9 +78,17 @@ class SleepControl:
         pass
 
     def pio_read(self, port: int, size: int) -> bytes:
-        return bytes(size)  # no events pending or enabled; SCI_EN reads clear (no SMI_CMD)
+        off = port - (layout.PM1A_EVT_PORT + len(self.enable))
+        if 0 <= off < len(self.enable):
+            return bytes(self.enable[off : off + size]).ljust(size, b"\0")
+        return bytes(size)  # no events pending; SCI_EN reads clear (no SMI_CMD)
 
     def pio_write(self, port: int, data: bytes) -> None:
+        off = port - (layout.PM1A_EVT_PORT + len(self.enable))
+        if 0 <= off < len(self.enable):
+            n = min(len(data), len(self.enable) - off)
+            self.enable[off : off + n] = data[:n]
+            return
         if port != layout.PM1A_CNT_PORT or len(data) < 2:
             return  # PM1 status/enable writes: there are no events to clear or enable
         if layout.pm1_control_is_poweroff(int.from_bytes(data[:2], "little")):

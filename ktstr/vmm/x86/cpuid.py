@@ -9,7 +9,9 @@ leaf               what the guest derives from it
 =================  ==========================================================
 0x1 EBX[31:24]     initial APIC ID (8 bits; the full ID comes from 0xB/0x8000001E)
 0x1 EBX[23:16]     addressable IDs per package; with EDX.HTT the legacy SMT shift
-0x1 ECX            hypervisor bit (set), x2APIC (kept as KVM supports it)
+0x1 ECX            hypervisor bit (set), x2APIC (kept as KVM supports it), TSC-deadline
+                   timer (set when KVM_CAP_TSC_DEADLINE_TIMER: KVM_GET_SUPPORTED_CPUID
+                   never reports it; with it Linux skips LAPIC timer calibration)
 0x4 (Intel)        cache sharing EAX[25:14]: LLC-wide for the last level, per
                    core below; EAX[31:26] cores per package (legacy core count);
                    ``llc_id``/``l2c_id`` on Intel come from here
@@ -54,6 +56,8 @@ VENDOR_HYGON = "HygonGenuine"
 
 # Leaf 1
 CPUID1_ECX_X2APIC = 1 << 21
+CPUID1_ECX_TSC_DEADLINE = 1 << 24
+CPUID1_ECX_XSAVE = 1 << 26
 CPUID1_ECX_HYPERVISOR = 1 << 31
 CPUID1_EDX_HTT = 1 << 28
 # Leaf 0x80000001
@@ -158,7 +162,11 @@ def _cache_sharing(entries: list[CpuidEntry], function: int, topo: Topology) -> 
 
 
 def cpuid_for_vcpu(
-    supported: Sequence[CpuidEntry], topology: Topology, place: CpuPlace
+    supported: Sequence[CpuidEntry],
+    topology: Topology,
+    place: CpuPlace,
+    *,
+    tsc_deadline: bool = False,
 ) -> list[CpuidEntry]:
     """The CPUID table for the vCPU at ``place``: ``supported`` with topology leaves edited.
 
@@ -185,7 +193,7 @@ def cpuid_for_vcpu(
             e = replace(
                 e,
                 ebx=ebx,
-                ecx=e.ecx | CPUID1_ECX_HYPERVISOR,
+                ecx=_flag(e.ecx | CPUID1_ECX_HYPERVISOR, CPUID1_ECX_TSC_DEADLINE, tsc_deadline),
                 edx=_flag(e.edx, CPUID1_EDX_HTT, package_ids > 1),
             )
         elif fn == 0x80000001:
@@ -215,6 +223,23 @@ def cpuid_for_vcpu(
         out += _level_entries(0x1F, topo, apic_id)
     out.sort(key=lambda e: (e.function, e.index))
     return out
+
+
+def xcr0_for(entries: Sequence[CpuidEntry]) -> int:
+    """XCR0 enabling every state component leaf 0xD offers (x87 at least), 0 without XSAVE.
+
+    Set before the guest starts so that KVM computes leaf 0xD.0 EBX (XSAVE area size for
+    the enabled components) for the XCR0 Linux is about to program: where the guest's
+    XSETBV does not reach KVM (nested under an emulator), EBX would otherwise stay at the
+    x87/SSE-only size and Linux warns about an XSAVE size mismatch.
+    """
+    xsave = any(e.function == 1 and e.ecx & CPUID1_ECX_XSAVE for e in entries)
+    if not xsave:
+        return 0
+    for e in entries:
+        if e.function == 0xD and e.index == 0:
+            return (e.eax | e.edx << 32) | 1
+    return 0
 
 
 def vendor_name(entries: Sequence[CpuidEntry]) -> str:
