@@ -62,6 +62,7 @@ def test_install_then_load_verifies(tmp_path: Path, artifacts: dict[str, Path]) 
     assert set(meta["artifacts"]) == {"bzImage", "vmlinux", ".config", "System.map"}
     assert len(meta["artifacts"]["vmlinux"]["sha256"]) == 64
     assert [p.name for p in cache.kernels_dir(tmp_path / "root").iterdir()] == ["k1"]
+    assert entry.path.stat().st_mode & 0o777 == 0o755
 
 
 def test_failed_install_leaves_no_partial_entry(tmp_path: Path,
