@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ktstr.topology import Topology
 from ktstr.vmm.cli import INIT_MARKER, build_initramfs
-from ktstr.vmm.vm import DEFAULT_CMDLINE, EXIT_FRUGAL_CMDLINE, Vm
+from ktstr.vmm.vm import DEFAULT_CMDLINE, EXIT_FRUGAL_CMDLINE, QUIET_CMDLINE, Vm
 
 EXTRA_CMDLINE = "printk.time=1"
 UPTIME_RE = re.compile(rb"\[\s*(\d+\.\d+)\] " + INIT_MARKER.encode())
@@ -119,7 +119,7 @@ def main() -> int:
     parser.add_argument("--qemu", default=shutil.which("qemu-system-x86_64") or "")
     args = parser.parse_args()
     topo = Topology.parse(args.topology)
-    cmdline = f"{DEFAULT_CMDLINE} {EXIT_FRUGAL_CMDLINE} quiet {EXTRA_CMDLINE}"
+    cmdline = f"{DEFAULT_CMDLINE} {EXIT_FRUGAL_CMDLINE} {QUIET_CMDLINE} {EXTRA_CMDLINE}"
     tmp = Path(tempfile.mkdtemp(prefix="ktstr-bench-"))
     try:
         initrd = build_initramfs(tmp / "init.cpio")

@@ -2,7 +2,8 @@
 
 The built-in init is a busybox shell script: it mounts proc/sys/dev, marks
 boot completion on the boot port, prints a marker line on the console, writes a
-JSON report of the CPU topology the guest sees to COM2 and powers off.
+probe line to COM2 (the serial IRQ path), reports the CPU topology and clock
+devices it sees as JSON lines through /dev/kmsg and powers off.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ BUSYBOX = Path("/bin/busybox")
 INIT_MARKER = "KTSTR-INIT-REACHED"
 """The built-in init prints this on the console first thing (benchmarks time it)."""
 REPORT_TAG = "KTSTR-REPORT"
+COM2_PROBE = "KTSTR-COM2"
+"""The init writes this line to /dev/ttyS1: it arrives only if the UART's IRQ works."""
 EXIT_SITES_SHOWN = 16
 """How many of the most frequent exit sites (port/address) the report lists."""
 
@@ -39,9 +42,12 @@ printf '\%(magic)03o' | dd of=/dev/port bs=1 seek=%(boot_port)d count=1 2>/dev/n
 # not depend on serial interrupts. <2> keeps them visible under `quiet`.
 k() { echo "<2>$*" > /dev/kmsg; }
 k %(marker)s
+echo %(com2)s > /dev/ttyS1 2>/dev/null
 r() { tr -d '\n' < "$1" 2>/dev/null; }
 j="{\"kernel\":\"$(uname -r)\",\"online\":\"$(r /sys/devices/system/cpu/online)\""
-j="$j,\"sched_ext\":\"$([ -d /sys/kernel/sched_ext ] && echo yes || echo no)\"}"
+j="$j,\"sched_ext\":\"$([ -d /sys/kernel/sched_ext ] && echo yes || echo no)\""
+j="$j,\"clockevent\":\"$(r /sys/devices/system/clockevents/clockevent0/current_device)\""
+j="$j,\"clocksource\":\"$(r /sys/devices/system/clocksource/clocksource0/current_clocksource)\"}"
 k "%(report)s $j"
 for d in /sys/devices/system/cpu/cpu[0-9]*; do
   [ -d "$d/topology" ] || continue
@@ -78,6 +84,7 @@ def init_script() -> str:
         "exit_port": layout.EXIT_PORT,
         "marker": INIT_MARKER,
         "report": REPORT_TAG,
+        "com2": COM2_PROBE,
     }
 
 
@@ -299,6 +306,9 @@ def _cmd_boot(args: argparse.Namespace) -> int:
         "topology_matches": not mismatches,
         "mismatches": mismatches,
         "sched_ext": (report.get("sched_ext") == "yes") if report else None,
+        "clockevent": report.get("clockevent") if report else None,
+        "clocksource": report.get("clocksource") if report else None,
+        "com2": COM2_PROBE.encode() in result.channel2,
         "timed_out": result.timed_out,
         "panicked": result.panicked,
         "error": result.error,
@@ -324,6 +334,11 @@ def _print_human(summary: dict[str, Any], result: Any) -> None:
         print(
             f"guest saw {s['cpus']} CPUs; SMT siblings {s['siblings']}; LLCs {s['llcs']}; "
             f"NUMA nodes {s['nodes']}"
+        )
+    if summary["clockevent"] is not None:
+        print(
+            f"clock event device {summary['clockevent']}, clocksource {summary['clocksource']}, "
+            f"COM2 {'works' if summary['com2'] else 'silent'}"
         )
     for line in summary["mismatches"]:
         print(f"mismatch: {line}")

@@ -214,6 +214,9 @@ EXIT_FRUGAL_CMDLINE = (
     # not probe at all (`i8042.nopnp` would make it poll the controller: ~10000 exits).
     "8250.nr_uarts=2 reboot=k tsc=reliable no_timer_check pci=off io_delay=none"
 )
+QUIET_CMDLINE = "quiet loglevel=5"
+"""``quiet`` boots: no info/notice chatter (each console byte is a port exit), but warnings
+and worse still reach the console (``WARNING: CPU:``, BUG, Oops, panics, sched_ext errors)."""
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
 CONSOLE_TAIL_BYTES = 4000
 
@@ -346,7 +349,7 @@ class Vm:
         if not timeout > 0:
             raise KtstrError(f"timeout must be positive, got {timeout}")
         self.regions = layout.ram_regions(memory_mb * layout.MiB)
-        base = DEFAULT_CMDLINE + " " + EXIT_FRUGAL_CMDLINE + (" quiet" if quiet else "")
+        base = DEFAULT_CMDLINE + " " + EXIT_FRUGAL_CMDLINE + (" " + QUIET_CMDLINE if quiet else "")
         self.cmdline = " ".join(filter(None, [base, cmdline_extra.strip()]))
         self.machine: Machine | None = None
         self._ran = False

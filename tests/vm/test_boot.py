@@ -2,18 +2,21 @@
 
 Needs a usable KVM (natively, or run inside the sandbox: ``ktstr sandbox run --
 python -m pytest -m vm tests/vm``). The kernel comes from ``$KTSTR_TEST_KERNEL``
-(a bzImage path or catalog id), else the catalog's default test kernel.
+(a bzImage path or catalog id), else ``--ktstr-kernel``/``$KTSTR_KERNEL``, else the
+catalog's default test kernel.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from ktstr.topology import Topology
 from ktstr.vmm.cli import (
+    COM2_PROBE,
     INIT_MARKER,
     build_initramfs,
     parse_report,
@@ -23,6 +26,12 @@ from ktstr.vmm.cli import (
 
 pytestmark = pytest.mark.vm
 
+BOOT_COMPLAINTS = re.compile(
+    r"WARNING:|BUG:|Oops|ACPI Error|Clockevents: could not|lapic is not functional|"
+    r"XSAVE consistency|i8042: Can't|TSC.*unstable"
+)
+"""Console lines a clean boot of the test kernel on this VMM must not print."""
+
 
 def _kvm_usable() -> tuple[bool, str]:
     from ktstr.sandbox.detect import detect_kvm
@@ -31,12 +40,26 @@ def _kvm_usable() -> tuple[bool, str]:
     return status.usable, status.reason
 
 
+def _tsc_deadline_available() -> bool:
+    from ktstr.vmm import kvm
+
+    k = kvm.Kvm()
+    try:
+        return bool(k.check_extension(kvm.KVM_CAP_TSC_DEADLINE_TIMER))
+    finally:
+        k.close()
+
+
 @pytest.fixture(scope="module")
-def kernel() -> Path:
+def kernel(request: pytest.FixtureRequest) -> Path:
     usable, why = _kvm_usable()
     if not usable:
         pytest.skip(f"KVM unusable here ({why}); run inside the sandbox")
-    spec = os.environ.get("KTSTR_TEST_KERNEL", "")
+    spec = (
+        os.environ.get("KTSTR_TEST_KERNEL")
+        or request.config.getoption("ktstr_kernel", default=None)
+        or os.environ.get("KTSTR_KERNEL", "")
+    )
     if spec and Path(spec).is_file():
         return Path(spec)
     from ktstr.kernel import resolve_kernel
@@ -71,3 +94,15 @@ def test_guest_sees_the_declared_topology(kernel: Path, initramfs: Path, label: 
     assert seen.nodes == want.nodes
     apics = sorted(int(c["apic"]) for c in report["cpus"] if c.get("apic"))
     assert apics == sorted(p.apic_id for p in topology.places)
+    # Timers: the TSC-deadline LAPIC timer and kvmclock, so nothing is calibrated.
+    want_event = "lapic-deadline" if _tsc_deadline_available() else "lapic"
+    assert report["clockevent"] == want_event, result.console_tail
+    assert report["clocksource"] == "kvm-clock"
+    # The UART IRQ path (interrupt-driven tty write on COM2, IRQ 3).
+    assert COM2_PROBE.encode() in result.channel2, result.channel2
+    complaints = [line for line in result.console.splitlines() if BOOT_COMPLAINTS.search(line)]
+    assert complaints == [], "\n".join(complaints)
+    # Exits: none to the i8042 (not probed) and far fewer than one per console byte pair
+    # would need if the console polled LSR per byte.
+    assert not any(site.endswith(" 0x64") or site.endswith(" 0x60") for site in result.exit_sites)
+    assert sum(result.total_exits.values()) < 3 * len(result.console) + 500
