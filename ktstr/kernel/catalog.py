@@ -30,6 +30,7 @@ class CatalogKernel:
     url: str | None = None  # "url"
     sha256: str | None = None  # "url"
     path: Path | None = None  # "path"
+    fragments: tuple[str, ...] = ()  # extra fragments (in kernels/) for this kernel only
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,20 @@ def _parse_entry(kid: str, table: object, origin: str) -> CatalogKernel:
         return value
 
     desc = str(table.get("description", ""))
+    frags = table.get("fragments", [])
+    if not isinstance(frags, list) or not all(isinstance(f, str) for f in frags):
+        raise KtstrError(f"{where}: fragments must be a list of file names in kernels/")
+    extra = tuple(frags)
     if kind == "debian":
         return CatalogKernel(kid, kind, desc, apt_package=need("apt_package"),
-                             tarball=Path(need("tarball")))
+                             tarball=Path(need("tarball")), fragments=extra)
     if kind == "url":
         digest = need("sha256").lower()
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise KtstrError(f"{where}: sha256 must be 64 hex digits")
-        return CatalogKernel(kid, kind, desc, url=need("url"), sha256=digest)
-    return CatalogKernel(kid, kind, desc, path=Path(need("path")).expanduser())
+        return CatalogKernel(kid, kind, desc, url=need("url"), sha256=digest, fragments=extra)
+    return CatalogKernel(kid, kind, desc, path=Path(need("path")).expanduser(),
+                         fragments=extra)
 
 
 def load_catalog(path: Path | None = None) -> Catalog:

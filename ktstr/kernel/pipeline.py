@@ -55,12 +55,14 @@ def make_plan(kernel_id: str, flavour: str, source: Path | None, base: str,
         raise KtstrError(f"unknown flavour {flavour!r}: use one of {', '.join(FLAVOURS)}")
     if base not in kbuild.BASES:
         raise KtstrError(f"unknown base config {base!r}: use one of {', '.join(kbuild.BASES)}")
+    names = FLAVOURS[flavour]
     if source is None:
-        src = resolve_source(load_catalog().get(kernel_id), None, root)
+        kernel = load_catalog().get(kernel_id)
+        src = resolve_source(kernel, None, root)
+        names = names + kernel.fragments  # version-specific fixes apply last
     else:
         kernel_id = LOCAL_ID
         src = resolve_source(None, Path(source), root)
-    names = FLAVOURS[flavour]
     requested = merge_fragments(load_fragment(fragments_dir() / n) for n in names)
     # The normalized options, not the file bytes: editing a comment is not a new kernel.
     frag_digest = hashlib.sha256(render_fragment(requested).encode()).hexdigest()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ktstr.errors import KtstrError
-from ktstr.kernel.catalog import DEFAULT_KERNEL, load_catalog, parse_catalog
+from ktstr.kernel.catalog import DEFAULT_KERNEL, fragments_dir, load_catalog, parse_catalog
+from ktstr.kernel.kconfig import load_fragment
 from ktstr.kernel.source import resolve_source, tarball_digest
 
 
@@ -21,6 +22,9 @@ def test_project_catalog() -> None:
     for kid in ("6.12", "6.1"):
         entry = catalog.get(kid)
         assert entry.kind == "debian" and entry.apt_package == f"linux-source-{kid}"
+        for name in entry.fragments:  # version-specific fragments exist and parse
+            assert load_fragment(fragments_dir() / name).options
+    assert catalog.get("6.1").fragments == ("6.1.kconfig",)
 
 
 def test_unknown_id_lists_known_ones() -> None:
@@ -37,6 +41,8 @@ def test_unknown_id_lists_known_ones() -> None:
         ('[kernels."x"]\nsource = "debian"\ntarball = "/x"\n', "needs apt_package"),
         ('default = "y"\n[kernels."x"]\nsource = "path"\npath = "/x"\n', "default 'y'"),
         ("nope = [", "invalid TOML"),
+        ('[kernels."x"]\nsource = "path"\npath = "/x"\nfragments = "a.kconfig"\n',
+         "fragments must be a list"),
     ],
 )
 def test_bad_catalogs(text: str, message: str) -> None:
