@@ -110,7 +110,8 @@ class V2Backend(CgroupBackend):
 
     def task_path(self, name: str) -> str:
         leaf = os.path.join(self.path(name), TASK_LEAF)
-        if not os.path.isdir(leaf):
+        # Made by create(); workers attach themselves concurrently, so never race a mkdir.
+        with contextlib.suppress(FileExistsError):
             os.mkdir(leaf)
         return leaf
 
@@ -119,6 +120,7 @@ class V2Backend(CgroupBackend):
         if parent:
             _enable_controllers(self.path(parent))
         os.mkdir(self.path(name))
+        os.mkdir(os.path.join(self.path(name), TASK_LEAF))
 
     def apply_cpus(
         self,

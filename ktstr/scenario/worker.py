@@ -351,11 +351,12 @@ def spawn(spec: WorkerSpec) -> WorkerHandle:
     q[_EPOCH] = 1
     q[_DEADLINE] = time.monotonic_ns() + int(spec.max_lifetime_s * 1e9)
     spawn_ns = time.monotonic_ns()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
-            _child(spec, mm)
+            _child(spec, mm, parent)
             code = 0
         except BaseException as err:
             msg = f"{type(err).__name__}: {err}".encode()[: _ERR_LEN - 1]
@@ -368,14 +369,17 @@ def spawn(spec: WorkerSpec) -> WorkerHandle:
     return WorkerHandle(spec=spec, pid=pid, mm=mm, spawn_ns=spawn_ns, cgroup=spec.cgroup)
 
 
-def _child(spec: WorkerSpec, mm: mmap.mmap) -> None:  # pragma: no cover - child only
+def _child(spec: WorkerSpec, mm: mmap.mmap, parent: int) -> None:  # pragma: no cover
     # Die with the parent, and leave Ctrl-C to the parent (it stops everyone).
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The parent forks with these signals blocked; the mask is inherited.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-    if os.getppid() == 1:
+    # The parent died before PDEATHSIG was armed: we were reparented. Compare with the
+    # parent's pid, not 1: in the guest the parent *is* PID 1, and on a host a subreaper
+    # adopts orphans.
+    if os.getppid() != parent:
         os._exit(4)
     spec.attach(os.getpid())
     if spec.affinity is not None:
@@ -399,10 +403,11 @@ def wait_started(handles: list[WorkerHandle], timeout: float = 15.0) -> None:
         still = []
         for h in pending:
             st = h.state
-            if st == FAILED or (st == STARTING and _exited(h)):
+            early = _exit_status(h) if st == STARTING else None
+            if st == FAILED or early is not None:
                 raise WorkerError(
                     f"worker {h.cgroup}[{h.spec.index}] pid {h.pid} failed to start: "
-                    f"{h.error or 'exited early'}"
+                    f"{h.error or f'exited early ({early})'}"
                 )
             if st == STARTING:
                 still.append(h)
@@ -417,15 +422,18 @@ def wait_started(handles: list[WorkerHandle], timeout: float = 15.0) -> None:
             time.sleep(0.002)
 
 
-def _exited(h: WorkerHandle) -> bool:
+def _exit_status(h: WorkerHandle) -> str | None:
+    """None while the worker lives, else how it ended (it is reaped here)."""
     try:
-        pid, _ = os.waitpid(h.pid, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    if pid:
-        h.final = h.final or WorkerStats(h.cgroup, h.spec.index, h.pid, h.spec.work.name)
-        return True
-    return False
+        pid, status = os.waitpid(h.pid, os.WNOHANG)
+    except ChildProcessError:  # not our child any more: someone else reaped it
+        return "reaped elsewhere"
+    if not pid:
+        return None
+    h.final = h.final or WorkerStats(h.cgroup, h.spec.index, h.pid, h.spec.work.name)
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
 def stop(handles: list[WorkerHandle], grace: float = 2.0) -> list[WorkerStats]:
