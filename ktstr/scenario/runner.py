@@ -16,7 +16,7 @@ import random
 import signal
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, runtime_checkable
@@ -83,6 +83,49 @@ class ScenarioContext:
     scratch_dir: str = tempfile.gettempdir()
     seed: int = 0
 
+    @classmethod
+    def of(cls, ctx: Any) -> ScenarioContext:
+        """The runner's view of any context object; a ScenarioContext passes through.
+
+        The one place that maps other contexts' names: the guest's
+        (``ktstr.guest.context.Context``) has ``duration_s``, a Path
+        ``cgroup_root``, ``scratch`` and the thresholds in ``args["checks"]``.
+        """
+        if isinstance(ctx, cls):
+            return ctx
+        scratch = getattr(ctx, "scratch_dir", None) or getattr(ctx, "scratch", None)
+        return cls(
+            topology=ctx.topology,
+            duration=context_duration(ctx) or 0.0,
+            cgroup_root=os.fspath(ctx.cgroup_root),
+            cpu_ids=getattr(ctx, "cpu_ids", None),
+            workers=getattr(ctx, "workers", None),
+            checks=context_checks(ctx),
+            scratch_dir=os.fspath(scratch) if scratch else tempfile.gettempdir(),
+            seed=getattr(ctx, "seed", 0) or 0,
+        )
+
+
+def context_duration(ctx: Any) -> float | None:
+    """``ctx.duration``, else the guest context's ``duration_s``; None if neither is set."""
+    value = getattr(ctx, "duration", None)
+    if value is None:
+        value = getattr(ctx, "duration_s", None)
+    return None if value is None else float(value)
+
+
+def context_checks(ctx: Any) -> Any:
+    """``ctx.checks``, else the resolved thresholds the host put in ``ctx.args["checks"]``
+    (as a :class:`ktstr.checks.Checks`); None means the defaults."""
+    checks = getattr(ctx, "checks", None)
+    if checks is None:
+        checks = (getattr(ctx, "args", None) or {}).get("checks")
+    if isinstance(checks, Mapping):
+        from ktstr.checks import Checks
+
+        checks = Checks().override(checks)
+    return checks
+
 
 @dataclass
 class _Cgroup:
@@ -97,22 +140,19 @@ class Runner:
     """Live state of one scenario: cgroups, workers, and the telemetry of stopped workers."""
 
     def __init__(self, ctx: ScenarioContextLike, name: str = "scenario", lifetime_s: float = 600):
-        self.ctx = ctx
+        self.ctx = ctx = ScenarioContext.of(ctx)
         self.name = name
         self.topology: Topology = ctx.topology
         self.backend: CgroupBackend = backend_for(ctx.cgroup_root)
-        ids = getattr(ctx, "cpu_ids", None)
+        ids = ctx.cpu_ids
         self.cpu_ids: tuple[int, ...] = tuple(ids) if ids else tuple(range(self.topology.nr_cpus))
         if len(self.cpu_ids) != self.topology.nr_cpus:
             raise KtstrError(
                 f"context: cpu_ids has {len(self.cpu_ids)} entries for "
                 f"{self.topology.nr_cpus} topology CPUs"
             )
-        self.scratch_dir: str = (
-            getattr(ctx, "scratch_dir", None) or getattr(ctx, "scratch", None)
-            or tempfile.gettempdir()
-        )
-        self.rng = random.Random(getattr(ctx, "seed", 0) or 0)
+        self.scratch_dir: str = ctx.scratch_dir
+        self.rng = random.Random(ctx.seed)
         self.lifetime_s = lifetime_s
         self.cgroups: dict[str, _Cgroup] = {}
         self.effective: dict[str, tuple[int, ...]] = {}
@@ -400,8 +440,9 @@ def execute_steps(
     """
     from ktstr.checks import AssertResult, evaluate
 
-    if duration is None:  # the guest's ctx may only carry duration_s
-        duration = getattr(ctx, "duration", None) or getattr(ctx, "duration_s", None)
+    ctx = ScenarioContext.of(ctx)
+    if duration is None:
+        duration = ctx.duration or None
     if duration is None:
         raise KtstrError(f"scenario {name}: no duration (pass duration= or set ctx.duration)")
     total = float(duration)
@@ -420,7 +461,7 @@ def execute_steps(
     finally:
         runner.close()
     verdict = AssertResult.from_checks(
-        evaluate(result, checks if checks is not None else getattr(ctx, "checks", None))
+        evaluate(result, checks if checks is not None else ctx.checks)
     )
     result.checks = [c.to_dict() for c in verdict.results]
     result.passed = verdict.passed

@@ -283,21 +283,20 @@ def _guest_entry(fn: Callable[..., Any]) -> Callable[[Any], Any]:
     """What the guest calls as ``module:function``: adapt ctx in, make the result a dict out.
 
     The guest context names the duration ``duration_s`` and carries the
-    resolved thresholds in ``args["checks"]``; the scenario runner reads
-    ``ctx.duration`` and ``ctx.checks``. Results travel as JSON, so an
-    AssertResult or ScenarioResult becomes its ``to_dict()``.
+    resolved thresholds in ``args["checks"]``; test bodies may read
+    ``ctx.duration`` and ``ctx.checks`` (mapped by the scenario runner's
+    helpers, the same ones ``ScenarioContext.of`` uses). Results travel as
+    JSON, so an AssertResult or ScenarioResult becomes its ``to_dict()``.
     """
 
     @functools.wraps(fn)
     def entry(ctx: Any) -> Any:
-        if not hasattr(ctx, "duration") and hasattr(ctx, "duration_s"):
-            ctx.duration = ctx.duration_s
-        if getattr(ctx, "checks", None) is None:
-            raw = (getattr(ctx, "args", None) or {}).get("checks")
-            if raw is not None:
-                from ktstr.checks import Checks
+        from ktstr.scenario.runner import context_checks, context_duration
 
-                ctx.checks = Checks().override(raw)
+        if getattr(ctx, "duration", None) is None:
+            ctx.duration = context_duration(ctx)
+        if getattr(ctx, "checks", None) is None:
+            ctx.checks = context_checks(ctx)
         value = fn(ctx)
         return to_result_dict(value)
 
