@@ -72,6 +72,9 @@ class SessionState:
     plan: list[Any] | None = None
     specs: dict[str, KtstrTestSpec] = field(default_factory=dict)
     walls: list[tuple[str, str, float]] = field(default_factory=list)
+    test_files: tuple[Path, ...] = ()
+    """Every VM test module next to the collected ones: packed into one shared base
+    initramfs, so the session builds (or looks up) one base instead of one per module."""
 
     def default_scheduler(self) -> tuple[Scheduler, FlagProfile]:
         return parse_scheduler_option(self.sched_spec)
@@ -99,6 +102,19 @@ class SessionState:
 
             self._kernel = resolve_kernel(self.kernel_spec)
         return self._kernel
+
+    def vm_kernel(self) -> Any:
+        """:meth:`kernel` for a test about to boot a VM; :class:`KtstrTestFailure` with
+        the way out when VMs cannot boot here (the same for every kind of VM test)."""
+        error = self.kvm_error()
+        if error:
+            raise KtstrTestFailure(error)
+        return self.kernel()
+
+
+def session_state(config: pytest.Config) -> SessionState:
+    """The plugin's per-session state (kernel, scheduler, shared test files)."""
+    return config.stash[STATE]
 
 
 STATE = pytest.StashKey[SessionState]()
@@ -147,24 +163,30 @@ def pytest_pycollect_makeitem(
         return None
     state = collector.config.stash[STATE]
     state.specs[f"{collector.nodeid}::{name}"] = spec
-    if state.plan is None:
-        return [KtstrItem.from_parent(collector, name=name, spec=spec)]
     items: list[pytest.Item] = []
-    for variant in state.plan:
-        if variant.test == spec.qualname and spec.gauntlet:
-            items.append(
-                KtstrItem.from_parent(
-                    collector, name=f"{name}[{variant.id}]", spec=spec, variant=variant
+    if state.plan is None:
+        items.append(KtstrItem.from_parent(collector, name=name, spec=spec))
+    else:
+        for variant in state.plan:
+            if variant.test == spec.qualname and spec.gauntlet:
+                items.append(
+                    KtstrItem.from_parent(
+                        collector, name=f"{name}[{variant.id}]", spec=spec, variant=variant
+                    )
                 )
-            )
+    # Marks on the function (@pytest.mark.smoke) apply to its VM items, as to plain tests.
+    for mark in getattr(obj, "pytestmark", []):
+        for item in items:
+            item.add_marker(getattr(pytest.mark, mark.name)(*mark.args, **mark.kwargs))
     return items
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    state = session.config.stash[STATE]
+    state.test_files = vm_test_files(session.items)
     path = session.config.getoption("ktstr_dump_specs")
     if not path:
         return
-    state = session.config.stash[STATE]
     rows = []
     for nodeid, spec in sorted(state.specs.items()):
         row = spec.to_dict()
@@ -172,6 +194,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         row["disks"] = [_disk_dict(d) for d in spec.disks]
         rows.append(row)
     Path(path).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def vm_test_files(items: list[pytest.Item]) -> tuple[Path, ...]:
+    """``test_*.py`` in every directory holding a selected VM test.
+
+    By directory, not by selected item, so ``-k``/``-m`` selections and single-file
+    runs of one suite share one cached base initramfs.
+    """
+    dirs = {Path(str(item.path)).parent for item in items
+            if isinstance(item, KtstrItem) or item.get_closest_marker("vm")}
+    return tuple(sorted(f.resolve() for d in dirs for f in d.glob("test_*.py")))
 
 
 def _disk_dict(disk: Any) -> dict[str, Any]:
@@ -212,10 +245,7 @@ class KtstrItem(pytest.Item):
         sched, profile = self._scheduler(state)
         started = time.time()
         try:
-            error = state.kvm_error()
-            if error:
-                raise KtstrTestFailure(error)
-            resolved = state.kernel()
+            resolved = state.vm_kernel()
             entry = getattr(resolved, "entry", None)
             if sched.sched_ext and entry is not None and not entry.sched_ext:
                 pytest.skip(
@@ -233,6 +263,7 @@ class KtstrItem(pytest.Item):
                 profile=profile,
                 scheduler_binary=sched.resolve_binary(entry),
                 topology=self._topology(),
+                test_files=state.test_files,
             )
             outcome = run.boot(plan)
             checks = run.evaluate_checks(plan, outcome)

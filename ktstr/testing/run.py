@@ -184,6 +184,8 @@ class RunPlan:
     scheduler_binary: Path | None
     topology: Topology
     extra_args: Sequence[str] = ()
+    test_files: Sequence[Path] = ()
+    """More modules for the shared base initramfs (the session's VM test files)."""
 
     @property
     def watchdog_timeout(self) -> float | None:
@@ -273,6 +275,7 @@ def boot(plan: RunPlan) -> GuestOutcome:
     kwargs: dict[str, Any] = dict(
         scenario=plan.spec.target,
         test_file=plan.test_file,
+        test_files=tuple(plan.test_files),
         args={"checks": resolved_checks(plan).to_dict()},
         topology=plan.topology,
         memory_mb=plan.spec.memory_mb or DEFAULT_MEMORY_MB,

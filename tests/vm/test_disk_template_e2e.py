@@ -5,8 +5,8 @@ a fresh, writable clone) and adds read-only and throttle checks. Needs a usable
 KVM (natively, or inside the sandbox: ``ktstr sandbox run -- python -m pytest
 tests/vm/test_disk_template_e2e.py``), a reflink-capable disk cache
 (``$KTSTR_DISK_CACHE_DIR``; the sandbox provides one), mkfs.btrfs on the host, and
-a kernel with VIRTIO_BLK + BTRFS: ``$KTSTR_TEST_KERNEL`` (bzImage path or catalog
-id), else the catalog's 6.12.
+a kernel with VIRTIO_BLK + BTRFS: the run's kernel (``--ktstr-kernel``; fixtures in
+conftest.py).
 
 Only the standard library and pytest are imported at module level: this module
 is imported again in the guest to find the scenario functions.
@@ -136,21 +136,6 @@ def scenario_throttled_iops(ctx: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def kernel() -> Path:
-    from ktstr.sandbox.detect import detect_kvm
-
-    status = detect_kvm()
-    if not status.usable:
-        pytest.skip(f"KVM unusable here ({status.reason}); run inside the sandbox")
-    spec = os.environ.get("KTSTR_TEST_KERNEL", "")
-    if spec and Path(spec).is_file():
-        return Path(spec)
-    from ktstr.kernel import resolve_kernel
-
-    return Path(resolve_kernel(spec or "6.12").bzimage)
-
-
-@pytest.fixture(scope="module")
 def cold_cache() -> Any:
     """A template cache of our own inside the reflink-capable disk cache: starts cold."""
     from ktstr.vmm import disk_template as dt
@@ -167,28 +152,30 @@ def _btrfs() -> Any:
     return DiskConfig(capacity_mb=256, filesystem=Filesystem.BTRFS)
 
 
-def _run(kernel: Path, scenario: str, prepared: Any, **kw: Any) -> Any:
+def _run(guest: Any, scenario: str, prepared: Any, **kw: Any) -> Any:
     from ktstr.guest.request import MountSpec
-    from ktstr.runner import run_guest
 
-    run = run_guest(kernel, scenario=f"{MODULE}:{scenario}", test_file=THIS,
+    run = guest(scenario=f"{MODULE}:{scenario}", test_file=THIS,
                     devices=prepared.devices, mounts=[MountSpec(**m) for m in prepared.mounts],
                     memory_mb=1024, timeout=kw.pop("timeout", 120), **kw)
     assert run.ok, run.summary()
     return run
 
 
-def test_disk_template_e2e_btrfs_template_build(kernel: Path, cold_cache: Path) -> None:
+@pytest.mark.smoke
+def test_disk_template_e2e_btrfs_template_build(ktstr_kernel: Any, guest: Any,
+                                                cold_cache: Path) -> None:
     """Cold cache: one template-build VM runs mkfs.btrfs; the test VM sees btrfs at /mnt/disk0."""
     from ktstr.vmm import disk_template as dt
 
+    kernel = ktstr_kernel.bzimage
     assert dt.cached_template(_btrfs(), cold_cache) is None
     builds = dt.stats.builds
     start = time.monotonic()
     with dt.per_test_disks(_btrfs(), kernel=kernel, cache_dir=cold_cache) as prepared:
         prepare_s = time.monotonic() - start
         assert dt.stats.builds == builds + 1
-        run = _run(kernel, "scenario_btrfs_filesystem_visible", prepared)
+        run = _run(guest, "scenario_btrfs_filesystem_visible", prepared)
     assert run.result["f_type"] == BTRFS_SUPER_MAGIC
     assert run.result["disks"] == {"/dev/vda": "/mnt/disk0"}
     assert dt.cached_template(_btrfs(), cold_cache) is not None
@@ -196,17 +183,20 @@ def test_disk_template_e2e_btrfs_template_build(kernel: Path, cold_cache: Path) 
           f"disks ready after {prepare_s:.2f} s")
 
 
-def test_disk_template_e2e_ficlone_clone_isolated(kernel: Path, cold_cache: Path) -> None:
+@pytest.mark.smoke
+def test_disk_template_e2e_ficlone_clone_isolated(ktstr_kernel: Any, guest: Any,
+                                                  cold_cache: Path) -> None:
     """Warm cache: no template VM; the clone is fresh, writable and reads back intact."""
     from ktstr.vmm import disk_template as dt
 
+    kernel = ktstr_kernel.bzimage
     dt.ensure_template(_btrfs(), kernel=kernel, cache_dir=cold_cache)  # warm (built above)
     builds, hits = dt.stats.builds, dt.stats.hits
     start = time.monotonic()
     with dt.per_test_disks(_btrfs(), kernel=kernel, cache_dir=cold_cache) as prepared:
         prepare_s = time.monotonic() - start
         assert dt.stats.builds == builds and dt.stats.hits == hits + 1  # no template VM
-        run = _run(kernel, "scenario_ficlone_clone_writable_and_fresh", prepared)
+        run = _run(guest, "scenario_ficlone_clone_writable_and_fresh", prepared)
         clone = prepared.paths[0]
         assert clone.is_file()
     template = dt.cached_template(_btrfs(), cold_cache)
@@ -221,17 +211,18 @@ def test_disk_template_e2e_ficlone_clone_isolated(kernel: Path, cold_cache: Path
     print(f"\nwarm cache: disks ready after {prepare_s * 1000:.1f} ms")
 
 
-def test_read_only_disk_rejects_writes(kernel: Path, cold_cache: Path) -> None:
+def test_read_only_disk_rejects_writes(ktstr_kernel: Any, guest: Any, cold_cache: Path) -> None:
     from ktstr.disk import DiskConfig, Filesystem
     from ktstr.vmm import disk_template as dt
 
+    kernel = ktstr_kernel.bzimage
     disks = [
         DiskConfig(capacity_mb=256, filesystem=Filesystem.BTRFS, read_only=True, name="ro"),
         DiskConfig(capacity_mb=16, read_only=True),
     ]
     with dt.per_test_disks(disks, kernel=kernel, cache_dir=cold_cache) as prepared:
         before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in prepared.paths]
-        run = _run(kernel, "scenario_read_only", prepared)
+        run = _run(guest, "scenario_read_only", prepared)
         after = [hashlib.sha256(p.read_bytes()).hexdigest() for p in prepared.paths]
     assert run.result["disks"] == {"/dev/vda": "/mnt/ro"}
     assert run.result["fs_write"] == "EROFS"
@@ -240,13 +231,13 @@ def test_read_only_disk_rejects_writes(kernel: Path, cold_cache: Path) -> None:
     assert after == before
 
 
-def test_throttled_disk_holds_its_iops(kernel: Path) -> None:
+def test_throttled_disk_holds_its_iops(guest: Any) -> None:
     from ktstr.disk import DiskConfig, DiskThrottle
     from ktstr.vmm import disk_template as dt
 
     disk = DiskConfig(capacity_mb=64, throttle=DiskThrottle(iops=THROTTLE_IOPS))
     with dt.per_test_disks(disk) as prepared:
-        run = _run(kernel, "scenario_throttled_iops", prepared,
+        run = _run(guest, "scenario_throttled_iops", prepared,
                    args={"warmup_s": 2.0, "measure_s": 4.0})
     iops = run.result["iops"]
     print(f"\nthrottled at {THROTTLE_IOPS} IOPS: measured {iops:.1f} IOPS "

@@ -1,9 +1,9 @@
 """The guest runtime end to end: scenario functions from this module run inside the VM.
 
 Needs a usable KVM (natively, or inside the sandbox: ``ktstr sandbox run --
-python -m pytest tests/vm/test_guest_runtime.py``). Kernel: ``$KTSTR_TEST_KERNEL``
-(bzImage path or catalog id), else the catalog's 6.12. sched_ext schedulers:
-``$KTSTR_SCX_BIN_DIR``, else the kernel cache entry's built schedulers.
+python -m pytest tests/vm/test_guest_runtime.py``). Kernel and scheduler binaries
+come from the ktstr plugin (fixtures in conftest.py: ``--ktstr-kernel``,
+``$KTSTR_SCHEDULER_DIR``).
 
 Only pytest is imported at module level: this module is imported again in
 the guest to find the scenario functions.
@@ -72,41 +72,10 @@ def scenario_sched(ctx: Any) -> dict[str, Any]:
 # --- host side ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kernel() -> Path:
-    from ktstr.sandbox.detect import detect_kvm
-
-    status = detect_kvm()
-    if not status.usable:
-        pytest.skip(f"KVM unusable here ({status.reason}); run inside the sandbox")
-    spec = os.environ.get("KTSTR_TEST_KERNEL", "")
-    if spec and Path(spec).is_file():
-        return Path(spec)
-    from ktstr.kernel import resolve_kernel
-
-    return Path(resolve_kernel(spec or "6.12").bzimage)
-
-
-def scheduler_binary(kernel: Path, name: str) -> Path:
-    env = os.environ.get("KTSTR_SCX_BIN_DIR")
-    if env and (Path(env) / name).is_file():
-        return Path(env) / name
-    try:
-        from ktstr.kernel import resolve_kernel
-
-        entry = resolve_kernel(os.environ.get("KTSTR_TEST_KERNEL") or "6.12").entry
-        if entry is not None and name in entry.schedulers:
-            return Path(entry.schedulers[name])
-    except Exception:  # no cache entry: fall through to skip
-        pass
-    pytest.skip(f"{name} not built (set KTSTR_SCX_BIN_DIR or run `ktstr kernel schedulers`)")
-
-
-def test_scenario_result_reaches_host_intact(kernel: Path) -> None:
-    from ktstr.runner import run_guest
-
+@pytest.mark.smoke
+def test_scenario_result_reaches_host_intact(guest: Any) -> None:
     args = {"k": "v", "n": [1, 2, 3]}
-    run = run_guest(kernel, scenario=f"{MODULE}:scenario_roundtrip", test_file=THIS, args=args,
+    run = guest(scenario=f"{MODULE}:scenario_roundtrip", test_file=THIS, args=args,
                     topology="1n1l2c1t", memory_mb=1024, timeout=120,
                     sysctls={"kernel.sched_rt_runtime_us": -1})
     assert run.ok, run.summary()
@@ -125,10 +94,9 @@ def test_scenario_result_reaches_host_intact(kernel: Path) -> None:
           f"scenario_start={run.timings['scenario_start']:.3f}s base={run.base.size} bytes")
 
 
-def test_guest_exception_returns_traceback(kernel: Path) -> None:
-    from ktstr.runner import run_guest
-
-    run = run_guest(kernel, scenario=f"{MODULE}:scenario_raises", test_file=THIS,
+@pytest.mark.smoke
+def test_guest_exception_returns_traceback(guest: Any) -> None:
+    run = guest(scenario=f"{MODULE}:scenario_raises", test_file=THIS,
                     memory_mb=1024, timeout=120)
     assert run.failure == "exception"
     assert run.traceback and "scenario_raises" in run.traceback
@@ -136,10 +104,8 @@ def test_guest_exception_returns_traceback(kernel: Path) -> None:
     assert run.exit_code == 1
 
 
-def test_ten_megabytes_arrive_intact(kernel: Path) -> None:
-    from ktstr.runner import run_guest
-
-    run = run_guest(kernel, scenario=f"{MODULE}:scenario_big", test_file=THIS, args={"mb": 10},
+def test_ten_megabytes_arrive_intact(guest: Any) -> None:
+    run = guest(scenario=f"{MODULE}:scenario_big", test_file=THIS, args={"mb": 10},
                     memory_mb=1024, timeout=180)
     assert run.ok, run.summary()
     assert run.result is not None
@@ -150,24 +116,27 @@ def test_ten_megabytes_arrive_intact(kernel: Path) -> None:
           f"({10 / run.result['send_s']:.0f} MB/s guest-side)")
 
 
-def _shell(kernel: Path, command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ktstr", "shell", "--kernel", str(kernel),
-                           "--memory-mb", "1024", "--sandbox", "never", "--exec", command],
+def _shell(kernel: Any, command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ktstr", "shell", "--kernel",
+                           str(kernel.bzimage), "--memory-mb", "1024", "--sandbox", "never",
+                           "--exec", command],
                           capture_output=True, text=True, timeout=300)
 
 
-def test_shell_exec_prints_and_exits(kernel: Path) -> None:
-    proc = _shell(kernel, "cat /sys/kernel/sched_ext/state")
+@pytest.mark.smoke
+def test_shell_exec_prints_and_exits(ktstr_kernel: Any) -> None:
+    proc = _shell(ktstr_kernel, "cat /sys/kernel/sched_ext/state")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "disabled\n"
-    assert _shell(kernel, "exit 3").returncode == 3
+    assert _shell(ktstr_kernel, "exit 3").returncode == 3
 
 
-def test_scx_simple_attaches_and_unregisters_cleanly(kernel: Path) -> None:
-    from ktstr.runner import Scheduler, run_guest
+@pytest.mark.smoke
+def test_scx_simple_attaches_and_unregisters_cleanly(guest: Any, scheduler_binary: Any) -> None:
+    from ktstr.runner import Scheduler
 
-    binary = scheduler_binary(kernel, "scx_simple")
-    run = run_guest(kernel, scenario=f"{MODULE}:scenario_sched", test_file=THIS,
+    binary = scheduler_binary("scx_simple")
+    run = guest(scenario=f"{MODULE}:scenario_sched", test_file=THIS,
                     duration_s=1.0, memory_mb=1024, timeout=180,
                     scheduler=Scheduler(binary, ops_name="simple"))
     assert run.ok, run.summary()
@@ -179,11 +148,12 @@ def test_scx_simple_attaches_and_unregisters_cleanly(kernel: Path) -> None:
     assert run.sched_exit["disabled"][-1]["reason"] == "unregistered from user space"
 
 
-def test_scx_qmap_error_fails_with_scheduler_text(kernel: Path) -> None:
-    from ktstr.runner import Scheduler, run_guest
+@pytest.mark.smoke
+def test_scx_qmap_error_fails_with_scheduler_text(guest: Any, scheduler_binary: Any) -> None:
+    from ktstr.runner import Scheduler
 
-    binary = scheduler_binary(kernel, "scx_qmap")
-    run = run_guest(kernel, scenario=f"{MODULE}:scenario_sched", test_file=THIS,
+    binary = scheduler_binary("scx_qmap")
+    run = guest(scenario=f"{MODULE}:scenario_sched", test_file=THIS,
                     duration_s=3.0, memory_mb=1024, timeout=180,
                     scheduler=Scheduler(binary, args=("-e", "100"), ops_name="qmap"))
     assert not run.ok

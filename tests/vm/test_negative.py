@@ -8,6 +8,8 @@ kernels without sched_ext skip them.
 
 from __future__ import annotations
 
+import pytest
+
 from ktstr.scenario import CgroupDef
 from ktstr.scheduler import BUILTIN
 from ktstr.testing import execute_defs, ktstr_test
@@ -16,6 +18,7 @@ QMAP_STALL = BUILTIN["scx_qmap"].with_args("-t", "5", name="scx_qmap_stall")
 QMAP_ERROR = BUILTIN["scx_qmap"].with_args("-e", "200", name="scx_qmap_error")
 
 
+@pytest.mark.smoke
 @ktstr_test(topology="1n1l2c1t", scheduler=QMAP_STALL, duration=6.0, watchdog_timeout=2.0,
             expect_err="runnable task stall", gauntlet=False)
 def test_qmap_stall_is_ejected(ctx):

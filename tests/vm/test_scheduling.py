@@ -6,6 +6,8 @@ point): each test boots its own VM.
 
 from __future__ import annotations
 
+import pytest
+
 from ktstr.checks import Checks
 from ktstr.scenario import (
     Affinity,
@@ -20,6 +22,7 @@ from ktstr.scenario.work import Bursty, CpuSpin, FutexPingPong, IoSync, Mixed, Y
 from ktstr.testing import execute_defs, execute_steps, ktstr_test
 
 
+@pytest.mark.smoke
 @ktstr_test(topology="1n2l2c1t", duration=2.0)
 def test_steady(ctx):
     """Two cgroups, one per LLC's worth of work: everyone progresses, no long stalls."""
