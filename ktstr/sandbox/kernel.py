@@ -2,7 +2,7 @@
 
 Order: `$KTSTR_SANDBOX_KERNEL` (a bzImage path; always wins, for kernels built
 elsewhere), then the kernel cache (`ktstr.kernel.ensure_kernel(SANDBOX_KERNEL_ID,
-flavour="sandbox")`, which builds on a miss), then a development build tree.
+flavour="sandbox")`, which builds on a miss).
 """
 
 from __future__ import annotations
@@ -10,15 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from ktstr import kernel
 from ktstr.errors import KtstrError
 
 ENV_VAR = "KTSTR_SANDBOX_KERNEL"
 SANDBOX_KERNEL_ID = "6.12"
-# A hand-built tree used while no cache entry exists (present only on development machines).
-DEV_BUILD = Path("/tmp/kb/sandbox/arch/x86/boot/bzImage")
-DEV_BUILD_DONE = Path("/tmp/kb/sandbox.done")
 
 
 @dataclass(frozen=True)
@@ -38,25 +35,8 @@ def _from_env() -> KernelChoice | None:
     return KernelChoice(path, f"{path} (from ${ENV_VAR})")
 
 
-def _dev_build() -> KernelChoice | None:
-    if DEV_BUILD_DONE.exists() and DEV_BUILD.is_file():
-        return KernelChoice(DEV_BUILD, f"{DEV_BUILD} (development build)")
-    return None
-
-
-def _kernel_module() -> Any:
-    try:
-        import ktstr.kernel as kernel
-    except ImportError:
-        return None
-    return kernel if hasattr(kernel, "ensure_kernel") else None
-
-
 def _cached() -> KernelChoice | None:
     """A sandbox kernel already in the cache, found without building anything."""
-    kernel = _kernel_module()
-    if kernel is None or not hasattr(kernel, "list_entries"):
-        return None
     for entry in kernel.list_entries():  # newest first
         if entry.id == SANDBOX_KERNEL_ID and entry.flavour == "sandbox" \
                 and Path(entry.bzimage).is_file():
@@ -65,36 +45,25 @@ def _cached() -> KernelChoice | None:
 
 
 def _ensure() -> Path:
-    entry = _kernel_module().ensure_kernel(SANDBOX_KERNEL_ID, flavour="sandbox",
-                                           schedulers=False)
+    entry = kernel.ensure_kernel(SANDBOX_KERNEL_ID, flavour="sandbox", schedulers=False)
     return Path(entry.bzimage)
 
 
 def describe_kernel() -> KernelChoice:
     """Where the kernel would come from, without building it (for `sandbox status`)."""
-    found = _from_env() or _cached() or _dev_build()
+    found = _from_env() or _cached()
     if found:
         return found
-    if _kernel_module() is not None:
-        return KernelChoice(None, f"not cached; the first run builds {SANDBOX_KERNEL_ID} "
-                                  f"(sandbox flavour, ~6 min)")
-    return KernelChoice(None, f"not available; set ${ENV_VAR} to a sandbox-flavour bzImage")
+    return KernelChoice(None, f"not cached; the first run builds {SANDBOX_KERNEL_ID} "
+                              f"(sandbox flavour, ~6 min)")
 
 
 def sandbox_kernel() -> Path:
-    """The bzImage to boot, building it into the cache if nothing else is there."""
+    """The bzImage to boot, building it into the cache if it is not there (or is corrupt)."""
     env = _from_env()
     if env and env.path:
         return env.path
-    if _cached() is not None:
-        return _ensure()      # validates the entry (and rebuilds a stale one)
-    dev = _dev_build()
-    if dev and dev.path:
-        return dev.path
-    if _kernel_module() is not None:
-        return _ensure()
-    raise KtstrError(f"no sandbox kernel: set ${ENV_VAR} to a bzImage built with "
-                     f"kernels/ktstr.kconfig + kernels/sandbox.kconfig")
+    return _ensure()
 
 
 def kernel_hz(bzimage: Path) -> int | None:
