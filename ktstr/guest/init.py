@@ -232,8 +232,12 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
     sampler.start()
     chan.send({"type": "scenario_start", "uptime": uptime()})
     failure: GuestFailure | None = None
+    scenario_error: Exception | None = None
+    value = None
     try:
         value = func(ctx)
+    except Exception as err:  # reported below, after the scheduler's fate is known
+        scenario_error = err
     finally:
         sampler.stop()
         chan.send({"type": "scenario_end", "uptime": uptime()})
@@ -250,6 +254,13 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
                     f"scheduler {sched.name!r} was ejected during the scenario "
                     f"({reason}{detail})", log_tail=report.log_tail,
                     kernel_lines=report.kernel_lines)
+    if scenario_error is not None:
+        if failure is not None:
+            # The ejection is the cause; what the scenario hit afterwards is its symptom.
+            failure.message += (f"; the scenario then failed: "
+                                f"{type(scenario_error).__name__}: {scenario_error}")
+            raise failure from scenario_error
+        raise scenario_error
     if value is not None and not isinstance(value, dict):
         raise GuestFailure("result", f"scenario returned {type(value).__name__}, expected a "
                            "dict or None")

@@ -20,6 +20,8 @@ from ktstr.testing.decorator import KtstrTestSpec
 from ktstr.topology import Topology
 
 CONSOLE_TAIL_LINES = 40
+CONSOLE_TAIL_MARK = "\nconsole tail:"
+"""Where ktstr.runner appends the console to a failure message (timeouts, crashes)."""
 
 
 @dataclass
@@ -124,10 +126,15 @@ def judge(
     run_failed = bool(reason)
     if expect_err:
         if run_failed and isinstance(expect_err, str):
-            # Match the classified failure and the scheduler's exit report only: a
-            # console full of unrelated noise must not satisfy the expectation.
-            text = "\n".join([str(outcome.failure_kind or ""), outcome.failure_message,
-                              *(c.line() for c in failed)])
+            # Match what failed the run, and only that: the guest's classified failure
+            # with the scheduler's exit report, or (if the guest run itself was fine)
+            # the failed checks. A console full of unrelated noise (the tail a timeout
+            # or a crash carries) must not satisfy the expectation.
+            if not outcome.ok:
+                message = outcome.failure_message.split(CONSOLE_TAIL_MARK, 1)[0]
+                text = f"{outcome.failure_kind or ''}\n{message}"
+            else:
+                text = "\n".join(c.line() for c in failed)
             if not re.search(expect_err, text, re.IGNORECASE):
                 return Verdict(
                     False, "fail",
