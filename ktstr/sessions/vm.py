@@ -110,11 +110,11 @@ def run_id(kernel: str, label: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{kernel}-{label}"
 
 
-def _install(session: nox.Session) -> None:
+def install(session: nox.Session) -> None:
     session.install("-e", ".[dev,report]")
 
 
-def _kvm_usable(session: nox.Session) -> bool:
+def kvm_usable(session: nox.Session) -> bool:
     """Ask the venv's ktstr (which has ioctl_opt) whether VMs can boot natively."""
     out = session.run(
         "python", "-c",
@@ -127,19 +127,22 @@ def _kvm_usable(session: nox.Session) -> bool:
     return text.startswith("usable")
 
 
-def _in_sandbox_argv(session: nox.Session, argv: list[str]) -> list[str]:
-    """``argv`` as run through the sandbox when KVM is unusable here."""
-    if _kvm_usable(session):
-        return argv
+def sandboxed(argv: list[str]) -> list[str]:
+    """``argv`` run inside one sandbox VM (the emulated KVM host)."""
     return ["python", "-m", "ktstr", "sandbox", "run", "--", *argv]
 
 
-def _prepare(session: nox.Session, kernel: str) -> None:
+def in_sandbox_argv(session: nox.Session, argv: list[str]) -> list[str]:
+    """``argv`` as run through the sandbox when KVM is unusable here."""
+    return argv if kvm_usable(session) else sandboxed(argv)
+
+
+def prepare(session: nox.Session, kernel: str) -> None:
     """Build or reuse the kernel; for a sched_ext kernel that includes its schedulers."""
     session.run("python", "-m", "ktstr", "kernel", "build", kernel)
 
 
-def _pytest_argv(kernel: str, scheduler: str | None, jobs: int, extra: Sequence[str]) -> list[str]:
+def pytest_argv(kernel: str, scheduler: str | None, jobs: int, extra: Sequence[str]) -> list[str]:
     argv = ["python", "-m", "ktstr.sessions.vm", "pytest", "--", "-p", "no:cacheprovider",
             "-ra", "--ktstr-kernel", kernel]
     if scheduler:
@@ -155,14 +158,14 @@ def vm_tests(session: nox.Session, kernel: str, scheduler: str) -> None:
     reason = skip_reason(kernel, scheduler, selected_kernels(default, ids))
     if reason:
         session.skip(reason)
-    _install(session)
-    _prepare(session, kernel)
+    install(session)
+    prepare(session, kernel)
     jobs = parallel_jobs()
     env = {"KTSTR_RUN_ID": run_id(kernel, scheduler), "KTSTR_SCHEDULER": scheduler,
            "KTSTR_KERNEL": kernel}
     session.log(f"results: ktstr-results/{env['KTSTR_RUN_ID']} ({jobs} VM(s) at a time)")
-    argv = _pytest_argv(kernel, scheduler, jobs, [*(session.posargs or [SUITE])])
-    session.run(*_in_sandbox_argv(session, argv), env=env)
+    argv = pytest_argv(kernel, scheduler, jobs, [*(session.posargs or [SUITE])])
+    session.run(*in_sandbox_argv(session, argv), env=env)
 
 
 def vm_tests_for(kernel: str, scheduler: str) -> Callable[[nox.Session], None]:
@@ -185,9 +188,9 @@ def gauntlet(session: nox.Session) -> None:
     opts = parser.parse_args(session.posargs)
     default, _ids = catalog()
     kernel = opts.kernel or default
-    _install(session)
+    install(session)
     sched_ext = bool(kernel_has_sched_ext(kernel))
-    _prepare(session, kernel)
+    prepare(session, kernel)
     tmp = Path(session.create_tmp())
     specs = tmp / "specs.json"
     session.run("python", "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
@@ -202,9 +205,9 @@ def gauntlet(session: nox.Session) -> None:
         plan_argv += ["--scheduler", name]
     session.run(*plan_argv)
     env = {"KTSTR_RUN_ID": run_id(kernel, "gauntlet"), "KTSTR_KERNEL": kernel}
-    argv = _pytest_argv(kernel, None, parallel_jobs(),
+    argv = pytest_argv(kernel, None, parallel_jobs(),
                         ["--ktstr-gauntlet", str(plan), *opts.pytest_args, SUITE])
-    session.run(*_in_sandbox_argv(session, argv), env=env)
+    session.run(*in_sandbox_argv(session, argv), env=env)
 
 
 # ---- helpers run inside the session's venv (and the sandbox): python -m ktstr.sessions.vm ----
