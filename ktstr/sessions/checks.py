@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nox
 
-from ktstr.sessions import system, vm
+from ktstr.sessions import vm
 
 UNIT_SUITES = ("tests/unit", "tests/kvm")
 """No kernel boots: encoders, parsers, caches, and tiny guests through /dev/kvm."""
@@ -19,7 +19,6 @@ def tests(session: nox.Session) -> None:
     default kernel and its schedulers on the host first, then runs the `smoke`
     VM tests in one sandbox where KVM cannot boot a kernel here.
     """
-    system.ensure_packages()
     vm.install(session)
     session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-ra",
                 *UNIT_SUITES, *session.posargs)

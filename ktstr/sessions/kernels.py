@@ -13,6 +13,7 @@ from collections.abc import Callable
 import nox
 
 from ktstr.paths import repo_root
+from ktstr.sessions import system
 
 
 def catalog_ids() -> list[str]:
@@ -24,6 +25,7 @@ def catalog_ids() -> list[str]:
 
 
 def _install(session: nox.Session) -> None:
+    system.ensure_packages()
     session.install("-e", ".")
 
 

@@ -19,14 +19,13 @@ import os
 import re
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nox
 
-from ktstr.paths import repo_root
 from ktstr.scheduler import BUILTIN
+from ktstr.sessions import kernels, system
 
 SCHEDULERS = tuple(BUILTIN)
 """Every built-in scheduler; the matrix's second axis."""
@@ -38,11 +37,9 @@ SCHED_EXT_SINCE = (6, 12)
 
 
 def catalog() -> tuple[str, list[str]]:
-    """(default id, ids with the default first), read with tomllib."""
-    data = tomllib.loads((repo_root() / "kernels" / "versions.toml").read_text())
-    ids = list(data.get("kernels", {}))
-    default = str(data.get("default", ids[0] if ids else "6.12"))
-    return default, sorted(ids, key=lambda kid: kid != default)
+    """(default id, ids with the default first)."""
+    ids = kernels.catalog_ids()
+    return ids[0], ids
 
 
 def kernel_has_sched_ext(kernel_id: str) -> bool | None:
@@ -111,6 +108,8 @@ def run_id(kernel: str, label: str) -> str:
 
 
 def install(session: nox.Session) -> None:
+    """Host packages (installed as root when missing), then ktstr into the session's venv."""
+    system.ensure_packages()
     session.install("-e", ".[dev,report]")
 
 
