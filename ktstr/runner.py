@@ -69,7 +69,8 @@ class GuestRun:
     channel_errors: list[str]
     timings: dict[str, float]
     """Seconds since VM start on the host clock: ``hello`` (init running),
-    ``scenario_start``, ``scenario_end``, ``end``; plus ``boot_ms`` from the boot port."""
+    ``scenario_start``, ``scenario_end``, ``end``; plus ``boot_ms`` from the boot port,
+    and host phases ``prep_s`` (before ``vm.run()``) and ``vm_run_s`` (``vm.run()``)."""
     vm: Any
     """The :class:`~ktstr.vmm.vm.VmResult` (console, timing, exit counts)."""
     base: initramfs.BaseArchive
@@ -128,6 +129,7 @@ def run_guest(
     """
     from ktstr.vmm.vm import Vm
 
+    entered = time.monotonic()
     topo = Topology.parse(topology) if isinstance(topology, str) else topology
     if (scenario is None) == (shell is None and not interactive):
         raise KtstrError("run_guest: give exactly one of scenario=, shell= or interactive=True")
@@ -195,7 +197,12 @@ def run_guest(
         msgs, errors = decode_serial(result.channel2)
         timed = [(float("nan"), m) for m in msgs]
         nbytes = len(result.channel2)
-    return collect(timed, errors, result, base, nbytes, scenario_mode=scenario is not None)
+    run = collect(timed, errors, result, base, nbytes, scenario_mode=scenario is not None)
+    # Host phases: packing and VM set-up before vm.run(), and vm.run() itself (guest
+    # memory and vCPU set-up, the guest's run, teardown).
+    run.timings["prep_s"] = start - entered
+    run.timings["vm_run_s"] = time.monotonic() - start
+    return run
 
 
 _BASES: dict[initramfs.BaseSpec, initramfs.BaseArchive] = {}

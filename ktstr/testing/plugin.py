@@ -103,6 +103,13 @@ class SessionState:
             self._kernel = resolve_kernel(self.kernel_spec)
         return self._kernel
 
+    def base_binaries(self) -> tuple[Path, ...]:
+        """The kernel entry's scheduler binaries: packed into every run's base initramfs,
+        so runs under different schedulers share one cached base."""
+        entry = getattr(self.kernel(), "entry", None)
+        built = dict(getattr(entry, "schedulers", None) or {})
+        return tuple(Path(built[n]).resolve() for n in sorted(built) if Path(built[n]).is_file())
+
     def vm_kernel(self) -> Any:
         """:meth:`kernel` for a test about to boot a VM; :class:`KtstrTestFailure` with
         the way out when VMs cannot boot here (the same for every kind of VM test)."""
@@ -264,6 +271,8 @@ class KtstrItem(pytest.Item):
                 scheduler_binary=sched.resolve_binary(entry),
                 topology=self._topology(),
                 test_files=state.test_files,
+                binaries=state.base_binaries(),
+                phases={"resolve_s": round(time.time() - started, 3)},
             )
             outcome = run.boot(plan)
             checks = run.evaluate_checks(plan, outcome)

@@ -55,6 +55,9 @@ class GuestOutcome:
     console: str = ""
     boot_ms: float | None = None
     vm_s: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    """Host seconds: ``disks_s`` (per-test disks), ``prep_s`` (initramfs, VM set-up),
+    ``vm_run_s`` (vm.run(), of which ``vm_s`` is the guest running)."""
 
 
 @dataclass
@@ -193,6 +196,10 @@ class RunPlan:
     extra_args: Sequence[str] = ()
     test_files: Sequence[Path] = ()
     """More modules for the shared base initramfs (the session's VM test files)."""
+    binaries: Sequence[Path] = ()
+    """More executables for the shared base initramfs (the kernel's schedulers)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Host seconds spent before boot (``resolve_s``: KVM check, kernel, scheduler)."""
 
     @property
     def watchdog_timeout(self) -> float | None:
@@ -243,6 +250,8 @@ def sidecar_record(
             "wall_s": round(finished - started, 3),
             "boot_ms": outcome.boot_ms,
             "vm_s": outcome.vm_s,
+            **outcome.phases,
+            **plan.phases,
         },
     }
 
@@ -283,6 +292,7 @@ def boot(plan: RunPlan) -> GuestOutcome:
         scenario=plan.spec.target,
         test_file=plan.test_file,
         test_files=tuple(plan.test_files),
+        binaries=tuple(plan.binaries),
         args={"checks": resolved_checks(plan).to_dict()},
         topology=plan.topology,
         memory_mb=plan.spec.memory_mb or DEFAULT_MEMORY_MB,
@@ -296,12 +306,17 @@ def boot(plan: RunPlan) -> GuestOutcome:
         from ktstr.guest.request import MountSpec
         from ktstr.vmm.disk_template import per_test_disks
 
+        t = time.monotonic()
         with per_test_disks(list(plan.spec.disks), kernel=plan.kernel_path) as prepared:
+            disks_s = time.monotonic() - t
             mounts = [MountSpec(**m) for m in prepared.mounts]
             run = run_guest(plan.kernel_path, devices=prepared.devices, mounts=mounts, **kwargs)
     else:
+        disks_s = 0.0
         run = run_guest(plan.kernel_path, **kwargs)
     vm = run.vm
+    phases: dict[str, float] = {"disks_s": disks_s}
+    phases.update((k, run.timings[k]) for k in ("prep_s", "vm_run_s") if k in run.timings)
     return GuestOutcome(
         ok=run.ok,
         failure_kind=run.failure,
@@ -312,6 +327,7 @@ def boot(plan: RunPlan) -> GuestOutcome:
         console=str(getattr(vm, "console", "") or ""),
         boot_ms=run.timings.get("boot_ms"),
         vm_s=getattr(vm, "duration_s", None),
+        phases={k: round(v, 3) for k, v in phases.items()},
     )
 
 

@@ -67,8 +67,9 @@ def scheduler_binary(ktstr_kernel: Any) -> Callable[[str], Path]:
 @pytest.fixture(scope="session")
 def guest(ktstr_kernel: Any, pytestconfig: pytest.Config) -> Callable[..., Any]:
     """``ktstr.runner.run_guest`` bound to the kernel under test and the session's shared
-    base initramfs (every VM test module packed once)."""
+    base initramfs (every VM test module and the kernel's schedulers, packed once)."""
     from ktstr.runner import run_guest
 
-    return functools.partial(run_guest, ktstr_kernel.bzimage,
-                             test_files=session_state(pytestconfig).test_files)
+    state = session_state(pytestconfig)
+    return functools.partial(run_guest, ktstr_kernel.bzimage, test_files=state.test_files,
+                             binaries=state.base_binaries())
