@@ -154,6 +154,7 @@ class AttachContext:
         *,
         alloc_slot: Callable[[], MmioSlot] | None = None,
         reserve: Callable[[int], int] | None = None,
+        coalesce_pio: Callable[[int, int], bool] | None = None,
     ) -> None:
         self.memory = memory
         self.pio = pio
@@ -161,6 +162,7 @@ class AttachContext:
         self.cmdline: list[str] = []
         self._alloc_slot = alloc_slot
         self._reserve = reserve
+        self._coalesce_pio = coalesce_pio
 
     def add_pio(self, port: int, length: int, device: PioDevice) -> None:
         self.pio.add(port, length, device)
@@ -184,6 +186,18 @@ class AttachContext:
 
     def add_cmdline(self, text: str) -> None:
         self.cmdline.append(text)
+
+    def coalesce_pio_writes(self, port: int, length: int) -> bool:
+        """Ask for guest writes to these (already added) ports to be queued, not exits.
+
+        The device then sees such a write later, but always before any other exit is
+        handled (the vCPU loop drains the queue first) and before the VM's end. Only for
+        write-only registers whose effects nothing in the guest can observe without
+        another port access. False if this VM cannot (no KVM_CAP_COALESCED_PIO).
+        """
+        if self._coalesce_pio is None:
+            return False
+        return self._coalesce_pio(port, length)
 
 
 class VmDevice(Protocol):

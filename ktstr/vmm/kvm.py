@@ -217,6 +217,23 @@ class kvm_lapic_state(ctypes.Structure):
     _fields_ = [("regs", c_char * KVM_APIC_REG_SIZE)]
 
 
+class kvm_coalesced_mmio_zone(ctypes.Structure):
+    _fields_ = [("addr", c_uint64), ("size", c_uint32), ("pio", c_uint32)]
+
+
+KVM_COALESCED_MMIO_PAGE_OFFSET = 2
+"""x86: the coalesced-write ring is this page of every vCPU's ``kvm_run`` mapping."""
+KVM_COALESCED_RING_HEADER = 8
+"""``struct kvm_coalesced_mmio_ring``: u32 first (consumer), u32 last (producer), entries."""
+KVM_COALESCED_ENTRY_SIZE = 24
+"""``struct kvm_coalesced_mmio``: u64 phys_addr, u32 len, u32 pio, u8 data[8]."""
+
+
+def coalesced_ring_entries(page_size: int = mmap.PAGESIZE) -> int:
+    """KVM_COALESCED_MMIO_MAX: how many entries fit in the ring page."""
+    return (page_size - KVM_COALESCED_RING_HEADER) // KVM_COALESCED_ENTRY_SIZE
+
+
 KVM_MAX_XCRS = 16
 
 
@@ -399,7 +416,9 @@ KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_MAX_VCPU_ID = 128
 KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_COALESCED_MMIO = 15
 KVM_CAP_XCRS = 56
+KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_TSC_DEADLINE_TIMER = 72
 
 # --- request numbers ---------------------------------------------------------
@@ -415,6 +434,7 @@ KVM_SET_TSS_ADDR = IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = IOW(KVMIO, 0x48, c_uint64)
 KVM_CREATE_IRQCHIP = IO(KVMIO, 0x60)
 KVM_IRQ_LINE = IOW(KVMIO, 0x61, kvm_irq_level)
+KVM_REGISTER_COALESCED_MMIO = IOW(KVMIO, 0x67, kvm_coalesced_mmio_zone)
 KVM_IRQFD = IOW(KVMIO, 0x76, kvm_irqfd)
 KVM_CREATE_PIT2 = IOW(KVMIO, 0x77, kvm_pit_config)
 KVM_IOEVENTFD = IOW(KVMIO, 0x79, kvm_ioeventfd)
@@ -565,6 +585,13 @@ class VmFd(KvmFd):
             kvm_userspace_memory_region(
                 slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva
             ),
+        )
+
+    def register_coalesced(self, addr: int, size: int, *, pio: bool) -> None:
+        """Let KVM queue guest writes to this range in the coalesced ring instead of exiting."""
+        self.ioctl(
+            KVM_REGISTER_COALESCED_MMIO,
+            kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio)),
         )
 
     def irq_line(self, irq: int, level: bool) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 import signal
 import struct
@@ -43,7 +44,10 @@ SITE_IO_IN = 1 << 48
 SITE_IO_OUT = 2 << 48
 SITE_MMIO_READ = 3 << 48
 SITE_MMIO_WRITE = 4 << 48
-_SITE_KINDS = {1: "in", 2: "out", 3: "read", 4: "write"}
+SITE_QUEUED_OUT = 5 << 48
+"""Not an exit: a port write KVM queued in the coalesced ring (replayed later)."""
+SITE_QUEUED_WRITE = 6 << 48
+_SITE_KINDS = {1: "in", 2: "out", 3: "read", 4: "write", 5: "queued out", 6: "queued write"}
 
 _U32 = struct.Struct("<I")
 _IO = struct.Struct("<BBHIQ")  # kvm_run.io at offset 32
@@ -188,6 +192,58 @@ def describe_state(fd: VcpuFd) -> str:
     return "\n".join(lines)
 
 
+# --- coalesced writes -------------------------------------------------------------------
+
+_RING_HDR = struct.Struct("<II")
+_RING_ENTRY = struct.Struct("<QII")  # phys_addr/port, len, pio; data[8] follows
+
+
+class CoalescedRing:
+    """The consumer side of KVM's coalesced-write ring (one per VM, shared by all vCPUs).
+
+    KVM appends guest writes to registered zones to a ring page inside every vCPU's
+    ``kvm_run`` mapping instead of exiting. :meth:`drain` replays them, in order, to the
+    buses; vCPU loops call it before handling any exit once :attr:`active` is set, so a
+    device never sees a later access before an earlier queued write.
+    """
+
+    def __init__(self, pio: PioBus, mmio: MmioBus) -> None:
+        self.pio = pio
+        self.mmio = mmio
+        self.active = False
+        self.offset = kvm.KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
+        self.entries = kvm.coalesced_ring_entries()
+        self.sites: dict[int, int] = {}
+        """Replayed writes by site (``SITE_QUEUED_OUT | port``, ...)."""
+        self._lock = threading.Lock()
+
+    def pending(self, mapping: mmap.mmap) -> bool:
+        first, last = _RING_HDR.unpack_from(mapping, self.offset)
+        return first != last
+
+    def drain(self, mapping: mmap.mmap) -> None:
+        """Replay every queued write through the buses and free the ring slots."""
+        off = self.offset
+        with self._lock:
+            first, last = _RING_HDR.unpack_from(mapping, off)
+            while first != last:
+                if first >= self.entries or last >= self.entries:
+                    raise RuntimeError(f"corrupt coalesced ring: first={first} last={last}")
+                entry = off + kvm.KVM_COALESCED_RING_HEADER + first * kvm.KVM_COALESCED_ENTRY_SIZE
+                addr, length, pio = _RING_ENTRY.unpack_from(mapping, entry)
+                data = mapping[entry + 16 : entry + 16 + min(length, 8)]
+                if pio:
+                    self.pio.write(addr, data)
+                    site = SITE_QUEUED_OUT | addr
+                else:
+                    self.mmio.write(addr, data)
+                    site = SITE_QUEUED_WRITE | addr
+                first = (first + 1) % self.entries
+                _U32.pack_into(mapping, off, first)  # frees the slot for KVM
+                self.sites[site] = self.sites.get(site, 0) + 1
+                last = _U32.unpack_from(mapping, off + 4)[0]
+
+
 # --- the vCPU ----------------------------------------------------------------------------
 
 
@@ -210,8 +266,10 @@ class Vcpu:
         mmio: MmioBus,
         control: RunControl,
         on_halt: Callable[[Vcpu], None] | None = None,
+        ring: CoalescedRing | None = None,
     ) -> None:
         self.index = index
+        self.ring = ring
         self.vcpu_id = vcpu_id
         self.fd = fd
         self.pio = pio
@@ -284,6 +342,10 @@ class Vcpu:
         mmio_write = self.mmio.write
         map_size = self._map_size
         data_min = ctypes.sizeof(kvm.kvm_run)
+        ring = self.ring
+        coalescing = ring is not None and ring.active and map_size >= ring.offset + mmap.PAGESIZE
+        ring_hdr = _RING_HDR.unpack_from
+        ring_off = ring.offset if ring is not None else 0
         while not stopping():
             if ioctl(fd, RUN_REQUEST, 0) < 0:
                 err = get_errno()
@@ -293,6 +355,10 @@ class Vcpu:
                 raise KvmIoctlError(err, f"KVM_RUN on {self.fd.what} failed: {os.strerror(err)}")
             reason = u32(m, 8)[0]
             reasons[reason] = reasons.get(reason, 0) + 1
+            if coalescing:
+                first, last = ring_hdr(m, ring_off)
+                if first != last:
+                    ring.drain(m)  # type: ignore[union-attr]
             if reason == EXIT_IO:
                 direction, size, port, count, off = io_hdr(m, 32)
                 site = (SITE_IO_OUT if direction else SITE_IO_IN) | port
@@ -368,6 +434,11 @@ class Vcpu:
             else:
                 self._fail(f"unhandled exit reason {reason} ({kvm.exit_reason_name(reason)})")
                 return
+
+    def drain_coalesced(self) -> None:
+        """Replay writes still queued in the coalesced ring (after the vCPUs stopped)."""
+        if self.ring is not None and self.ring.active and self.run_state is not None:
+            self.ring.drain(self._map)
 
     def _fail(self, what: str) -> None:
         self.control.stop(

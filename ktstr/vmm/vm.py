@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import re
 import threading
@@ -24,7 +25,7 @@ from ktstr.vmm import kvm, layout
 from ktstr.vmm.bus import AttachContext, MmioBus, MmioSlot, PioBus, VmDevice
 from ktstr.vmm.irq import IrqLine
 from ktstr.vmm.memory import GuestMemory
-from ktstr.vmm.vcpu import RunControl, StopReason, Vcpu, site_summary
+from ktstr.vmm.vcpu import CoalescedRing, RunControl, StopReason, Vcpu, site_summary
 
 STOP_GRACE_S = 1.5
 """How long teardown waits for vCPU threads after kicking them (the hard bound is +2 s)."""
@@ -42,6 +43,8 @@ class RunOutcome:
     exit_counts: list[dict[str, int]]
     site_counts: list[dict[int, int]] = field(default_factory=list)
     """Per vCPU, exits by site key (see :func:`ktstr.vmm.vcpu.site_name`)."""
+    queued_sites: dict[int, int] = field(default_factory=dict)
+    """Writes KVM queued in the coalesced ring instead of exiting, by site."""
 
 
 class Machine:
@@ -64,6 +67,7 @@ class Machine:
         self.mmio = MmioBus()
         self.control = RunControl()
         self.irqchip = irqchip
+        self.ring = CoalescedRing(self.pio, self.mmio)
         try:
             self.kvm = kvm.Kvm()
             self.mmap_size = self.kvm.vcpu_mmap_size()
@@ -101,6 +105,7 @@ class Machine:
                 self.mmio,
                 self.control,
                 on_halt=self._on_halt,
+                ring=self.ring,
             )
         except BaseException:
             fd.close()
@@ -114,7 +119,27 @@ class Machine:
 
     def context(self, **kwargs: object) -> AttachContext:
         assert self.memory is not None
-        return AttachContext(self.memory, self.pio, self.mmio, **kwargs)  # type: ignore[arg-type]
+        return AttachContext(
+            self.memory,
+            self.pio,
+            self.mmio,
+            coalesce_pio=self.coalesce_pio,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def coalesce_pio(self, port: int, length: int) -> bool:
+        """Queue guest writes to ``port..port+length`` in KVM's coalesced ring (see
+        :meth:`AttachContext.coalesce_pio_writes`); before the vCPUs exist only."""
+        assert self.kvm is not None and self.vm is not None
+        if self.vcpus:
+            return False  # vCPU loops decide at start whether to look at the ring
+        if self.mmap_size < (kvm.KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * mmap.PAGESIZE:
+            return False
+        if not self.kvm.check_extension(kvm.KVM_CAP_COALESCED_PIO):
+            return False
+        self.vm.register_coalesced(port, length, pio=True)
+        self.ring.active = True
+        return True
 
     def _on_halt(self, vcpu: Vcpu) -> None:
         if all(v.halted for v in self.vcpus):
@@ -152,11 +177,20 @@ class Machine:
             self.control.done.set()
             deadline = time.monotonic() + STOP_GRACE_S
             stuck = [v.index for v in self.vcpus if not v.join(deadline)]
+        drain_error = None
+        if self.vcpus and not stuck:
+            # Writes queued after the last exit (e.g. console bytes before a poweroff).
+            try:
+                self.vcpus[0].drain_coalesced()
+            except Exception as exc:  # a device failing here must not lose the outcome
+                drain_error = f"coalesced writes: {type(exc).__name__}: {exc}"
         duration = time.monotonic() - start
         if interrupted:
             self.close()
             raise KeyboardInterrupt
         error = self.control.error
+        if drain_error:
+            error = (error + "\n" if error else "") + drain_error
         if stuck:
             error = (error + "\n" if error else "") + f"vCPU threads {stuck} did not stop"
         return RunOutcome(
@@ -167,6 +201,7 @@ class Machine:
             duration_s=duration,
             exit_counts=[dict(v.exit_counts) for v in self.vcpus],
             site_counts=[dict(v.site_counts) for v in self.vcpus],
+            queued_sites=dict(self.ring.sites),
         )
 
     # --- teardown ---
@@ -263,7 +298,8 @@ class VmResult:
     panic_message: str = ""
     cmdline: str = ""
     exit_sites: dict[str, int] = field(default_factory=dict)
-    """IO/MMIO exits by site over all vCPUs, most frequent first: ``{"in 0x3fd": n, ...}``."""
+    """IO/MMIO exits by site over all vCPUs, most frequent first: ``{"in 0x3fd": n, ...}``;
+    ``"queued out 0x3f8"`` counts port writes KVM queued instead of exiting (not exits)."""
 
     @property
     def console_tail(self) -> str:
@@ -555,7 +591,7 @@ class Vm:
             detail=outcome.detail,
             panic_message=panic.group(0) if panic else "",
             cmdline=self.cmdline,
-            exit_sites=site_summary(outcome.site_counts),
+            exit_sites=site_summary([*outcome.site_counts, outcome.queued_sites]),
         )
 
     def stop(self) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from ktstr.vmm import kvm
 from ktstr.vmm.probe import measure_guest_mips
+from ktstr.vmm.vcpu import SITE_QUEUED_OUT
 from ktstr.vmm.vm import Machine
 
 pytestmark = [
@@ -194,3 +195,40 @@ def test_triple_fault_is_a_reboot() -> None:
 def test_throughput_probe_measures_something() -> None:
     mips = measure_guest_mips(0.2)
     assert mips > 0.1
+
+
+def test_coalesced_port_writes_reach_the_device_in_order_without_exits() -> None:
+    # mov dx, 0x3f8; mov al, 'a'; out dx, al; mov al, 'b'; out dx, al; mov dl, 0xfd;
+    # in al, dx; mov dl, 0xf8; mov al, 'c'; out dx, al; hlt
+    code = bytes.fromhex("BAF803B061EEB062EEB2FDECB2F8B063EEF4")
+    rec = Recorder()
+    machine = Machine([(0, 0x10000)], irqchip=False)
+    with machine as m:
+        assert m.memory is not None
+        m.memory.write(LOAD, code)
+        ctx = m.context()
+        ctx.add_pio(0x3F8, 8, rec)
+        queued = ctx.coalesce_pio_writes(0x3F8, 1)
+        vcpu = m.add_vcpu(0)
+        sregs = vcpu.fd.get_sregs()
+        sregs.cs.base, sregs.cs.selector = 0, 0
+        vcpu.fd.set_sregs(sregs)
+        regs = kvm.kvm_regs()
+        regs.rip, regs.rflags = LOAD, 2
+        vcpu.fd.set_regs(regs)
+        assert not ctx.coalesce_pio_writes(0x2F8, 1)  # too late: the vCPUs exist
+        out = m.run(10)
+    assert out.reason == "halted" and out.error is None
+    # The device sees the queued writes before the read that follows them, and the last
+    # one (queued just before HLT) too.
+    assert rec.log == [
+        ("out", 0x3F8, b"a"), ("out", 0x3F8, b"b"), ("in", 0x3FD, 1), ("out", 0x3F8, b"c"),
+    ]
+    with kvm.Kvm() as k:
+        supported = bool(k.ioctl(kvm.KVM_CHECK_EXTENSION, kvm.KVM_CAP_COALESCED_PIO))
+    assert queued == supported
+    if supported:
+        assert out.exit_counts[0]["io"] == 1
+        assert out.queued_sites == {SITE_QUEUED_OUT | 0x3F8: 3}
+    else:
+        assert out.exit_counts[0]["io"] == 4

@@ -89,6 +89,10 @@ class Serial:
 
     def attach(self, ctx: AttachContext) -> None:
         ctx.add_pio(self.port, 8, self)
+        # THR (and DLL) writes need no exit each: the 8250 driver always reads LSR or IIR,
+        # or writes IER, after a burst of THR writes (console: LSR polling; tty: the IRQ
+        # handler re-reads IIR), and the VMM replays queued writes before those exits.
+        ctx.coalesce_pio_writes(self.port + RBR_THR_DLL, 1)
 
     def close(self) -> None:
         pass
