@@ -161,16 +161,18 @@ def uptime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def kernel_symbol(name: str) -> int | None:
+def kernel_symbols(*names: str) -> dict[str, int | None]:
+    """Addresses from /proc/kallsyms (one pass; None for a name not found)."""
+    out: dict[str, int | None] = dict.fromkeys(names)
     try:
         with open("/proc/kallsyms") as f:
             for line in f:
                 addr, _, sym = line.split()[:3]
-                if sym == name:
-                    return int(addr, 16)
+                if sym in out and out[sym] is None:
+                    out[sym] = int(addr, 16)
     except OSError:
         pass
-    return None
+    return out
 
 
 def config_value(name: str) -> str | None:
@@ -186,28 +188,55 @@ def config_value(name: str) -> str | None:
     return None
 
 
-def watchdog_poke(timeout_ms: int) -> dict[str, Any]:
-    """A request for the host to set the kernel's sched_ext watchdog timeout.
+WATCHDOG_MAX_TIMEOUT_S = 30
+"""SCX_WATCHDOG_MAX_TIMEOUT: the longest timeout a scheduler's ops can ask for."""
+
+
+def jiffies_now() -> int | None:
+    """The kernel's jiffies, from /proc/schedstat's ``timestamp`` line (CONFIG_SCHEDSTATS)."""
+    for line in read_text("/proc/schedstat").splitlines():
+        if line.startswith("timestamp "):
+            return int(line.split()[1])
+    return None
+
+
+def watchdog_pokes(timeout_ms: int) -> list[dict[str, Any]]:
+    """Requests for the host to set the kernel's sched_ext watchdog timeout.
 
     6.12 keeps it in ``scx_watchdog_timeout`` (jiffies), set from the
     scheduler's ops on enable, with no knob; the host writes it in guest RAM.
-    The physical address comes from /proc/kallsyms and /proc/iomem.
+    The physical addresses come from /proc/kallsyms and /proc/iomem.
+
+    Lowering the timeout alone is wrong for the first watchdog period: at
+    enable the kernel queued its watchdog work ``old timeout / 2`` ahead (15 s
+    for a scheduler without ``timeout_ms``), and ``scx_tick`` compares the
+    enable-time ``scx_watchdog_timestamp`` with the *new* timeout, so it
+    ejects ("watchdog failed to check in") before the work first runs. So the
+    timestamp is moved past that first run first; the work's first run resets
+    it, checks tasks against the new timeout and re-arms at ``new / 2``.
     """
-    sym = kernel_symbol("scx_watchdog_timeout")
-    text = kernel_symbol("_text")
+    syms = kernel_symbols("_text", "scx_watchdog_timestamp", "scx_watchdog_timeout")
+    text = syms.pop("_text")
     phys_text = None
     for line in read_text("/proc/iomem").splitlines():
         if line.strip().endswith("Kernel code"):
             phys_text = int(line.strip().split("-")[0], 16)
             break
     hz = int(config_value("CONFIG_HZ") or "0")
-    if None in (sym, text, phys_text) or not sym or not hz:
-        raise GuestFailure("watchdog", "cannot locate scx_watchdog_timeout in this kernel "
-                           "(needs KALLSYMS_ALL and IKCONFIG_PROC)")
-    assert sym is not None and text is not None and phys_text is not None
+    now = jiffies_now()
+    if text is None or phys_text is None or not hz or None in syms.values() or now is None:
+        raise GuestFailure("watchdog", "cannot locate the sched_ext watchdog in this kernel "
+                           "(needs KALLSYMS_ALL, IKCONFIG_PROC and SCHEDSTATS)")
+
+    def poke(name: str, value: int) -> dict[str, Any]:
+        addr = syms[name]
+        assert addr is not None and text is not None and phys_text is not None
+        return {"type": "poke", "gpa": addr - text + phys_text,
+                "data": (value & (1 << 64) - 1).to_bytes(8, "little").hex(), "what": name}
+
     jiffies = max(1, timeout_ms * hz // 1000)
-    return {"type": "poke", "gpa": sym - text + phys_text,
-            "data": jiffies.to_bytes(8, "little").hex(), "what": "scx_watchdog_timeout"}
+    return [poke("scx_watchdog_timestamp", now + WATCHDOG_MAX_TIMEOUT_S * hz),
+            poke("scx_watchdog_timeout", jiffies)]
 
 
 def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
@@ -219,7 +248,8 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
         chan.send({"type": "sched_attached", "state": state, "uptime": uptime()})
         if req.scheduler.watchdog_timeout_ms:
             try:
-                chan.send(watchdog_poke(req.scheduler.watchdog_timeout_ms))
+                for poke in watchdog_pokes(req.scheduler.watchdog_timeout_ms):
+                    chan.send(poke)  # applied by the host before send() returns, in order
             except GuestFailure as err:  # the run is still meaningful with the default
                 chan.send({"type": "warning", "text": err.message})
     disks = mount_disks(req.mounts)
