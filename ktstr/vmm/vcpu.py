@@ -405,7 +405,12 @@ class Vcpu:
                     self.on_halt(self)
                 return
             elif reason == kvm.KVM_EXIT_SHUTDOWN:
-                self.control.stop(StopReason.REBOOT, f"vcpu {self.index}: triple fault (shutdown)")
+                # A Linux guest reboots through the i8042 or ACPI; a triple fault is a crash
+                # nobody could print, so keep where it happened.
+                self.control.stop(
+                    StopReason.REBOOT,
+                    f"vcpu {self.index}: triple fault (shutdown)\n{describe_state(self.fd)}",
+                )
                 return
             elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
                 run = self.run_state
