@@ -14,31 +14,37 @@ from collections.abc import Sequence
 
 from ktstr.errors import KtstrError
 
-# Modules that contribute subcommands, in help order.
-COMMAND_MODULES = (
-    "ktstr.kernel.cli",
-    "ktstr.results.cli",
-    "ktstr.sandbox.cli",
-    "ktstr.vmm.cli",
-    "ktstr.shell",
-    "ktstr.scenario.cli",
-)
+# Subcommand -> the module that registers it, in help order. Only the module of
+# the command being run is imported: imports are slow where files sit on a
+# network or 9p filesystem (inside the sandbox every stat is a round trip).
+COMMANDS = {
+    "kernel": "ktstr.kernel.cli",
+    "stats": "ktstr.results.cli",
+    "sandbox": "ktstr.sandbox.cli",
+    "boot": "ktstr.vmm.cli",
+    "shell": "ktstr.shell",
+    "list": "ktstr.scenario.cli",
+    "run": "ktstr.scenario.cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv`` naming a known command, only that command's module loads."""
     parser = argparse.ArgumentParser(
         prog="ktstr", description="Test harness for Linux process schedulers."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    first = next((a for a in argv or () if not a.startswith("-")), None)
+    modules = [COMMANDS[first]] if first in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KtstrError as err:
