@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ktstr.cliargs import add_vm_arguments
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 
@@ -27,26 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Boot KERNEL with the ktstr guest runtime and run CMD with busybox sh; "
         "prints its output and exits with its status.",
     )
-    p.add_argument("--kernel", required=True, help="catalog id or path to a bzImage / build tree")
-    p.add_argument("--topology", default="1n1l2c1t", help="label like 1n2l4c2t or a preset name")
-    p.add_argument("--memory-mb", type=int, default=2048, help="guest memory (default 2048)")
+    add_vm_arguments(p)
     p.add_argument("--timeout", type=float, default=None,
                    help="hard timeout in seconds (default 120 with --exec, 3600 interactive)")
     p.add_argument("--exec", dest="command", default=None, help="command for sh -c")
     p.add_argument("--binary", action="append", default=[], type=Path,
                    help="also pack this host binary (and its libraries); repeatable")
-    p.add_argument("--console", action="store_true", help="stream the guest console to stderr")
-    p.add_argument("--sandbox", default="auto", choices=("auto", "always", "never"))
     p.set_defaults(func=_cmd_shell)
-
-
-def _resolve_kernel(spec: str) -> Path:
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path.resolve()
-    from ktstr.kernel import resolve_kernel
-
-    return Path(resolve_kernel(spec).bzimage)
 
 
 def _cmd_shell(args: argparse.Namespace) -> int:
@@ -59,7 +47,9 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     for b in args.binary:
         if not b.is_file():
             raise KtstrError(f"--binary {b}: no such file")
-    kernel = _resolve_kernel(args.kernel)
+    from ktstr.kernel import resolve_kernel
+
+    kernel = resolve_kernel(args.kernel).bzimage
 
     from ktstr.sandbox.dispatch import dispatch, self_argv
 

@@ -199,13 +199,12 @@ def _build_schedulers_locked(entry: KernelEntry, root: Path) -> KernelEntry:
     return entry
 
 
-def _is_bzimage(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0x202)
-            return fh.read(4) == b"HdrS"
-    except OSError:
-        return False
+def _validated_bzimage(path: Path) -> Path:
+    """``path`` if it is a bootable bzImage (64-bit entry); else a one-line KtstrError."""
+    from ktstr.vmm import loader
+
+    loader.load_bzimage(path)
+    return path.resolve()
 
 
 def resolve_kernel(spec: str, flavour: str = "test") -> ResolvedKernel:
@@ -216,9 +215,7 @@ def resolve_kernel(spec: str, flavour: str = "test") -> ResolvedKernel:
         return ResolvedKernel(entry.bzimage, entry)
     path = Path(spec).expanduser()
     if path.is_file():
-        if not _is_bzimage(path):
-            raise KtstrError(f"{path} is not a bzImage (no 'HdrS' boot header at 0x202)")
-        return ResolvedKernel(path.resolve(), None)
+        return ResolvedKernel(_validated_bzimage(path), None)
     if path.is_dir():
         if (path / "metadata.json").is_file():
             try:
@@ -227,10 +224,12 @@ def resolve_kernel(spec: str, flavour: str = "test") -> ResolvedKernel:
                 raise KtstrError(f"kernel cache entry {path} is corrupt: {err}") from None
             return ResolvedKernel(entry.bzimage, entry)
         image = path / "arch" / "x86" / "boot" / "bzImage"
-        if _is_bzimage(image):
-            return ResolvedKernel(image.resolve(), None)
+        if image.is_file():
+            return ResolvedKernel(_validated_bzimage(image), None)
         raise KtstrError(f"{path} has no arch/x86/boot/bzImage: build it first "
                          f"(or use `ktstr kernel build --source {path}`)")
+    if "/" in spec or spec.endswith("bzImage"):
+        raise KtstrError(f"kernel {spec}: no such file; pass a bzImage path or a catalog id")
     raise KtstrError(
         f"kernel {spec!r} is neither a catalog id ({', '.join(sorted(catalog.kernels))}) "
         "nor an existing bzImage or kernel build tree"

@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from ktstr.errors import KtstrError
 from ktstr.paths import cache_root
+from ktstr.process import pid_alive
 from ktstr.sandbox import guest_init
 from ktstr.sandbox.detect import in_sandbox
 from ktstr.sandbox.diskcache import disk_cache
@@ -220,16 +221,6 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_stale_rundirs(tmp: Path, *, min_age_s: float = 60.0) -> list[Path]:
     """Remove run directories left by a `ktstr` that was SIGKILLed (its QEMU died with it).
 
@@ -245,7 +236,7 @@ def reap_stale_rundirs(tmp: Path, *, min_age_s: float = 60.0) -> list[Path]:
             pid = int((path / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if not _alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

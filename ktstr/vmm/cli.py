@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ktstr.cliargs import add_vm_arguments
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 from ktstr.vmm import layout
@@ -216,35 +217,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Boot KERNEL on a declared topology with a built-in busybox init that "
         "reports the CPUs, SMT siblings, LLCs and NUMA nodes it sees, then powers off.",
     )
-    p.add_argument("--kernel", required=True, help="catalog id or path to a bzImage / build tree")
-    p.add_argument("--topology", default="1n1l2c1t", help="label like 1n2l4c2t or a preset name")
-    p.add_argument("--memory-mb", type=int, default=2048, help="guest memory (default 2048)")
+    add_vm_arguments(p)
     p.add_argument("--timeout", type=float, default=60.0, help="hard timeout in seconds")
     p.add_argument("--initramfs", type=Path, default=None, help="use this initramfs instead")
     p.add_argument("--cmdline", default="", help="extra kernel command line")
     p.add_argument("--quiet-kernel", action="store_true", help="boot with `quiet`")
-    p.add_argument("--console", action="store_true", help="stream the guest console to stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--sandbox", default="auto", choices=("auto", "always", "never"))
     p.set_defaults(func=_cmd_boot)
-
-
-def _resolve_kernel(spec: str) -> Path:
-    path = Path(spec).expanduser()
-    if path.is_file():
-        from ktstr.vmm import loader
-
-        loader.load_bzimage(path)  # validates: a bzImage with a 64-bit entry
-        return path.resolve()
-    if not path.exists() and ("/" in spec or spec.endswith("bzImage")):
-        raise KtstrError(f"kernel {spec}: no such file; pass a bzImage path or a catalog id")
-    try:
-        from ktstr.kernel import resolve_kernel
-    except ImportError:
-        raise KtstrError(
-            f"kernel {spec}: not a file, and kernel resolution is unavailable"
-        ) from None
-    return Path(resolve_kernel(spec).bzimage)
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
@@ -259,7 +238,9 @@ def _cmd_boot(args: argparse.Namespace) -> int:
         raise KtstrError(f"--timeout must be positive, got {args.timeout}")
     if args.initramfs is not None and not args.initramfs.is_file():
         raise KtstrError(f"initramfs {args.initramfs} does not exist")
-    kernel = _resolve_kernel(args.kernel)
+    from ktstr.kernel import resolve_kernel
+
+    kernel = resolve_kernel(args.kernel).bzimage
 
     from ktstr.sandbox.dispatch import dispatch, self_argv
 

@@ -36,6 +36,7 @@ from ioctl_opt import IOW
 from ktstr.disk import DiskConfig, Filesystem, mount_specs, validate_disks
 from ktstr.errors import KtstrError
 from ktstr.paths import cache_root
+from ktstr.process import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -520,21 +521,11 @@ def create_raw(dest: Path, capacity_bytes: int) -> Path:
     return dest
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _reap_stale_clones(directory: Path) -> None:
     """Clones whose test process died without cleaning up (SIGKILL, power loss)."""
     for p in directory.glob("*.img"):
         m = re.match(r"^(\d+)-", p.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             with contextlib.suppress(OSError):
                 p.unlink()
 

@@ -41,9 +41,13 @@ with open(path, "w") as fh:
 """
 
 BZIMAGE = r"""
-import sys
+import struct, sys
 data = bytearray(200_000)
+data[0x1F1] = 4  # setup_sects
+data[0x201] = 0x6A  # setup header length
 data[0x202:0x206] = b"HdrS"
+struct.pack_into("<H", data, 0x206, 0x020F)  # boot protocol 2.15
+struct.pack_into("<H", data, 0x236, 1)  # XLF_KERNEL_64
 open(sys.argv[1], "wb").write(bytes(data))
 """
 
