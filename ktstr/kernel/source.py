@@ -1,9 +1,10 @@
 """Where a kernel's source comes from, its digest, and its unpacked tree.
 
 The digest is part of the cache key, so it must be cheap on a warm cache hit:
-a tarball's sha256 is computed once and remembered by (path, size, mtime,
-inode); a git checkout is HEAD plus its uncommitted diff; a plain tree is a
-stamp of its source files' sizes and mtimes.
+a tarball's sha256 is computed once and remembered by (path, size, mtime) —
+not the inode, which a shared filesystem (the sandbox's 9p) renumbers; a git
+checkout is HEAD plus its uncommitted diff; a plain tree is a stamp of its
+source files' sizes and mtimes.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _local(path: Path, root: Path) -> Source:
 def tarball_digest(path: Path, root: Path) -> str:
     """sha256 of a tarball, remembered by its stat so a warm lookup costs nothing."""
     st = path.stat()
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    stamp = [st.st_size, st.st_mtime_ns]
     memo_path = root / "sources" / "digests.json"
     try:
         memo = json.loads(memo_path.read_text())

@@ -142,8 +142,9 @@ def prepare(session: nox.Session, kernel: str) -> None:
 
 
 def pytest_argv(kernel: str, scheduler: str | None, jobs: int, extra: Sequence[str]) -> list[str]:
+    # Plugins the VM suite does not use cost ~40 s of start-up inside the sandbox.
     argv = ["python", "-m", "ktstr.sessions.vm", "pytest", "--", "-p", "no:cacheprovider",
-            "-ra", "--ktstr-kernel", kernel]
+            "-p", "no:hypothesispytest", "-p", "no:benchmark", "-ra", "--ktstr-kernel", kernel]
     if scheduler:
         argv += ["--ktstr-scheduler", scheduler]
     if jobs > 1:
