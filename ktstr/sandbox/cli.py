@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from ktstr.errors import KtstrError
 from ktstr.sandbox.detect import detect_kvm, in_sandbox
 from ktstr.sandbox.kernel import describe_kernel
 from ktstr.sandbox.qemu import QEMU_BINARY
-from ktstr.sandbox.run import run_in_sandbox
+from ktstr.sandbox.run import SandboxCrashed, run_in_sandbox
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "(default: none; env KTSTR_SANDBOX_TIMEOUT)")
     run.add_argument("--kernel", type=Path, default=None,
                      help="sandbox-flavour bzImage (default: $KTSTR_SANDBOX_KERNEL or the cache)")
+    run.add_argument("--retries", type=int, default=0,
+                     help="run the command again, up to N times, when the sandbox VM itself "
+                          "dies before it finishes (exit 125 otherwise); only for commands "
+                          "that are safe to repeat, such as a test run")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
     run.set_defaults(func=_cmd_run)
 
@@ -50,8 +55,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise KtstrError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    return run_in_sandbox(command, memory_mb=args.memory_mb, cpus=args.cpus,
-                          timeout=args.timeout, kernel=args.kernel)
+    if args.retries < 0:
+        raise KtstrError(f"--retries must be >= 0, got {args.retries}")
+    for attempt in range(args.retries + 1):
+        try:
+            return run_in_sandbox(command, memory_mb=args.memory_mb, cpus=args.cpus,
+                                  timeout=args.timeout, kernel=args.kernel)
+        except SandboxCrashed as err:
+            if attempt == args.retries:
+                raise
+            print(f"ktstr: {err}; running the command again "
+                  f"({attempt + 1} of {args.retries} retries)", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 def _qemu_line() -> str:

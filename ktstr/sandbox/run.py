@@ -50,8 +50,17 @@ OWNER_FILE = "owner.pid"
 PR_SET_PDEATHSIG = 1
 
 
+CRASH_EXIT = 125                       # the sandbox VM itself died (not the command)
+
+
 class SandboxTimeout(KtstrError):
     exit_code = TIMEOUT_EXIT
+
+
+class SandboxCrashed(KtstrError):
+    """The emulated host died before the command finished (e.g. its kernel panicked)."""
+
+    exit_code = CRASH_EXIT
 
 
 class _Signalled(BaseException):
@@ -388,7 +397,7 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
     if kvm.exists() and kvm.read_text().strip() != "ok":
         print(f"ktstr: sandbox: warning: {kvm.read_text().strip()}", file=sys.stderr)
     if not status.exists():
-        raise KtstrError(f"sandbox VM exited (QEMU status {proc.returncode}) before the "
+        raise SandboxCrashed(f"sandbox VM exited (QEMU status {proc.returncode}) before the "
                          f"command finished: {_why(console_log, qemu_log)} "
                          f"(set {DEBUG_ENV}=1 for the full console)")
     return int(status.read_text().strip())

@@ -126,9 +126,14 @@ def kvm_usable(session: nox.Session) -> bool:
     return text.startswith("usable")
 
 
+SANDBOX_RETRIES = 1
+"""A test run is safe to repeat, so one crash of the emulated host itself is retried."""
+
+
 def sandboxed(argv: list[str]) -> list[str]:
     """``argv`` run inside one sandbox VM (the emulated KVM host)."""
-    return ["python", "-m", "ktstr", "sandbox", "run", "--", *argv]
+    return ["python", "-m", "ktstr", "sandbox", "run", "--retries", str(SANDBOX_RETRIES),
+            "--", *argv]
 
 
 def in_sandbox_argv(session: nox.Session, argv: list[str]) -> list[str]:

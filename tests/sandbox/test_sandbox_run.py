@@ -160,3 +160,18 @@ def test_timeout_stops_the_vm(env: dict[str, str]) -> None:
     assert r.returncode == 124
     assert "15 s" in r.stderr
     assert time.monotonic() - start < 60
+
+
+def test_vm_dying_before_the_command_finishes_is_125_and_retried(
+        env: dict[str, str], tmp_path: Path) -> None:
+    # The command powers the emulated host off under itself, as a host kernel crash would
+    # end it; each attempt leaves a line in the (shared) working directory first.
+    work = tmp_path / "attempts"
+    work.mkdir()
+    die = ("import ctypes, os; open('attempts.txt', 'a').write('x\\n'); os.sync(); "
+           "ctypes.CDLL(None).reboot(0x4321FEDC)")
+    r = ktstr_sandbox("--retries", "1", "--", sys.executable, "-c", die, env=env, cwd=work)
+    assert r.returncode == 125, r.stderr
+    assert "before the command finished" in r.stderr
+    assert "running the command again (1 of 1 retries)" in r.stderr
+    assert (work / "attempts.txt").read_text() == "x\nx\n"
