@@ -26,6 +26,8 @@ def tests(session: nox.Session) -> None:
     vm.prepare(session, default)
     native = vm.kvm_usable(session)
     if not native:
+        # Built here, with its progress shown, rather than inside the first sandbox test.
+        session.run("python", "-m", "ktstr", "kernel", "build", default, "--flavour", "sandbox")
         session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-ra", SANDBOX_SUITE)
     argv = vm.pytest_argv(default, None, 1, ["-m", "smoke", vm.SUITE])
     session.run(*(argv if native else vm.sandboxed(argv)),
