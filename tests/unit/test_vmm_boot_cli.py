@@ -18,8 +18,6 @@ from ktstr.vmm.cli import (
     topology_seen,
 )
 
-KERNEL = Path("/tmp/kb/linux-source-6.12/arch/x86/boot/bzImage")
-
 
 def run_boot(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
