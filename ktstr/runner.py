@@ -21,6 +21,7 @@ from ktstr import initramfs
 from ktstr.errors import KtstrError
 from ktstr.guest.frame import decode_serial
 from ktstr.guest.request import MountSpec, RunRequest, SchedulerSpec
+from ktstr.guest.sched import CLEAN_REASON, disabled_events
 from ktstr.topology import Topology
 from ktstr.vmm.devices.channel import ResultChannel
 
@@ -236,6 +237,16 @@ def _last(by_type: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any]
     return items[-1] if items else None
 
 
+
+def _unclean_ejection(console: str) -> str | None:
+    """The kernel's last 'BPF scheduler disabled' record, unless it was a clean unregister."""
+    events = disabled_events(console.splitlines())
+    if not events or events[-1]["reason"] == CLEAN_REASON:
+        return None
+    ev = events[-1]
+    detail = f": {ev['message']}" if ev["message"] else ""
+    return f"scheduler {ev['name']!r} was ejected ({ev['reason']}{detail})"
+
 def collect(timed: list[tuple[float, dict[str, Any]]], channel_errors: list[str], vm: Any,
             base: initramfs.BaseArchive, nbytes: int, *, scenario_mode: bool) -> GuestRun:
     """Turn channel messages and the VmResult into a classified :class:`GuestRun`."""
@@ -280,6 +291,13 @@ def collect(timed: list[tuple[float, dict[str, Any]]], channel_errors: list[str]
     elif kernel_problem is not None:
         run.failure = kernel_problem[0]
         run.message = f"{kernel_problem[1]}\nconsole tail:\n{console[-CONSOLE_TAIL:]}"
+    elif (end is None or getattr(vm, "timed_out", False)) and (
+            ejection := _unclean_ejection(console)) is not None:
+        # The kernel ejected the scheduler and the guest never finished: the ejection is the
+        # cause (e.g. init itself was the stalled task), not the missing end marker.
+        run.failure = "scheduler_ejected"
+        run.message = (f"{ejection}; the guest did not finish\nconsole tail:\n"
+                       f"{console[-CONSOLE_TAIL:]}")
     elif getattr(vm, "timed_out", False):
         run.failure = F_TIMEOUT
         run.message = f"{vm.error or 'guest timed out'}\nconsole tail:\n{console[-CONSOLE_TAIL:]}"
