@@ -250,6 +250,31 @@ class kvm_xcrs(ctypes.Structure):
     ]
 
 
+class kvm_stats_header(ctypes.Structure):
+    """Start of a binary stats fd (``KVM_GET_STATS_FD``): where ids, descriptors, data are."""
+
+    _fields_ = [
+        ("flags", c_uint32),
+        ("name_size", c_uint32),
+        ("num_desc", c_uint32),
+        ("id_offset", c_uint32),
+        ("desc_offset", c_uint32),
+        ("data_offset", c_uint32),
+    ]
+
+
+class kvm_stats_desc(ctypes.Structure):
+    """One stats descriptor; ``name_size`` bytes of NUL-padded name follow it."""
+
+    _fields_ = [
+        ("flags", c_uint32),
+        ("exponent", ctypes.c_int16),
+        ("size", c_uint16),
+        ("offset", c_uint32),
+        ("bucket_size", c_uint32),
+    ]
+
+
 class kvm_mp_state(ctypes.Structure):
     _fields_ = [("mp_state", c_uint32)]
 
@@ -404,6 +429,16 @@ KVM_SYSTEM_EVENT_CRASH = 3
 
 KVM_MP_STATE_RUNNABLE = 0
 KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
+MP_STATE_NAMES = {0: "runnable", 1: "uninitialized", 2: "init-received", 3: "halted",
+                  4: "sipi-received"}
+
+KVM_STATS_TYPE_MASK = 0xF
+KVM_STATS_TYPE_CUMULATIVE = 0
+KVM_STATS_TYPE_INSTANT = 1
+KVM_STATS_TYPE_PEAK = 2
 
 KVM_CAP_IRQCHIP = 0
 KVM_CAP_USER_MEMORY = 3
@@ -420,6 +455,7 @@ KVM_CAP_COALESCED_MMIO = 15
 KVM_CAP_XCRS = 56
 KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_TSC_DEADLINE_TIMER = 72
+KVM_CAP_BINARY_STATS_FD = 203
 
 # --- request numbers ---------------------------------------------------------
 
@@ -452,6 +488,7 @@ KVM_SET_LAPIC = IOW(KVMIO, 0x8F, kvm_lapic_state)
 KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_XCRS = IOR(KVMIO, 0xA6, kvm_xcrs)
 KVM_SET_XCRS = IOW(KVMIO, 0xA7, kvm_xcrs)
+KVM_GET_STATS_FD = IO(KVMIO, 0xCE)
 KVM_GET_MP_STATE = IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = IOW(KVMIO, 0x99, kvm_mp_state)
 
@@ -702,6 +739,10 @@ class VcpuFd(KvmFd):
 
     def set_mp_state(self, value: int) -> None:
         self.ioctl(KVM_SET_MP_STATE, kvm_mp_state(mp_state=value))
+
+    def stats_fd(self) -> int:
+        """A new read-only fd of this vCPU's binary stats (readable from any thread)."""
+        return self.ioctl(KVM_GET_STATS_FD)
 
 
 def exit_reason_name(reason: int) -> str:
