@@ -17,12 +17,14 @@ from dataclasses import dataclass
 
 from ktstr.vmm import kvm
 
-PROGRESS_COUNTERS = ("exits", "irq_injections", "halt_wakeup", "nmi_injections")
-"""Counters that move while a guest CPU does anything at all: any exit (in-kernel ones
-included), an interrupt delivered, a wake-up from HLT. A guest spinning with interrupts
-off, or halted with nothing left to wake it, moves none of them."""
+PROGRESS_COUNTERS = ("io_exits", "mmio_exits", "hypercalls", "irq_injections", "halt_wakeup",
+                     "nmi_injections")
+"""Counters that move while a guest CPU does anything observable: a port or MMIO access,
+a hypercall, an interrupt delivered, a wake-up from HLT. Plain ``exits`` is not among them:
+host interrupts exit a vCPU that is spinning with interrupts off, so it keeps counting in a
+guest that is stuck for good."""
 
-STATE_COUNTERS = ("blocking", "guest_mode", "halt_exits", "irq_window_exits",
+STATE_COUNTERS = ("exits", "blocking", "guest_mode", "halt_exits", "irq_window_exits",
                   "insn_emulation", "insn_emulation_fail", "pf_taken", "signal_exits")
 """Extra counters worth printing when a vCPU looks stuck."""
 
