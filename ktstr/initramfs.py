@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ktstr import elf
+from ktstr import elf, tools
 from ktstr.errors import KtstrError
 from ktstr.paths import cache_root
 
@@ -258,9 +258,8 @@ def compress(data: bytes, compression: str) -> bytes:
 
 
 def _pipe(argv: list[str], data: bytes, tool: str) -> bytes:
-    if shutil.which(argv[0]) is None:
-        raise KtstrError(f"initramfs: {tool} compression needs the `{argv[0]}` program; "
-                         f"install it (apt-get install {tool}) or choose another compression")
+    tools.require(argv[0], why=f"initramfs {tool} compression needs it; or choose another "
+                               "compression")
     proc = subprocess.run(argv, input=data, capture_output=True, check=False)
     if proc.returncode != 0:
         raise KtstrError(f"initramfs: {argv[0]} failed: {proc.stderr.decode(errors='replace')}")

@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ktstr import tools
 from ktstr.errors import KtstrError
 from ktstr.kernel.build import jobs, run_logged
 
@@ -54,7 +55,7 @@ def find_clang(candidates: tuple[str, ...] = CANDIDATES) -> Clang:
     found = f"; found {', '.join(seen)}" if seen else ""
     raise KtstrError(
         f"building sched_ext schedulers needs clang >= {MIN_CLANG} on PATH{found}: "
-        "apt-get install clang-19"
+        f"{tools.install_hint('clang-19')}"
     )
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from ktstr import tools
 from ktstr.errors import KtstrError
 from ktstr.sandbox.detect import detect_kvm, in_sandbox
 from ktstr.sandbox.kernel import describe_kernel
@@ -70,9 +70,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _qemu_line() -> str:
-    path = shutil.which(QEMU_BINARY)
+    path = tools.which(QEMU_BINARY)
     if path is None:
-        return "QEMU: not installed (apt-get install qemu-system-x86)"
+        return f"QEMU: not installed ({tools.install_hint(QEMU_BINARY)})"
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True,
                              timeout=10, check=False).stdout

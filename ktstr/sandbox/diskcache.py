@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ktstr import tools
 from ktstr.errors import KtstrError
 
 IMAGE_SIZE = 8 << 30   # sparse; only written blocks use host disk
@@ -32,10 +32,7 @@ class DiskImage:
 
 def make_btrfs_image(path: Path, size: int = IMAGE_SIZE) -> None:
     """Create a sparse file at `path` and format it as btrfs (host mkfs.btrfs)."""
-    mkfs = shutil.which("mkfs.btrfs")
-    if mkfs is None:
-        raise KtstrError("mkfs.btrfs not found; the sandbox's disk cache needs it: "
-                         "apt-get install btrfs-progs")
+    mkfs = tools.require("mkfs.btrfs", why="the sandbox's disk cache needs it")
     with open(path, "wb") as f:
         f.truncate(size)
     proc = subprocess.run([mkfs, "-q", "-f", "-L", "ktstr-cache", str(path)],

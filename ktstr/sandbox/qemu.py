@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ktstr import tools
 from ktstr.errors import KtstrError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -137,5 +138,5 @@ def find_qemu(name: str = QEMU_BINARY) -> str:
     path = shutil.which(name)
     if path is None:
         raise KtstrError(f"{name} not found; the sandbox needs QEMU: "
-                         f"apt-get install qemu-system-x86")
+                         f"{tools.install_hint(QEMU_BINARY)}")
     return path

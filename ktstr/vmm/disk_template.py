@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from ioctl_opt import IOW
 
+from ktstr import tools
 from ktstr.disk import DiskConfig, Filesystem, mount_specs, validate_disks
 from ktstr.errors import KtstrError
 from ktstr.paths import cache_root
@@ -58,7 +58,6 @@ _FS_NAMES = {
     0x01021997: "9p",
     0x794C7630: "overlayfs",
 }
-_PACKAGES = {Filesystem.BTRFS: "btrfs-progs", Filesystem.EXT4: "e2fsprogs"}
 _MKFS_ARGS = {Filesystem.BTRFS: ["-f", "-q"], Filesystem.EXT4: ["-F", "-q"]}
 MKFS_MARKER = "KTSTR-MKFS-RC="
 TEMPLATE_VM_TIMEOUT_S = 120.0
@@ -145,15 +144,7 @@ def locate_host_mkfs(fs: Filesystem, search: str | None = None) -> Path:
     """The host's mkfs for `fs` (it is packed into the template-build VM)."""
     if fs.mkfs is None:
         raise KtstrError("a RAW disk has no filesystem and needs no mkfs")
-    if search is None:
-        search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    found = shutil.which(fs.mkfs, path=search)
-    if found is None:
-        raise KtstrError(
-            f"{fs.mkfs} not found on this host; it formats {fs.value} disk templates: "
-            f"apt-get install {_PACKAGES[fs]}"
-        )
-    return Path(found)
+    return Path(tools.require(fs.mkfs, path=search, why=f"it formats {fs.value} disk templates"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -430,11 +421,7 @@ def build_template_via_vm(image: Path, fs: Filesystem, mkfs: Path, kernel: Path)
     from ktstr.vmm.devices.virtio.blk import VirtioBlkDisk
     from ktstr.vmm.vm import Vm
 
-    busybox = Path(shutil.which("busybox") or "/bin/busybox")
-    if not busybox.is_file():
-        raise KtstrError(
-            "busybox not found; the template-build VM needs it: apt-get install busybox-static"
-        )
+    busybox = Path(tools.require("busybox", why="the template-build VM needs it"))
     with tempfile.TemporaryDirectory(prefix="ktstr-template-") as tmp:
         initrd = build_initramfs(Path(tmp) / "initramfs.cpio", fs, mkfs, busybox)
         disk = VirtioBlkDisk(image, DiskConfig(capacity_mb=1))
