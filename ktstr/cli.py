@@ -25,6 +25,7 @@ COMMANDS = {
     "shell": "ktstr.shell",
     "list": "ktstr.scenario.cli",
     "run": "ktstr.scenario.cli",
+    "doctor": "ktstr.doctor",
 }
 
 

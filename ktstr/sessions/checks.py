@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import nox
 
+from ktstr.paths import repo_root
 from ktstr.sessions import vm
 
-UNIT_SUITES = ("tests/unit", "tests/kvm")
-"""No kernel boots: encoders, parsers, caches, and tiny guests through /dev/kvm."""
+UNIT_SUITES = tuple(s for s in ("tests/unit", "tests/kvm", "tests/fuzz")
+                    if (repo_root() / s).is_dir())
+"""No kernel boots: encoders, parsers, caches, tiny guests through /dev/kvm, fuzzers.
+Only the suites this checkout has: pytest fails on a path that does not exist."""
 SANDBOX_SUITE = "tests/sandbox"
 """Starts the emulated KVM host itself (only meaningful where KVM is unusable)."""
 

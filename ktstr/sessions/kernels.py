@@ -25,7 +25,7 @@ def catalog_ids() -> list[str]:
 
 
 def _install(session: nox.Session) -> None:
-    system.ensure_packages()
+    system.prepare_host(session)
     session.install("-e", ".")
 
 

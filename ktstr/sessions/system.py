@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ktstr import tools
 from ktstr.errors import KtstrError
+
+if TYPE_CHECKING:
+    import nox
 
 PACKAGE_LIST = Path(__file__).with_name("debian-packages.txt")
 
@@ -19,7 +23,7 @@ def required_packages() -> list[str]:
 
 def missing_packages(packages: list[str]) -> list[str]:
     """Packages dpkg does not report as installed."""
-    if not shutil.which("dpkg-query"):
+    if not tools.which("dpkg-query"):
         return []
     out = subprocess.run(
         ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *packages],
@@ -36,12 +40,33 @@ def ensure_packages() -> None:
     missing = missing_packages(required_packages())
     if not missing:
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
+    if os.geteuid() != 0 or not tools.which("apt-get"):
         names = " ".join(missing)
         raise KtstrError(f"missing host packages; install them with: apt-get install {names}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env)
+
+
+def check_tools() -> None:
+    """After the packages: every program ktstr runs is found, or KtstrError with the doctor's
+    lines (a package can be installed while its program is not on PATH)."""
+    from ktstr import doctor
+
+    missing = doctor.problems(doctor.check_tools())
+    if missing:
+        lines = "\n".join(f.line() for f in missing)
+        raise KtstrError(f"this host lacks programs ktstr runs (`ktstr doctor` checks all):\n"
+                         f"{lines}")
+
+
+def prepare_host(session: nox.Session) -> None:
+    """What every building or booting session does first: packages, then the tool check."""
+    try:
+        ensure_packages()
+        check_tools()
+    except KtstrError as err:
+        session.error(str(err))
 
 
 if __name__ == "__main__":

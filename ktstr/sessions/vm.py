@@ -108,8 +108,9 @@ def run_id(kernel: str, label: str) -> str:
 
 
 def install(session: nox.Session) -> None:
-    """Host packages (installed as root when missing), then ktstr into the session's venv."""
-    system.ensure_packages()
+    """Host packages (installed as root when missing) and the doctor's tool check, then ktstr
+    into the session's venv."""
+    system.prepare_host(session)
     session.install("-e", ".[dev,report]")
 
 
