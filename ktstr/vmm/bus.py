@@ -3,18 +3,32 @@
 Devices run on vCPU threads (any of them, concurrently); each device does its
 own locking. An access nothing claims reads as all ones and drops writes, as on
 real hardware with nothing decoding the address.
+
+A device that raises during an access never ends the VM: the access is dropped
+the same way (reads all ones), and :class:`DeviceErrors` counts it for
+``VmResult.device_errors``. Whatever the guest programs into a device, only the
+guest's own I/O suffers.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from ktstr.vmm.irq import IrqLine
-from ktstr.vmm.memory import GuestMemory
+from ktstr.vmm.memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_KEYS = 64
+"""Distinct ``"<device> <bus> <address>"`` error counters; later ones add to ``"other"``."""
+MAX_ERROR_MESSAGES = 8
+"""Messages kept (the first ones: later errors are usually the same cause repeating)."""
+MAX_ERROR_TEXT = 300
 
 
 class PioDevice(Protocol):
@@ -29,6 +43,54 @@ class MmioDevice(Protocol):
 
 class BusError(Exception):
     """Two devices claim overlapping ranges (a VMM configuration bug)."""
+
+
+class DeviceErrors:
+    """Exceptions devices raised on guest accesses, bounded however many the guest causes.
+
+    Shared by a machine's buses and written from every vCPU thread. A refused guest
+    address (:class:`~ktstr.vmm.memory.GuestMemoryError`) is the guest's doing and only
+    counted; any other exception is a VMM bug, so its first occurrence per device and
+    exception class is also logged with its traceback.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._logged: set[tuple[type, type]] = set()
+        self.messages: list[str] = []
+        self.total = 0
+
+    def record(self, device: object, bus: str, addr: int, access: str, exc: Exception) -> None:
+        """``access`` is ``"in 0x80 (1 bytes)"``-style text for the message."""
+        key = f"{type(device).__name__} {bus} 0x{addr:x}"
+        with self._lock:
+            self.total += 1
+            if key not in self._counts and len(self._counts) >= MAX_ERROR_KEYS:
+                key = "other"
+            self._counts[key] = self._counts.get(key, 0) + 1
+            if len(self.messages) < MAX_ERROR_MESSAGES:
+                text = f"{key}: {access}: {type(exc).__name__}: {exc}"
+                self.messages.append(text[:MAX_ERROR_TEXT])
+            kinds = (type(device), type(exc))
+            first_bug = not isinstance(exc, GuestMemoryError) and kinds not in self._logged
+            if first_bug and len(self._logged) < MAX_ERROR_KEYS:
+                self._logged.add(kinds)
+            else:
+                first_bug = False
+        if first_bug:
+            log.error("%s raised on a guest access (%s); the access was dropped",
+                      type(device).__name__, access, exc_info=exc)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def _sized(data: object, size: int) -> bytes:
+    """A device's read answer as exactly ``size`` bytes (short answers padded with ones)."""
+    return bytes(data[:size]).ljust(size, b"\xff")  # type: ignore[index]
 
 
 class _RangeMap:
@@ -71,9 +133,10 @@ class _RangeMap:
 
 
 class PioBus:
-    def __init__(self) -> None:
+    def __init__(self, errors: DeviceErrors | None = None) -> None:
         self._map = _RangeMap("pio bus")
         self._cache: dict[int, object] = {}
+        self.errors = errors if errors is not None else DeviceErrors()
 
     def add(self, port: int, length: int, device: PioDevice) -> None:
         self._map.add(port, length, device)
@@ -95,21 +158,36 @@ class PioBus:
         hit = self._map.find(port, size)
         if hit is None:
             return b"\xff" * size
-        data = hit[1].pio_read(port, size)  # type: ignore[attr-defined]
-        return bytes(data[:size]).ljust(size, b"\xff")
+        try:
+            return _sized(hit[1].pio_read(port, size), size)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self.read_failed(hit[1], port, size, exc)
+            return b"\xff" * size
 
     def write(self, port: int, data: bytes) -> bool:
         """Dispatch a write; False if nothing claims the port."""
         hit = self._map.find(port, len(data))
         if hit is None:
             return False
-        hit[1].pio_write(port, data)  # type: ignore[attr-defined]
+        try:
+            hit[1].pio_write(port, data)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self.write_failed(hit[1], port, len(data), exc)
         return True
+
+    def read_failed(self, device: object, port: int, size: int, exc: Exception) -> None:
+        """Count a device's failed read (the caller answers all ones)."""
+        self.errors.record(device, "pio", port, f"in 0x{port:x} ({size} bytes)", exc)
+
+    def write_failed(self, device: object, port: int, size: int, exc: Exception) -> None:
+        """Count a device's failed write (dropped)."""
+        self.errors.record(device, "pio", port, f"out 0x{port:x} ({size} bytes)", exc)
 
 
 class MmioBus:
-    def __init__(self) -> None:
+    def __init__(self, errors: DeviceErrors | None = None) -> None:
         self._map = _RangeMap("mmio bus")
+        self.errors = errors if errors is not None else DeviceErrors()
 
     def add(self, base: int, length: int, device: MmioDevice) -> None:
         self._map.add(base, length, device)
@@ -119,15 +197,22 @@ class MmioBus:
         if hit is None:
             return b"\xff" * size
         base, device = hit
-        data = device.mmio_read(addr - base, size)  # type: ignore[attr-defined]
-        return bytes(data[:size]).ljust(size, b"\xff")
+        try:
+            return _sized(device.mmio_read(addr - base, size), size)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self.errors.record(device, "mmio", addr, f"read 0x{addr:x} ({size} bytes)", exc)
+            return b"\xff" * size
 
     def write(self, addr: int, data: bytes) -> bool:
         hit = self._map.find(addr, len(data))
         if hit is None:
             return False
         base, device = hit
-        device.mmio_write(addr - base, data)  # type: ignore[attr-defined]
+        try:
+            device.mmio_write(addr - base, data)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self.errors.record(device, "mmio", addr, f"write 0x{addr:x} ({len(data)} bytes)",
+                               exc)
         return True
 
 

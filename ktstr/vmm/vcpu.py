@@ -2,8 +2,10 @@
 
 Each vCPU runs ``KVM_RUN`` on its own thread (ctypes releases the GIL for the
 ioctl). Exits are dispatched to the PIO/MMIO buses; anything that ends the VM
-goes through :class:`RunControl` (first reason wins). A Python exception on a
-vCPU thread becomes a VM failure carrying its message, never a thread
+goes through :class:`RunControl` (first reason wins). A device raising during
+an access only drops that access (the buses count it, see
+:class:`~ktstr.vmm.bus.DeviceErrors`); any other Python exception on a vCPU
+thread is a VMM failure and ends the VM carrying its message, never a thread
 traceback.
 
 Kicking: set ``immediate_exit`` in the shared ``kvm_run`` page (covers a vCPU
@@ -47,7 +49,11 @@ SITE_MMIO_WRITE = 4 << 48
 SITE_QUEUED_OUT = 5 << 48
 """Not an exit: a port write KVM queued in the coalesced ring (replayed later)."""
 SITE_QUEUED_WRITE = 6 << 48
+SITE_OTHER = 7 << 48
+"""Every site first seen after :data:`MAX_EXIT_SITES` others (a guest may touch any address)."""
 _SITE_KINDS = {1: "in", 2: "out", 3: "read", 4: "write", 5: "queued out", 6: "queued write"}
+MAX_EXIT_SITES = 256
+"""Distinct sites counted per vCPU (and in a summary); the rest are :data:`SITE_OTHER`."""
 
 _U32 = struct.Struct("<I")
 _IO = struct.Struct("<BBHIQ")  # kvm_run.io at offset 32
@@ -56,16 +62,40 @@ _MMIO = struct.Struct("<Q8sIB")  # kvm_run.mmio at offset 32 (data at 40)
 
 def site_name(site: int) -> str:
     """``"out 0x3f8"`` (port) or ``"read 0xd0000050"`` (MMIO) for a site key."""
+    if site == SITE_OTHER:
+        return "other"
     kind = _SITE_KINDS.get(site >> 48, "?")
     return f"{kind} 0x{site & ((1 << 48) - 1):x}"
 
 
+def count_site(sites: dict[int, int], site: int) -> None:
+    """One more exit at ``site``; a new site past :data:`MAX_EXIT_SITES` counts as other.
+
+    The vCPU loop counts a known site itself (a call per exit is measurable under
+    emulation) and calls this for new ones only.
+    """
+    n = sites.get(site)
+    if n is not None:
+        sites[site] = n + 1
+    elif len(sites) < MAX_EXIT_SITES:
+        sites[site] = 1
+    else:
+        sites[SITE_OTHER] = sites.get(SITE_OTHER, 0) + 1
+
+
 def site_summary(counts: list[dict[int, int]]) -> dict[str, int]:
-    """Exit sites summed over vCPUs, most frequent first, by :func:`site_name`."""
+    """Exit sites summed over vCPUs, most frequent first, by :func:`site_name`; at most
+    :data:`MAX_EXIT_SITES` of them, the rest summed as ``"other"``."""
     total: Counter[int] = Counter()
     for c in counts:
         total.update(c)
-    return {site_name(site): n for site, n in total.most_common()}
+    other = total.pop(SITE_OTHER, 0)
+    ranked = total.most_common()
+    out = {site_name(site): n for site, n in ranked[:MAX_EXIT_SITES]}
+    other += sum(n for _, n in ranked[MAX_EXIT_SITES:])
+    if other:
+        out["other"] = other
+    return out
 
 
 # --- the kick signal handler -------------------------------------------------------------
@@ -240,7 +270,7 @@ class CoalescedRing:
                     site = SITE_QUEUED_WRITE | addr
                 first = (first + 1) % self.entries
                 _U32.pack_into(mapping, off, first)  # frees the slot for KVM
-                self.sites[site] = self.sites.get(site, 0) + 1
+                count_site(self.sites, site)
                 last = _U32.unpack_from(mapping, off + 4)[0]
 
 
@@ -338,6 +368,8 @@ class Vcpu:
         pio_read = self.pio.read
         pio_write = self.pio.write
         pio_device = self.pio.device_for
+        pio_read_failed = self.pio.read_failed
+        pio_write_failed = self.pio.write_failed
         mmio_read = self.mmio.read
         mmio_write = self.mmio.write
         map_size = self._map_size
@@ -362,7 +394,11 @@ class Vcpu:
             if reason == EXIT_IO:
                 direction, size, port, count, off = io_hdr(m, 32)
                 site = (SITE_IO_OUT if direction else SITE_IO_IN) | port
-                sites[site] = sites.get(site, 0) + 1
+                n = sites.get(site)
+                if n is None:
+                    count_site(sites, site)  # a new site: the bounded path
+                else:
+                    sites[site] = n + 1
                 end = off + size * count
                 if end > map_size or off < data_min or size not in (1, 2, 4):
                     raise RuntimeError(
@@ -370,17 +406,26 @@ class Vcpu:
                         f"data_offset={off}"
                     )
                 if count == 1:
+                    # The bus's dispatch, without its range lookup: a device that raises
+                    # loses this access only (as PioBus.read/write do).
                     dev = pio_device(port, size)
                     if direction:
                         if dev is not None:
-                            dev.pio_write(port, m[off:end])
+                            try:
+                                dev.pio_write(port, m[off:end])
+                            except Exception as exc:
+                                pio_write_failed(dev, port, size, exc)
                     elif dev is None:
                         m[off:end] = b"\xff" * size
                     else:
-                        data = dev.pio_read(port, size)
-                        if len(data) != size:
-                            data = bytes(data[:size]).ljust(size, b"\xff")
-                        m[off:end] = data
+                        try:
+                            data = dev.pio_read(port, size)
+                            if len(data) != size:
+                                data = bytes(data[:size]).ljust(size, b"\xff")
+                            m[off:end] = data
+                        except Exception as exc:
+                            pio_read_failed(dev, port, size, exc)
+                            m[off:end] = b"\xff" * size
                 elif direction:
                     for start in range(off, end, size):
                         pio_write(port, m[start : start + size])
@@ -390,7 +435,11 @@ class Vcpu:
             elif reason == EXIT_MMIO:
                 addr, data8, length, is_write = mmio_hdr(m, 32)
                 site = (SITE_MMIO_WRITE if is_write else SITE_MMIO_READ) | addr
-                sites[site] = sites.get(site, 0) + 1
+                n = sites.get(site)
+                if n is None:
+                    count_site(sites, site)  # a new site: the bounded path
+                else:
+                    sites[site] = n + 1
                 if not 1 <= length <= 8:
                     raise RuntimeError(f"bad mmio exit: addr=0x{addr:x} len={length}")
                 if is_write:

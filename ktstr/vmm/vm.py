@@ -22,7 +22,7 @@ from pathlib import Path
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 from ktstr.vmm import kvm, layout
-from ktstr.vmm.bus import AttachContext, MmioBus, MmioSlot, PioBus, VmDevice
+from ktstr.vmm.bus import AttachContext, DeviceErrors, MmioBus, MmioSlot, PioBus, VmDevice
 from ktstr.vmm.irq import IrqLine
 from ktstr.vmm.memory import GuestMemory
 from ktstr.vmm.vcpu import CoalescedRing, RunControl, StopReason, Vcpu, site_summary
@@ -45,6 +45,10 @@ class RunOutcome:
     """Per vCPU, exits by site key (see :func:`ktstr.vmm.vcpu.site_name`)."""
     queued_sites: dict[int, int] = field(default_factory=dict)
     """Writes KVM queued in the coalesced ring instead of exiting, by site."""
+    device_errors: dict[str, int] = field(default_factory=dict)
+    """Guest accesses dropped because the device raised, by device and address."""
+    device_error_messages: list[str] = field(default_factory=list)
+    """The first few of those errors' messages."""
 
 
 class Machine:
@@ -63,8 +67,9 @@ class Machine:
         self.vcpus: list[Vcpu] = []
         self.irq_lines: dict[int, IrqLine] = {}
         self.devices: list[VmDevice] = []
-        self.pio = PioBus()
-        self.mmio = MmioBus()
+        self.device_errors = DeviceErrors()
+        self.pio = PioBus(self.device_errors)
+        self.mmio = MmioBus(self.device_errors)
         self.control = RunControl()
         self.irqchip = irqchip
         self.ring = CoalescedRing(self.pio, self.mmio)
@@ -202,6 +207,8 @@ class Machine:
             exit_counts=[dict(v.exit_counts) for v in self.vcpus],
             site_counts=[dict(v.site_counts) for v in self.vcpus],
             queued_sites=dict(self.ring.sites),
+            device_errors=self.device_errors.counts,
+            device_error_messages=list(self.device_errors.messages),
         )
 
     # --- teardown ---
@@ -299,7 +306,14 @@ class VmResult:
     cmdline: str = ""
     exit_sites: dict[str, int] = field(default_factory=dict)
     """IO/MMIO exits by site over all vCPUs, most frequent first: ``{"in 0x3fd": n, ...}``;
-    ``"queued out 0x3f8"`` counts port writes KVM queued instead of exiting (not exits)."""
+    ``"queued out 0x3f8"`` counts port writes KVM queued instead of exiting (not exits);
+    at most ``vcpu.MAX_EXIT_SITES`` sites, the rest summed as ``"other"``."""
+    device_errors: dict[str, int] = field(default_factory=dict)
+    """Guest accesses a device failed on (read as all ones / dropped), by
+    ``"<device> <bus> <address>"``; bounded, the rest summed as ``"other"``. The VM went
+    on, but the guest's I/O there did not happen: see :attr:`device_error_messages`."""
+    device_error_messages: list[str] = field(default_factory=list)
+    """The first few device errors, each ``"<key>: <access>: <exception>"``."""
 
     @property
     def console_tail(self) -> str:
@@ -592,6 +606,8 @@ class Vm:
             panic_message=panic.group(0) if panic else "",
             cmdline=self.cmdline,
             exit_sites=site_summary([*outcome.site_counts, outcome.queued_sites]),
+            device_errors=outcome.device_errors,
+            device_error_messages=outcome.device_error_messages,
         )
 
     def stop(self) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from ktstr.vmm import kvm
 from ktstr.vmm.probe import measure_guest_mips
-from ktstr.vmm.vcpu import SITE_QUEUED_OUT
+from ktstr.vmm.vcpu import MAX_EXIT_SITES, SITE_OTHER, SITE_QUEUED_OUT
 from ktstr.vmm.vm import Machine
 
 pytestmark = [
@@ -157,22 +157,41 @@ def test_fetch_from_mmio_is_an_internal_error_with_a_diagnostic() -> None:
     assert "rip=1000" in out.error and "cs=1000 base=10000" in out.error
 
 
-def test_device_exception_becomes_a_vm_failure_not_a_traceback(
-    capsys: pytest.CaptureFixture[str],
+def test_device_exception_drops_the_access_and_the_guest_runs_on(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
 ) -> None:
     class Broken:
         def pio_read(self, port: int, size: int) -> bytes:
-            return b"\0" * size
+            raise ValueError("device exploded")
 
         def pio_write(self, port: int, data: bytes) -> None:
             raise ValueError("device exploded")
 
-    with real_mode(bytes.fromhex("B042E680EBFE")) as m:  # out 0x80; jmp $
+    # out 0x80, al; in al, 0x80; out 0x81, al (the value read); mov dx, 0x80; rep outsb
+    # (3 bytes); hlt
+    code = bytes.fromhex("B042E680E480E681BE0011B90300BA8000F36EF4")
+    rec = Recorder()
+    with real_mode(code) as m:
         m.pio.add(0x80, 1, Broken())
+        m.pio.add(0x81, 1, rec)
         out = m.run(10)
-    assert out.reason == "error"
-    assert out.error is not None and "ValueError: device exploded" in out.error
+    assert out.reason == "halted" and out.error is None
+    assert rec.log == [("out", 0x81, b"\xff")]  # the failed read answered all ones
+    assert out.device_errors == {"Broken pio 0x80": 5}
+    assert "ValueError: device exploded" in out.device_error_messages[0]
+    assert [r.name for r in caplog.records] == ["ktstr.vmm.bus"]  # logged once
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_exit_sites_are_bounded_per_vcpu() -> None:
+    # mov cx, 1000; mov dx, 0x1000; L: in al, dx; inc dx; loop L; hlt
+    code = bytes.fromhex("B9E803BA0010EC42E2FCF4")
+    with real_mode(code) as m:
+        out = m.run(30)
+    assert out.reason == "halted" and out.error is None
+    sites = out.site_counts[0]
+    assert len(sites) == MAX_EXIT_SITES + 1
+    assert sites[SITE_OTHER] == 1000 - MAX_EXIT_SITES
 
 
 def test_triple_fault_is_a_reboot() -> None:

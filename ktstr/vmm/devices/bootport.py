@@ -38,7 +38,11 @@ class BootPort:
 
 
 class ExitPort:
-    """Remembers the last status written; ``None`` until the guest writes one."""
+    """Remembers the last status written; ``None`` until the guest writes one.
+
+    A 4-byte write is a signed status (0xFFFFFFFF is -1), a shorter one unsigned; a read
+    returns the register's bytes at that port offset, zero past its end.
+    """
 
     def __init__(self) -> None:
         self.code: int | None = None
@@ -50,10 +54,14 @@ class ExitPort:
         pass
 
     def pio_read(self, port: int, size: int) -> bytes:
-        return (self.code or 0).to_bytes(4, "little")[:size]
+        size, off = max(size, 0), port - layout.EXIT_PORT
+        if not 0 <= off < 4:
+            return bytes(size)
+        register = ((self.code or 0) & 0xFFFFFFFF).to_bytes(4, "little")
+        return register[off : off + size].ljust(size, b"\0")
 
     def pio_write(self, port: int, data: bytes) -> None:
-        if port != layout.EXIT_PORT:
+        if port != layout.EXIT_PORT or not 1 <= len(data) <= 4:
             return  # a write to the upper bytes alone means nothing
         self.code = int.from_bytes(data, "little", signed=len(data) == 4)
 
