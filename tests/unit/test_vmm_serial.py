@@ -107,3 +107,44 @@ def test_fcr_clears_receiver() -> None:
     uart.queue_input(b"abc")
     wr(uart, s.IIR_FCR, s.FCR_ENABLE_FIFO | s.FCR_CLEAR_RCVR)
     assert not rd(uart, s.LSR) & s.LSR_DR
+
+
+def test_output_keeps_head_and_tail_and_counts_what_it_dropped() -> None:
+    seen: list[bytes] = []
+    uart = Serial(NullIrq(), BASE, on_output=seen.append, keep_head=16, keep_tail=64)
+    sent = bytes(i % 251 for i in range(10_000))
+    for ch in sent:
+        wr(uart, s.RBR_THR_DLL, ch)
+    assert b"".join(seen) == sent  # streaming sees every byte
+    assert uart.dropped == len(sent) - 16 - 64
+    assert uart.head == sent[:16]
+    assert uart.tail == sent[-64:]
+    marker = s.DROPPED_MARKER % uart.dropped
+    assert bytes(uart.output) == sent[:16] + marker + sent[-64:]
+    assert uart.text() == (sent[:16] + marker + sent[-64:]).decode("utf-8", "replace")
+    assert f"{uart.dropped} bytes dropped" in uart.text()
+
+
+def test_output_buffer_stays_bounded() -> None:
+    uart = Serial(NullIrq(), BASE, keep_head=8, keep_tail=1000)
+    for _ in range(20_000):
+        wr(uart, s.RBR_THR_DLL, 0x41)
+        assert uart.buffered <= 8 + 1000 + s.tail_slack(1000)
+    assert uart.dropped == 20_000 - 1008
+    assert s.KEEP_HEAD_BYTES == 256 << 10 and s.KEEP_TAIL_BYTES == 4 << 20
+
+
+def test_short_output_is_kept_whole_without_a_marker() -> None:
+    uart, _, _ = make()
+    for ch in b"boot ok\n":
+        wr(uart, s.RBR_THR_DLL, ch)
+    assert bytes(uart.output) == b"boot ok\n" and uart.dropped == 0
+
+
+def test_any_register_access_is_answered() -> None:
+    uart, _, _ = make()
+    for off in range(-4, 12):
+        for size in (0, 1, 2, 4):
+            assert len(uart.pio_read(BASE + off, size)) == size
+        uart.pio_write(BASE + off, b"")
+        uart.pio_write(BASE + off, b"\xff\xff\xff\xff")

@@ -4,6 +4,11 @@ Transmission is instant: a THR write lands in the output buffer (and the
 optional callback) and THR is empty again. The IRQ output is a level that is
 high while an enabled interrupt is pending, as on the real chip; the in-kernel
 irqchip turns its rising edges into interrupts.
+
+The guest decides how much it prints, so the buffer kept for ``VmResult.console``
+is bounded: the first :data:`KEEP_HEAD_BYTES` (the boot) and the last
+:data:`KEEP_TAIL_BYTES` (where a failure shows), with a marker line where the
+middle was dropped. The callback still sees every byte.
 """
 
 from __future__ import annotations
@@ -54,6 +59,17 @@ MSR_DCD = 0x80
 
 RX_FIFO_SIZE = 16
 """Only this many queued input bytes are visible at once; the rest wait in the host queue."""
+KEEP_HEAD_BYTES = 256 << 10
+"""Output kept from the start: the boot log, the command line, early errors."""
+KEEP_TAIL_BYTES = 4 << 20
+"""Output kept from the end: the run's last messages, panics, scheduler ejections."""
+DROPPED_MARKER = b"\n[ktstr: %d bytes dropped here]\n"
+"""Stands where the middle of a long output was dropped (own line: no regex joins across)."""
+
+
+def tail_slack(keep_tail: int) -> int:
+    """How far the tail may grow past ``keep_tail`` before it is trimmed (amortises the cut)."""
+    return max(keep_tail // 4, 64)
 
 
 class _Irq(Protocol):
@@ -61,18 +77,28 @@ class _Irq(Protocol):
 
 
 class Serial:
-    """One UART at ``port`` (8 ports). ``output`` collects every byte the guest sends."""
+    """One UART at ``port`` (8 ports). ``output`` is what the guest sent, head and tail kept."""
 
     def __init__(
         self,
         irq: _Irq,
         port: int = 0x3F8,
         on_output: Callable[[bytes], None] | None = None,
+        *,
+        keep_head: int = KEEP_HEAD_BYTES,
+        keep_tail: int = KEEP_TAIL_BYTES,
     ) -> None:
+        if keep_head < 0 or keep_tail < 0:
+            raise ValueError("serial output bounds must not be negative")
         self.port = port
         self.irq = irq
         self.on_output = on_output
-        self.output = bytearray()
+        self.keep_head = keep_head
+        self.keep_tail = keep_tail
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._tail_limit = keep_tail + tail_slack(keep_tail)
+        self._trimmed = 0
         self._lock = threading.Lock()
         self._input: deque[int] = deque()
         self.ier = 0
@@ -102,6 +128,34 @@ class Serial:
         with self._lock:
             self._input.extend(data)
             self._update_irq()
+
+    @property
+    def head(self) -> bytes:
+        return bytes(self._head)
+
+    @property
+    def tail(self) -> bytes:
+        """The last ``keep_tail`` bytes after the head (all of them if nothing was dropped)."""
+        return bytes(self._tail[max(len(self._tail) - self.keep_tail, 0) :])
+
+    @property
+    def dropped(self) -> int:
+        """Bytes sent but kept in neither the head nor the tail."""
+        return self._trimmed + max(len(self._tail) - self.keep_tail, 0)
+
+    @property
+    def buffered(self) -> int:
+        """Host memory the output buffer holds (bytes)."""
+        return len(self._head) + len(self._tail)
+
+    @property
+    def output(self) -> bytes:
+        """Head, the :data:`DROPPED_MARKER` line if the middle was dropped, and tail."""
+        with self._lock:
+            dropped = self.dropped
+            if not dropped:
+                return bytes(self._head + self._tail)
+            return self.head + DROPPED_MARKER % dropped + self.tail
 
     def text(self) -> str:
         return self.output.decode("utf-8", "replace")
@@ -141,12 +195,16 @@ class Serial:
         return MSR_CTS | MSR_DSR | MSR_DCD  # a modem that is always ready
 
     def pio_read(self, port: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
         with self._lock:
             value = self._read(port - self.port)
             self._update_irq()
         return bytes([value]) + b"\xff" * (size - 1)
 
     def pio_write(self, port: int, data: bytes) -> None:
+        if not data:
+            return
         emitted = b""
         with self._lock:
             emitted = self._write(port - self.port, data[0])
@@ -195,7 +253,15 @@ class Serial:
                     self._input.append(value)
                 self.thr_ipending = True
                 return b""
-            self.output.append(value)
+            if len(self._head) < self.keep_head:
+                self._head.append(value)
+            else:
+                tail = self._tail
+                tail.append(value)
+                if len(tail) > self._tail_limit:
+                    cut = len(tail) - self.keep_tail
+                    del tail[:cut]
+                    self._trimmed += cut
             self.thr_ipending = True  # the byte left at once; THR is empty again
             return bytes([value])
         if off == IER_DLM:
