@@ -16,11 +16,18 @@ A message that does not fit one frame is split: FIRST on the first chunk,
 LAST on the final one, neither in between. The reader treats every field as
 hostile: a bad magic, version, length, CRC, sequence gap or a message left
 unfinished is an explicit error, never a silently shortened result.
+
+The payload is hostile too. :func:`decode_message` pre-scans the bytes before
+``json.loads`` sees them: nesting deeper than :data:`MAX_DEPTH` is refused
+(``json`` would raise RecursionError), and the memory the parsed objects would
+take is estimated from the tokens (``[{},{},...]`` costs 24 times its bytes),
+so limits are charged on the parsed size, not the byte count.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -34,7 +41,34 @@ HEADER = struct.Struct("<IBBHIII4x")
 HEADER_SIZE = HEADER.size  # 24
 
 DEFAULT_MAX_MESSAGE = 256 << 20
-"""Largest message a reader reassembles by default (bounds host memory)."""
+"""Largest message a reader reassembles by default, in raw bytes and in parsed size."""
+DEFAULT_MAX_TOTAL = 1 << 30
+"""Parsed size of all the messages a reader keeps, by default."""
+MAX_DEPTH = 64
+"""Deepest nesting of arrays and objects in a message (the guest's own go a few levels)."""
+MAX_ERRORS = 100
+"""Errors a reader keeps: a guest spinning on bad frames must not grow host memory."""
+MAX_ERROR_TEXT = 1000
+
+# Parsed-size model: upper bounds on what json.loads keeps alive per token, CPython 3.11
+# on 64 bits (tests/unit/test_channel.py checks them with tracemalloc on the costliest
+# shapes). Charged on a count of the tokens, so an estimate never needs the parse.
+COST_VALUE = 48
+"""Any value: its list slot (with over-allocation) and an int or float object."""
+COST_EMPTY = 64
+"""``[]`` or ``{}``."""
+COST_LIST = 96
+"""A non-empty list: header and first allocation."""
+COST_DICT = 192
+"""A non-empty dict: header and its first keys table."""
+COST_ENTRY = 64
+"""Each object member: its share of the dict's growth and of the decoder's key memo."""
+COST_STRING = 80
+"""A str object's header."""
+WIDE_CHARS = 4
+"""Bytes per character of a string that may hold characters beyond Latin-1."""
+DECODE_OVERHEAD = 6
+"""Bytes decoding needs per raw byte on top of the result (pre-scan copies, the text)."""
 
 
 class FrameError(ValueError):
@@ -103,23 +137,150 @@ def decode_frame(blob: bytes, max_length: int = DEFAULT_MAX_MESSAGE) -> Frame:
     return Frame(seq, flags, payload)
 
 
+def note_error(errors: list[str], text: str) -> None:
+    """Keep ``text`` if fewer than :data:`MAX_ERRORS` are kept, cut to MAX_ERROR_TEXT."""
+    if len(errors) < MAX_ERRORS:
+        errors.append(text[:MAX_ERROR_TEXT])
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKET_KINDS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_RUNS = re.compile(rb"\[+|\]+")
+_OPEN = ord("[")
+SCAN_CHUNK = 1 << 14
+"""The pre-scan's unit: ``re.sub`` allocates per match, so it only ever sees this much."""
+
+
+def message_cost(data: bytes, max_cost: int | None = None) -> int:
+    """Upper bound on the bytes ``json.loads(data)`` keeps alive.
+
+    FrameError if nesting is deeper than :data:`MAX_DEPTH`, or as soon as the cost
+    passes ``max_cost``. Linear in ``len(data)``: C string operations on one
+    :data:`SCAN_CHUNK` at a time (a string or an escape may cross chunks). Escapes
+    go first, so every quote left delimits a string; strings become ``0``, so every
+    bracket, comma and colon left is structure; those are counted. For valid UTF-8
+    JSON this sees what ``json`` will; anything else ``json.loads`` rejects afterwards.
+    """
+    # Characters beyond Latin-1 (raw, or as \u escapes) may make every string 4 bytes
+    # a character.
+    char_cost = WIDE_CHARS if not data.isascii() or b"\\u" in data else 1
+    cost = COST_VALUE  # the top-level value
+    nests: list[bytes] = []
+    in_string = escaped = False
+    for off in range(0, len(data), SCAN_CHUNK):
+        chunk = data[off:off + SCAN_CHUNK]
+        if escaped:  # the previous chunk ended in a backslash
+            chunk, escaped = chunk[1:], False
+        if b"\\" in chunk:
+            chunk = _ESCAPE.sub(b"", chunk)
+            if chunk.endswith(b"\\"):  # unpaired: it escapes the next chunk's first byte
+                chunk, escaped = chunk[:-1], True
+        if in_string:
+            close = chunk.find(b'"')
+            cost += char_cost * (len(chunk) if close < 0 else close)
+            if close < 0:
+                _check_cost(cost, max_cost)
+                continue
+            chunk, in_string = chunk[close + 1:], False
+        quotes = chunk.count(b'"')
+        if quotes % 2:  # the last quote opens a string that goes on in the next chunk
+            opening = chunk.rfind(b'"')
+            cost += char_cost * (len(chunk) - opening)
+            chunk, in_string = chunk[:opening] + b'""', True
+            quotes += 1
+        strings = quotes // 2
+        if strings:
+            before = len(chunk)
+            chunk = _STRING.sub(b"0", chunk)
+            cost += COST_STRING * strings + char_cost * (before - len(chunk))
+        lists, dicts = chunk.count(b"["), chunk.count(b"{")
+        empty_lists, empty_dicts = chunk.count(b"[]"), chunk.count(b"{}")  # split ones: non-empty
+        # Every value is the first in its container or follows a comma.
+        values = chunk.count(b",") + lists + dicts - empty_lists - empty_dicts
+        cost += (COST_EMPTY * (empty_lists + empty_dicts) + COST_LIST * (lists - empty_lists)
+                 + COST_DICT * (dicts - empty_dicts) + COST_ENTRY * chunk.count(b":")
+                 + COST_VALUE * values
+                 + len(chunk))  # number literals (a big int takes less than its digits)
+        _check_cost(cost, max_cost)
+        nests.append(chunk.translate(_BRACKET_KINDS, _NOT_BRACKETS))
+    if in_string:
+        raise FrameError("message is not valid JSON: unterminated string")
+    _check_depth(b"".join(nests))
+    return cost
+
+
+def _check_cost(cost: int, max_cost: int | None) -> None:
+    if max_cost is not None and cost > max_cost:
+        raise FrameError(f"message would take more than its limit of {max_cost} bytes "
+                         "parsed")
+
+
+def _check_depth(nest: bytes) -> None:
+    """Refuse brackets (``{}`` mapped to ``[]``) nested deeper than MAX_DEPTH, or unbalanced.
+
+    Removing every ``[]`` takes exactly one level off, in C: wide trees vanish in a few
+    passes. A deep, narrow rest is walked a run of same brackets at a time.
+    """
+    limit = MAX_DEPTH
+    while nest and limit > 0:
+        shorter = nest.replace(b"[]", b"")
+        if len(shorter) > len(nest) * 3 // 4:
+            break
+        nest, limit = shorter, limit - 1
+    depth = 0
+    for run in _RUNS.finditer(nest):
+        if nest[run.start()] == _OPEN:
+            depth += run.end() - run.start()
+            if depth > limit:
+                raise FrameError(f"message is nested deeper than {MAX_DEPTH} levels")
+        else:
+            depth -= run.end() - run.start()
+            if depth < 0:
+                break
+    if depth:
+        raise FrameError("message is not valid JSON: unbalanced brackets")
+
+
+def decode_message(data: bytes, max_cost: int) -> tuple[Any, int]:
+    """The JSON value in ``data`` (UTF-8) and its :func:`message_cost`.
+
+    Every failure is a :class:`FrameError`: bad UTF-8 or JSON, too deep, a number
+    beyond Python's int-string limit, or a parsed size over ``max_cost``.
+    """
+    cost = message_cost(data, max_cost)
+    try:
+        return json.loads(data.decode("utf-8")), cost
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError, int limit
+        raise FrameError(f"message is not valid JSON: {err}") from None
+
+
 class Reassembler:
     """Turns a stream of frames into messages, enforcing order and size limits.
 
     ``feed`` returns a decoded message when a LAST frame completes one, else None;
     it raises :class:`FrameError` on any inconsistency. After an error the
     partial message is dropped and the next FIRST frame starts afresh.
+    ``max_message`` bounds a message's raw bytes and its parsed size; ``last_cost``
+    is the parsed size of the message ``feed`` last returned.
     """
 
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.max_message = max_message
         self.next_seq = 0
+        self.last_cost = 0
         self._parts: list[bytes] | None = None
         self._size = 0
 
     @property
     def in_progress(self) -> bool:
         return self._parts is not None
+
+    @property
+    def pending(self) -> int:
+        """Bytes held for the message in progress."""
+        return self._size if self._parts is not None else 0
 
     def feed(self, frame: Frame) -> Any | None:
         expected = self.next_seq
@@ -145,10 +306,8 @@ class Reassembler:
             return None
         data = b"".join(self._parts)
         self._parts = None
-        try:
-            return json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FrameError(f"message is not valid JSON: {err}") from err
+        message, self.last_cost = decode_message(data, self.max_message)
+        return message
 
     def finish(self) -> None:
         """Call at end of stream: an unfinished message is an error."""
@@ -169,30 +328,39 @@ def serial_line(frame: bytes) -> bytes:
     return SERIAL_PREFIX + base64.b64encode(frame) + b"\n"
 
 
-def decode_serial(stream: bytes, max_message: int = DEFAULT_MAX_MESSAGE
-                  ) -> tuple[list[Any], list[str]]:
-    """Messages and errors from a serial-transport byte stream (other lines are ignored)."""
+def decode_serial(stream: bytes, max_message: int = DEFAULT_MAX_MESSAGE,
+                  max_total: int = DEFAULT_MAX_TOTAL) -> tuple[list[Any], list[str]]:
+    """Messages and errors from a serial-transport byte stream (other lines are ignored).
+
+    Messages are any JSON values, unchecked: see :mod:`ktstr.guest.messages`.
+    """
     import base64
     import binascii
 
     reasm = Reassembler(max_message)
     messages: list[Any] = []
     errors: list[str] = []
-    for raw in stream.split(b"\n"):
-        line = raw.strip(b"\r")
-        start = line.find(SERIAL_PREFIX)
-        if start < 0:
-            continue
+    kept = 0
+    start = stream.find(SERIAL_PREFIX)
+    while start >= 0:  # only prefixed lines: no list of every console line
+        end = stream.find(b"\n", start)
+        end = len(stream) if end < 0 else end
+        line = stream[start + len(SERIAL_PREFIX):end].rstrip(b"\r")
+        start = stream.find(SERIAL_PREFIX, end)
         try:
-            blob = base64.b64decode(line[start + len(SERIAL_PREFIX):], validate=True)
+            blob = base64.b64decode(line, validate=True)
             message = reasm.feed(decode_frame(blob, max_message))
+            if message is not None and kept + reasm.last_cost > max_total:
+                raise FrameError(f"guest messages would take more than {max_total} bytes "
+                                 "of host memory in total")
         except (FrameError, binascii.Error) as err:
-            errors.append(f"channel: {err}")
+            note_error(errors, f"channel: {err}")
             continue
         if message is not None:
+            kept += reasm.last_cost
             messages.append(message)
     try:
         reasm.finish()
     except FrameError as err:
-        errors.append(f"channel: {err}")
+        note_error(errors, f"channel: {err}")
     return messages, errors

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tracemalloc
 import zlib
 
 import pytest
@@ -12,14 +13,19 @@ import pytest
 from ktstr.guest.channel import FRAME_OFFSET as GUEST_FRAME_OFFSET
 from ktstr.guest.channel import ChannelError, WindowWriter, parse_spec
 from ktstr.guest.frame import (
+    DECODE_OVERHEAD,
     FIRST,
     HEADER_SIZE,
     LAST,
     MAGIC,
+    MAX_DEPTH,
+    MAX_ERRORS,
+    SCAN_CHUNK,
     Frame,
     FrameError,
     Reassembler,
     decode_frame,
+    decode_message,
     decode_serial,
     encode_frame,
     encode_message,
@@ -222,3 +228,121 @@ def test_handler_runs_during_doorbell_and_can_poke_memory(memory: GuestMemory) -
     with pytest.raises(ChannelError):
         writer.send_bytes(json.dumps({"type": "poke", "gpa": 1 << 40, "data": "00"}).encode())
     assert any("handler" in e for e in dev.errors)
+
+
+# --- hostile JSON payloads: channel errors, and memory charged on the parsed size -----------
+
+
+def _one_frame(payload: bytes) -> Frame:
+    return Frame(0, FIRST | LAST, payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper"),
+        (b'{"type":"a","v":' + b"[" * 65 + b"]" * 65 + b"}", "nested deeper"),
+        (b'{"type":"a","v":' + b"1" * 5000 + b"}", "not valid JSON"),
+        (b'{"type":"a","v":"\\', "not valid JSON"),
+        (b'{"type":"a","v":"' + b'\\"' * 1000, "not valid JSON"),
+        (b'{"type":"a"]', "not valid JSON"),
+        (b"\xff\xfe{\x00}\x00", "not valid JSON"),  # UTF-16: only UTF-8 is a message
+    ],
+)
+def test_hostile_json_is_a_frame_error(payload: bytes, needle: str) -> None:
+    with pytest.raises(FrameError, match=needle):
+        Reassembler().feed(_one_frame(payload))
+
+
+def test_nesting_up_to_the_limit_is_accepted() -> None:
+    deep = b'{"type":"a","v":' + b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1) + b"}"
+    message = Reassembler().feed(_one_frame(deep))
+    assert message["type"] == "a"
+
+
+def _retained(payload: bytes) -> tuple[object, int, int, int]:
+    """(message, its estimated cost, bytes it keeps alive, peak bytes while decoding)."""
+    tracemalloc.start()
+    try:
+        message, cost = decode_message(payload, 1 << 30)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return message, cost, kept, peak
+
+
+# Shapes that cost the most host memory per byte of JSON (see the cost model in frame.py).
+COSTLY = {
+    "empty objects": b"[" + b",".join([b"{}"] * 20_000) + b"]",
+    "one-key objects": b"[" + b",".join([b'{"a":0}'] * 20_000) + b"]",
+    "empty lists": b"[" + b",".join([b"[]"] * 20_000) + b"]",
+    "nested lists": b"[" + b",".join([b"[[[0]]]"] * 10_000) + b"]",
+    "numbers": b"[" + b",".join([b"1000.5", b"123456789"] * 10_000) + b"]",
+    "short strings": b"[" + b",".join([b'"ab"'] * 20_000) + b"]",
+    "unique keys": b"{" + b",".join(b'"%d":{}' % i for i in range(20_000)) + b"}",
+    "astral strings": b"[" + b",".join([b'"\\ud83d\\ude00x"'] * 10_000) + b"]",
+    "one astral char": b'["' + b"a" * 200_000 + b'\\ud83d\\ude00"]',
+    "big integers": b"[" + b",".join([b"9" * 4000] * 50) + b"]",
+}
+
+
+@pytest.mark.parametrize("name", sorted(COSTLY))
+def test_parsed_cost_estimate_bounds_the_memory_a_message_keeps(name: str) -> None:
+    payload = COSTLY[name]
+    message, cost, kept, peak = _retained(payload)
+    assert message == json.loads(payload)
+    assert kept <= cost, f"{name}: keeps {kept} bytes, estimated {cost}"
+    # Decoding itself needs at most a few copies of the raw bytes on top of the result.
+    assert peak <= cost + DECODE_OVERHEAD * len(payload), f"{name}: peak {peak}"
+
+
+def test_3mb_of_empty_objects_is_charged_as_its_parsed_size(memory: GuestMemory) -> None:
+    payload = b'{"type":"r","v":[' + b",".join([b"{}"] * 1_000_000) + b"]}"
+    assert len(payload) < 4 * MiB
+    # 4 MB of raw bytes would fit a 32 MB budget; ~72 MB of parsed objects do not.
+    dev, writer = _pair(memory, max_total=32 * MiB)
+    with pytest.raises(ChannelError):
+        writer.send_bytes(payload)
+    assert dev.messages == []
+    assert any("in total" in e for e in dev.errors)
+    writer.send_bytes(b'{"type":"end","exit_code":0}')  # the channel goes on
+    assert dev.of_type("end") == [{"type": "end", "exit_code": 0}]
+
+
+def test_per_message_limit_is_on_parsed_size_too() -> None:
+    payload = b"[" + b",".join([b"{}"] * 100_000) + b"]"
+    with pytest.raises(FrameError, match="parsed"):
+        Reassembler(max_message=len(payload) * 4).feed(_one_frame(payload))
+
+
+def test_host_device_turns_hostile_json_into_a_channel_error(memory: GuestMemory) -> None:
+    dev, writer = _pair(memory, window=64 * 1024)
+    for bad in (b"[" * 50_000, b'{"type":"a","n":' + b"7" * 4500 + b"}"):
+        with pytest.raises(ChannelError):
+            writer.send_bytes(bad)
+    assert len(dev.errors) == 2 and all("JSON" in e or "nested" in e for e in dev.errors)
+    writer.send_bytes(b'{"type":"ok"}')
+    assert dev.of_type("ok") == [{"type": "ok"}]
+
+
+def test_serial_decoder_survives_hostile_payloads_and_bounds_its_errors() -> None:
+    good = serial_line(encode_frame(0, FIRST | LAST, b'{"type":"a"}'))
+    deep = serial_line(encode_frame(1, FIRST | LAST, b"[" * 10_000 + b"]" * 10_000))
+    noise = b"@KTSTR:!!!\n" * 10_000
+    got, errors = decode_serial(good + deep + noise)
+    assert got == [{"type": "a"}]
+    assert any("nested" in e for e in errors)
+    assert len(errors) <= MAX_ERRORS
+
+
+@pytest.mark.parametrize("shift", range(-3, 4))
+def test_prescan_follows_strings_and_escapes_across_its_chunks(shift: int) -> None:
+    # A backslash, a quote, a bracket pair and a string boundary land on every side of
+    # the pre-scan's chunk boundaries; the result must be what json itself reads.
+    pad = "x" * (SCAN_CHUNK - 12 + shift)
+    value = {"type": "a", "s": pad + '\\"[]{}', "l": [[], {}, "]" * 3, ["\\\\"]],
+             "t": "y" * (2 * SCAN_CHUNK) + '"'}
+    payload = encode_message(value)
+    message, cost = decode_message(payload, 1 << 30)
+    assert message == value
+    assert cost >= len(payload)

@@ -16,7 +16,10 @@ Window layout::
 
 The guest tells us nothing we trust: header lengths are bounded by the
 window, every access goes through :class:`~ktstr.vmm.memory.GuestMemory`
-bounds checks, messages and the total volume are capped.
+bounds checks, and each message and all the kept messages together are capped
+on the memory their parsed objects take (:func:`ktstr.guest.frame.message_cost`),
+not on their byte count. Payloads are JSON objects with a string ``type``; their
+fields are checked by whoever uses them (:mod:`ktstr.guest.messages`).
 
 The guest learns the window from the kernel command line:
 ``ktstr.channel=mem,<gpa>,<size>,<port>`` (hex).
@@ -33,11 +36,13 @@ from typing import Any
 
 from ktstr.guest.frame import (
     DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_TOTAL,
     HEADER_SIZE,
     Frame,
     FrameError,
     Reassembler,
     check_crc,
+    note_error,
     parse_header,
 )
 from ktstr.vmm.bus import AttachContext
@@ -50,7 +55,6 @@ CONTROL = struct.Struct("<III")
 FRAME_OFFSET = 64
 STATUS_OK = 0
 STATUS_ERROR = 1
-DEFAULT_MAX_TOTAL = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ class ResultChannel:
 
     ``handlers`` maps a message ``type`` to a callback run on the vCPU thread
     during the doorbell exit (so it may touch guest memory before the guest
-    continues); every message is also kept in ``messages``.
+    continues); every message is also kept in ``messages``. ``max_message`` bounds
+    one message (raw and parsed), ``max_total`` the parsed size of all kept ones.
     """
 
     def __init__(
@@ -91,6 +96,8 @@ class ResultChannel:
         self.messages: list[ChannelMessage] = []
         self.errors: list[str] = []
         self.bytes_received = 0
+        self.kept_cost = 0
+        """Parsed size of ``messages`` (what ``max_total`` limits)."""
         self.frames = 0
         self.gpa: int | None = None
         self._memory: Any = None
@@ -131,7 +138,8 @@ class ResultChannel:
                 self._consume()
             except (FrameError, GuestMemoryError) as err:
                 self._reject(str(err))
-            self._write_control()
+            finally:  # even past a VMM bug the guest gets an answer, not a stale status
+                self._write_control()
 
     # --- results ------------------------------------------------------------------------
 
@@ -141,7 +149,7 @@ class ResultChannel:
             try:
                 self._reasm.finish()
             except FrameError as err:
-                self.errors.append(str(err))
+                note_error(self.errors, str(err))
             return list(self.errors)
 
     def write_guest(self, gpa: int, data: bytes) -> None:
@@ -157,8 +165,7 @@ class ResultChannel:
 
     def _reject(self, why: str) -> None:
         self._status = STATUS_ERROR
-        if len(self.errors) < 100:  # a guest spinning on bad frames must not eat host memory
-            self.errors.append(f"channel: {why}")
+        note_error(self.errors, f"channel: {why}")
 
     def _consume(self) -> None:
         if self._memory is None or self.gpa is None:
@@ -166,8 +173,10 @@ class ResultChannel:
         base = self.gpa + FRAME_OFFSET
         head = self._memory.read(base, HEADER_SIZE)
         flags, seq, length, crc = parse_header(head, self.window_size - FRAME_OFFSET - HEADER_SIZE)
-        if self.bytes_received + length > self.max_total:
-            raise FrameError(f"guest sent more than {self.max_total} bytes in total")
+        # The raw bytes of a message in progress are held too; its parsed size is known
+        # once it is complete.
+        if self.kept_cost + self._reasm.pending + length > self.max_total:
+            raise FrameError(self._over_total())
         payload = self._memory.read(base + HEADER_SIZE, length)
         check_crc(head, payload, crc)
         self.frames += 1
@@ -177,6 +186,9 @@ class ResultChannel:
             return
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise FrameError("message is not a JSON object with a string 'type'")
+        if self.kept_cost + self._reasm.last_cost > self.max_total:
+            raise FrameError(self._over_total())
+        self.kept_cost += self._reasm.last_cost
         self.messages.append(ChannelMessage(self.clock(), message))
         handler = self.handlers.get(message["type"])
         if handler is not None:
@@ -184,6 +196,10 @@ class ResultChannel:
                 handler(message)
             except Exception as err:  # a handler bug is reported, not a vCPU thread crash
                 self._reject(f"handler for {message['type']!r} failed: {err}")
+
+    def _over_total(self) -> str:
+        return (f"guest messages would take more than {self.max_total} bytes of host memory "
+                "in total")
 
     def _write_control(self) -> None:
         if self._memory is None or self.gpa is None:
