@@ -15,7 +15,9 @@ from ktstr.kernel.pipeline import (
     ensure_kernel,
     ensure_schedulers,
     list_entries,
+    release,
     resolve_kernel,
+    scan_entries,
 )
 
 __all__ = [
@@ -27,5 +29,7 @@ __all__ = [
     "ensure_kernel",
     "ensure_schedulers",
     "list_entries",
+    "release",
     "resolve_kernel",
+    "scan_entries",
 ]

@@ -65,10 +65,9 @@ def run_logged(cmd: Sequence[str], log: Path, *, what: str, total: int | None = 
                                 errors="replace", start_new_session=True,
                                 preexec_fn=_die_with_parent)
         try:
-            assert proc.stdout is not None
             with tqdm(total=total, desc=what, unit="line", disable=not show,
                       leave=False) as bar:
-                for line in proc.stdout:
+                for line in proc.stdout or ():  # stdout=PIPE: never None
                     out.write(line)
                     tail.append(line.rstrip("\n"))
                     count += 1

@@ -88,20 +88,27 @@ def entry_record(entry: KernelEntry) -> dict[str, object]:
         "config": str(entry.config), "sched_ext": entry.sched_ext,
         "features": entry.features,
         "schedulers": {name: str(path) for name, path in sorted(entry.schedulers.items())},
+        "corrupt": None,
     }
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ktstr.kernel import list_entries
+    from ktstr.kernel import scan_entries
 
-    entries = list_entries()
+    entries, bad = scan_entries()
     for entry in entries:
         if args.json:
             print(json.dumps(entry_record(entry), sort_keys=True))
         else:
             scx = "sched_ext" if entry.sched_ext else "no sched_ext"
             print(f"{entry.id:6} {entry.flavour:8} {entry.version:20} {scx:13} {entry.path}")
-    if not entries and not args.json:
+    for unusable in bad:  # listed, not hidden: `ktstr kernel clean` removes them
+        if args.json:
+            print(json.dumps({"key": unusable.path.name, "path": str(unusable.path),
+                              "corrupt": unusable.reason}, sort_keys=True))
+        else:
+            print(f"corrupt {unusable.path}: {unusable.reason}")
+    if not entries and not bad and not args.json:
         print("no cached kernels; build one with `ktstr kernel build`", file=sys.stderr)
     return 0
 

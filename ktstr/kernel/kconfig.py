@@ -445,6 +445,5 @@ def verify(
         if not defs:
             unavailable.append(name)
             continue
-        assert value is not None
         dropped.append(Dropped(name, value, config.get(name), explain(name, defs, config)))
     return Verification(unavailable, dropped)

@@ -11,10 +11,16 @@ from pathlib import Path
 from ktstr.errors import KtstrError
 from ktstr.kernel import build as kbuild
 from ktstr.kernel import cache
-from ktstr.kernel.cache import CorruptEntry, KernelEntry
+from ktstr.kernel.cache import BadEntry, CorruptEntry, KernelEntry
 from ktstr.kernel.catalog import DEFAULT_KERNEL, fragments_dir, load_catalog
 from ktstr.kernel.kconfig import load_fragment, merge_fragments, parse_config, render_fragment
-from ktstr.kernel.locks import file_lock
+from ktstr.kernel.locks import (
+    exclusive_unless_shared,
+    file_lock,
+    hold_shared,
+    lock_holders,
+    release_shared,
+)
 from ktstr.kernel.schedulers import build_schedulers
 from ktstr.kernel.source import Source, resolve_source
 from ktstr.paths import cache_root
@@ -76,8 +82,65 @@ def _load_valid(path: Path) -> KernelEntry | None:
     try:
         return cache.load_entry(path)
     except CorruptEntry as err:
-        _say(f"cache entry {path.name} is corrupt ({err}): rebuilding")
+        _say(f"cache entry {path.name} is corrupt: {err}")
         return None
+
+
+def _dir_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _use(path: Path) -> KernelEntry:
+    """Verify the entry at `path` and hold it in use for this process's lifetime.
+
+    The hold is taken after the check, so only processes with a valid entry
+    count as users; an entry removed or replaced meanwhile is refused.
+    Raises CorruptEntry.
+    """
+    before = _dir_id(path)
+    if before is None:
+        raise CorruptEntry(f"{path} is missing")
+    entry = cache.load_entry(path)
+    use = cache.use_lock_path(path.parent.parent, entry.key)
+    if not use.parent.is_dir():  # not in a cache layout (a copied entry): nothing to hold
+        return entry
+    newly = hold_shared(use)
+    if _dir_id(path) != before:
+        if newly:
+            release_shared(use)
+        raise CorruptEntry(f"{path} was removed or replaced while being checked")
+    return entry
+
+
+def release(entry: KernelEntry) -> None:
+    """Stop holding `entry` in use (clean and rebuilds may then remove it)."""
+    release_shared(cache.use_lock_path(entry.path.parent.parent, entry.key))
+
+
+def _cache_dir(root: Path) -> None:
+    try:
+        cache.kernels_dir(root).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KtstrError(f"cannot use the kernel cache {root} (set KTSTR_CACHE_DIR to a "
+                         f"writable directory): {err.strerror}") from None
+
+
+def _clear_for_build(root: Path, key: str) -> None:
+    """Remove a corrupt entry and leftovers of `key` (caller holds the key's build lock)."""
+    path = cache.kernels_dir(root) / key
+    use = cache.use_lock_path(root, key)
+    with exclusive_unless_shared(use) as unused:
+        if not unused and path.exists():
+            raise KtstrError(
+                f"cache entry {key} is corrupt but {cache.in_use_message(lock_holders(use))}: "
+                "it is rebuilt once that process ends"
+            )
+        cache.remove_leftovers(root, key)
+        cache.discard(path)
 
 
 def ensure_kernel(kernel_id: str = DEFAULT_KERNEL, *, flavour: str = "test",
@@ -87,12 +150,18 @@ def ensure_kernel(kernel_id: str = DEFAULT_KERNEL, *, flavour: str = "test",
 
     For a sched_ext kernel the example schedulers are built too (unless
     schedulers=False). Concurrent callers of one key build it once: the
-    others wait on the key's lock and then find the entry.
+    others wait on the key's lock and then find the entry. The entry is held
+    in use until this process exits (or `release(entry)`): another process's
+    clean or rebuild leaves it alone meanwhile.
     """
     root = cache_root()
+    _cache_dir(root)
     plan = make_plan(kernel_id, flavour, source, base, root)
     path = cache.kernels_dir(root) / plan.key
-    entry = _load_valid(path)
+    try:
+        entry: KernelEntry | None = _use(path)
+    except CorruptEntry:
+        entry = None  # looked at again, and reported, under the build lock
     if entry is not None and not _needs_schedulers(entry, schedulers):
         return entry
     lock = cache.lock_path(root, plan.key)
@@ -100,13 +169,13 @@ def ensure_kernel(kernel_id: str = DEFAULT_KERNEL, *, flavour: str = "test",
         if not free:
             _say(f"waiting for another process building {plan.key}")
     with file_lock(lock):
-        entry = _load_valid(path) if path.exists() else None
+        entry = _load_valid(path)
         if entry is None:
-            cache.remove_leftovers(root, plan.key)
-            cache.discard(path)
+            _clear_for_build(root, plan.key)
             entry = _build(plan, root)
         if _needs_schedulers(entry, schedulers):
             entry = _build_schedulers_locked(entry, root)
+        hold_shared(cache.use_lock_path(root, plan.key))  # no cleaner can run: we hold the lock
     return entry
 
 
@@ -175,16 +244,20 @@ def ensure_schedulers(entry: KernelEntry) -> dict[str, Path]:
         )
     root = entry.path.parent.parent
     with file_lock(cache.lock_path(root, entry.key)):
-        current = cache.load_entry(entry.path)
+        try:
+            current = cache.load_entry(entry.path)
+        except CorruptEntry as err:
+            raise KtstrError(f"cache entry {entry.key} is corrupt ({err}): rebuild it with "
+                             f"`ktstr kernel build {entry.id}`") from None
         if not current.schedulers:
             current = _build_schedulers_locked(current, root)
+        hold_shared(cache.use_lock_path(root, entry.key))
     return current.schedulers
 
 
 def _build_schedulers_locked(entry: KernelEntry, root: Path) -> KernelEntry:
-    meta = cache.read_metadata(entry.path)
-    src = Path(str(meta.get("source_tree", "")))
-    if not (src / "Makefile").is_file():
+    src = Path(cache.read_metadata(entry.path).source_tree or "")
+    if not src.is_absolute() or not (src / "Makefile").is_file():
         raise KtstrError(f"the source tree of {entry.key} ({src}) is gone: "
                          f"rebuild it with `ktstr kernel build {entry.id}`")
     work = root / "build" / entry.key / "sched_ext"
@@ -193,9 +266,8 @@ def _build_schedulers_locked(entry: KernelEntry, root: Path) -> KernelEntry:
     entry = cache.install_schedulers(entry, binaries)
     _say(f"built {len(binaries)} sched_ext schedulers in {time.monotonic() - start:.0f} s")
     meta = cache.read_metadata(entry.path)
-    phases = dict(meta.get("phases") or {})
-    phases["schedulers"] = round(time.monotonic() - start, 1)
-    cache.write_json_atomic(entry.path / "metadata.json", dict(meta, phases=phases))
+    phases = dict(meta.phases, schedulers=round(time.monotonic() - start, 1))
+    cache.write_json_atomic(entry.path / "metadata.json", dict(meta.raw, phases=phases))
     return entry
 
 
@@ -219,7 +291,7 @@ def resolve_kernel(spec: str, flavour: str = "test") -> ResolvedKernel:
     if path.is_dir():
         if (path / "metadata.json").is_file():
             try:
-                entry = cache.load_entry(path.resolve())
+                entry = _use(path.resolve())
             except CorruptEntry as err:
                 raise KtstrError(f"kernel cache entry {path} is corrupt: {err}") from None
             return ResolvedKernel(entry.bzimage, entry)
@@ -240,10 +312,14 @@ def list_entries() -> list[KernelEntry]:
     return cache.list_entries(cache_root())
 
 
+def scan_entries() -> tuple[list[KernelEntry], list[BadEntry]]:
+    return cache.scan_entries(cache_root())
+
+
 def clean(keep: int = 0) -> list[Path]:
     removed = cache.clean(cache_root(), keep)
     return removed
 
 
 __all__ = ["ResolvedKernel", "clean", "ensure_kernel", "ensure_schedulers", "list_entries",
-           "resolve_kernel"]
+           "release", "resolve_kernel", "scan_entries"]

@@ -42,7 +42,8 @@ class Source:
         """The source tree to build from (downloading/unpacking on first use)."""
         if self.tree is not None:
             return self.tree
-        assert self.tarball is not None
+        if self.tarball is None:
+            raise KtstrError(f"kernel source {self.description}: neither a tree nor a tarball")
         if self.url is not None:
             download(self.url, self.tarball, self.digest)
         return extract(self.tarball, self.digest, root / "sources")
@@ -51,9 +52,9 @@ class Source:
 def resolve_source(kernel: CatalogKernel | None, source: Path | None, root: Path) -> Source:
     if source is not None:
         return _local(source, root)
-    assert kernel is not None
-    if kernel.kind == "debian":
-        assert kernel.tarball is not None
+    if kernel is None:
+        raise KtstrError("no kernel to build: give a catalog id or --source PATH")
+    if kernel.kind == "debian" and kernel.tarball is not None:
         if not kernel.tarball.is_file():
             raise KtstrError(
                 f"kernel {kernel.id} needs {kernel.tarball}, which is missing: "
@@ -61,13 +62,13 @@ def resolve_source(kernel: CatalogKernel | None, source: Path | None, root: Path
             )
         return Source(f"debian {kernel.apt_package} ({kernel.tarball})",
                       tarball_digest(kernel.tarball, root), tarball=kernel.tarball)
-    if kernel.kind == "url":
-        assert kernel.url is not None and kernel.sha256 is not None
+    if kernel.kind == "url" and kernel.url is not None and kernel.sha256 is not None:
         name = kernel.url.rstrip("/").rsplit("/", 1)[-1] or "linux.tar"
         dest = root / "downloads" / f"{kernel.sha256[:16]}-{name}"
         return Source(f"url {kernel.url}", kernel.sha256, tarball=dest, url=kernel.url)
-    assert kernel.path is not None
-    return _local(kernel.path, root)
+    if kernel.kind == "path" and kernel.path is not None:
+        return _local(kernel.path, root)
+    raise KtstrError(f"catalog kernel {kernel.id}: source = {kernel.kind!r} without its fields")
 
 
 def _local(path: Path, root: Path) -> Source:
@@ -95,10 +96,13 @@ def tarball_digest(path: Path, root: Path) -> str:
     memo_path = root / "sources" / "digests.json"
     try:
         memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        memo = {}
+    if not isinstance(memo, dict):  # valid JSON but not ours: start over
         memo = {}
     known = memo.get(str(path))
-    if isinstance(known, dict) and known.get("stamp") == stamp:
+    if isinstance(known, dict) and known.get("stamp") == stamp \
+            and isinstance(known.get("sha256"), str) and len(known["sha256"]) == 64:
         return str(known["sha256"])
     digest = sha256_file(path)
     memo[str(path)] = {"stamp": stamp, "sha256": digest}

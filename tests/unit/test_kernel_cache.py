@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,3 +159,122 @@ def test_list_newest_first_and_clean_keep(tmp_path: Path, artifacts: dict[str, P
     assert sorted(p.name for p in (root / "build").iterdir()) == ["new"]
     cache.clean(root, keep=0)
     assert cache.list_entries(root) == []
+
+
+# --------------------------------------------------------------------------- metadata validation
+
+
+def _with_scheduler(tmp_path: Path, artifacts: dict[str, Path]) -> cache.KernelEntry:
+    entry = install(tmp_path / "root", artifacts)
+    binary = tmp_path / "scx_simple"
+    binary.write_bytes(b"\x7fELF fake")
+    return cache.install_schedulers(entry, {"scx_simple": binary})
+
+
+def _set(*keys: str, value: object) -> Callable[[dict[str, Any]], object]:
+    def change(meta: dict[str, Any]) -> object:
+        target = meta
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+        return meta
+    return change
+
+
+def _drop(*keys: str) -> Callable[[dict[str, Any]], object]:
+    def change(meta: dict[str, Any]) -> object:
+        target = meta
+        for k in keys[:-1]:
+            target = target[k]
+        del target[keys[-1]]
+        return meta
+    return change
+
+
+# Each still-valid JSON document is wrong in one way; the reason names the field.
+BAD_METADATA = [
+    (_set("artifacts", value=5), "artifacts must be an object"),
+    (_drop("id"), "id is missing"),
+    (_set("schedulers", value=[]), "schedulers must be an object"),
+    (_set("built_at", value="yesterday"), "built_at must be a finite number"),
+    (_set("built_at", value=float("nan")), "built_at must be a finite number"),
+    (_set("features", "sched_ext", value="yes"), "features.sched_ext must be true or false"),
+    (_set("features", value=[]), "features must be an object"),
+    (_set("artifacts", "bzImage", "sha256", value=5), "artifacts.bzImage.sha256"),
+    (_set("artifacts", "bzImage", "size", value="300000"), "artifacts.bzImage.size"),
+    (_set("artifacts", "bzImage", "size", value=True), "artifacts.bzImage.size"),
+    (_drop("artifacts", "vmlinux", "mtime_ns"), "artifacts.vmlinux.mtime_ns is missing"),
+    (_drop("artifacts", "System.map"), "wrong artifacts"),
+    (_set("schedulers", "scx_simple", value="x"), "schedulers.scx_simple must be an object"),
+    (_set("schedulers", "scx_simple", "path", value="../../../etc/passwd"), "outside the entry"),
+    (_set("schedulers", "scx_simple", "path", value="/etc/passwd"), "outside the entry"),
+    (_set("schedulers", "scx_simple", "path", value=7), "schedulers.scx_simple.path"),
+    (_set("schedulers", "../x", value={}), "not a file name"),
+    (_set("format", value=True), "unknown format"),
+    (_set("key", value="other"), "does not match"),
+    (_set("version", value=6), "version must be a non-empty string"),
+    (_set("id", value=""), "id must be a non-empty string"),
+    (_set("phases", value=[1]), "phases must be an object"),
+    (_set("phases", value={"make": "slow"}), "phases.make must be a finite number"),
+    (_set("source_tree", value=5), "source_tree must be a string"),
+    (lambda meta: [meta], "must be an object"),
+    (lambda meta: None, "must be an object"),
+]
+
+
+@pytest.mark.parametrize(("change", "reason"), BAD_METADATA,
+                         ids=[f"{i}-{reason}" for i, (_, reason) in enumerate(BAD_METADATA)])
+def test_wrong_types_in_metadata_are_corrupt(
+        tmp_path: Path, artifacts: dict[str, Path],
+        change: Callable[[dict[str, Any]], object], reason: str) -> None:
+    entry = _with_scheduler(tmp_path, artifacts)
+    meta_path = entry.path / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(change(meta)))
+    for verify in (True, False):
+        with pytest.raises(CorruptEntry, match=reason):
+            cache.load_entry(entry.path, verify=verify)
+    root = tmp_path / "root"
+    good, bad = cache.scan_entries(root)
+    assert good == [] and [b.path for b in bad] == [entry.path]
+    assert re.search(reason, bad[0].reason)
+    assert cache.list_entries(root) == []
+    assert cache.clean(root, keep=1) == [entry.path]  # a corrupt entry is never kept
+    assert not entry.path.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"[" * 100_000, "unreadable"), (b"\xff\xfe{}", "unreadable"), (b"{", "unreadable")],
+    ids=["deep", "not-utf8", "truncated"],
+)
+def test_unparsable_metadata_is_corrupt(tmp_path: Path, artifacts: dict[str, Path],
+                                        content: bytes, reason: str) -> None:
+    entry = install(tmp_path / "root", artifacts)
+    (entry.path / "metadata.json").write_bytes(content)
+    with pytest.raises(CorruptEntry, match=reason):
+        cache.load_entry(entry.path)
+    assert cache.list_entries(tmp_path / "root") == []
+
+
+def test_one_bad_entry_does_not_hide_the_others(tmp_path: Path,
+                                                artifacts: dict[str, Path]) -> None:
+    root = tmp_path / "root"
+    good = install(root, artifacts, "good")
+    bad = install(root, artifacts, "bad")
+    meta = json.loads((bad.path / "metadata.json").read_text())
+    meta["features"] = {"sched_ext": 1}
+    (bad.path / "metadata.json").write_text(json.dumps(meta))
+    assert cache.list_entries(root) == [good]
+    assert {p.name for p in cache.clean(root, keep=1)} == {"bad"}
+    assert cache.list_entries(root) == [good]
+
+
+def test_no_assert_validates_in_the_kernel_package() -> None:
+    # `python -O` strips asserts: a check that matters must be an if and a raise.
+    import ast
+
+    package = Path(cache.__file__).parent
+    asserts = [f"{path.name}:{node.lineno}" for path in sorted(package.glob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assert)]
+    assert asserts == []

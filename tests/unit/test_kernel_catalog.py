@@ -93,3 +93,21 @@ def test_local_path_must_be_a_kernel_tree(tmp_path: Path) -> None:
         resolve_source(None, tmp_path, tmp_path / "cache")
     with pytest.raises(KtstrError, match="neither a directory nor a tarball"):
         resolve_source(None, tmp_path / "missing", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("entry", [None, {"stamp": "stamp"}, {"stamp": "stamp", "sha256": 5},
+                                   {"stamp": "stamp", "sha256": "short"}],
+                         ids=["list", "no-sha256", "int-sha256", "short-sha256"])
+def test_tarball_digest_ignores_a_memo_it_cannot_use(tmp_path: Path, entry: object) -> None:
+    import hashlib
+    import json
+
+    tarball = tmp_path / "linux.tar"
+    tarball.write_bytes(b"one")
+    st = tarball.stat()
+    memo = tmp_path / "cache" / "sources" / "digests.json"
+    memo.parent.mkdir(parents=True)
+    if isinstance(entry, dict) and entry["stamp"] == "stamp":
+        entry = dict(entry, stamp=[st.st_size, st.st_mtime_ns])
+    memo.write_text(json.dumps([1] if entry is None else {str(tarball): entry}))
+    assert tarball_digest(tarball, tmp_path / "cache") == hashlib.sha256(b"one").hexdigest()

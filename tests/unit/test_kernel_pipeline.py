@@ -8,17 +8,30 @@ make, logs, verification, locks, atomic install, checksums — is the real code.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ktstr.cli import main
 from ktstr.errors import KtstrError
-from ktstr.kernel import cache, ensure_kernel, ensure_schedulers, list_entries, resolve_kernel
+from ktstr.kernel import (
+    cache,
+    clean,
+    ensure_kernel,
+    ensure_schedulers,
+    list_entries,
+    release,
+    resolve_kernel,
+)
+from ktstr.kernel.locks import release_all
 
 OLDDEF = r"""
 import re, sys
@@ -92,6 +105,14 @@ config TUN
 """
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test has its own cache (never the user's), and lets go of what it held."""
+    monkeypatch.setenv("KTSTR_CACHE_DIR", str(tmp_path / "cache"))
+    yield
+    release_all()
+
+
 @pytest.fixture
 def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     src = tmp_path / "linux"
@@ -125,8 +146,8 @@ def test_build_then_warm_hit(tree: Path) -> None:
     assert time.monotonic() - start < 1.0
     assert again == entry and builds(tree) == 1
     meta = cache.read_metadata(entry.path)
-    assert "SCHED_CLASS_EXT" in meta["unavailable_options"]
-    assert meta["features"]["sched_ext"] is False
+    assert "SCHED_CLASS_EXT" in meta.raw["unavailable_options"]  # type: ignore[operator]
+    assert meta.features["sched_ext"] is False
     assert resolve_kernel(str(entry.path)).entry == entry
     assert [e.key for e in list_entries()] == [entry.key]
 
@@ -264,7 +285,7 @@ def test_in_tree_build_is_refused(tree: Path) -> None:
         ensure_kernel(source=tree)
 
 
-def test_unknown_flavour_and_id() -> None:
+def test_unknown_flavour_and_id() -> None:  # the autouse fixture keeps the user's cache out
     with pytest.raises(KtstrError, match="unknown flavour"):
         ensure_kernel("6.12", flavour="fast")
     with pytest.raises(KtstrError, match=r"unknown kernel id '5\.4'"):
@@ -284,3 +305,131 @@ def test_cli_list_json(tree: Path) -> None:
     assert record["sched_ext"] is False and record["schedulers"] == {}
     for field in ("id", "flavour", "version", "path", "vmlinux"):
         assert field in record
+
+
+def _rewrite_metadata(path: Path, **changes: object) -> None:
+    meta_path = path / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            del meta[key]
+        else:
+            meta[key] = value
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"artifacts": 5}, {"id": None}, {"schedulers": []}, {"built_at": "yesterday"},
+     {"features": {"sched_ext": "yes"}}],
+    ids=["artifacts-int", "no-id", "schedulers-list", "built_at-text", "feature-text"],
+)
+def test_wrong_typed_metadata_is_rebuilt(tree: Path, changes: dict[str, object],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    entry = ensure_kernel(source=tree, schedulers=False)
+    _rewrite_metadata(entry.path, **changes)
+    rebuilt = ensure_kernel(source=tree, schedulers=False)
+    assert builds(tree) == 2
+    assert cache.load_entry(rebuilt.path) == rebuilt
+    assert f"cache entry {entry.key} is corrupt" in capsys.readouterr().err
+
+
+def test_cli_list_and_clean_survive_a_bad_entry(tree: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    entry = ensure_kernel(source=tree, schedulers=False)
+    bad = entry.path.with_name("bad-entry")
+    shutil.copytree(entry.path, bad)
+    _rewrite_metadata(bad, key=bad.name, schedulers=[])
+    capsys.readouterr()
+    assert main(["kernel", "list"]) == 0
+    out = capsys.readouterr().out
+    assert str(entry.path) in out
+    (line,) = [line for line in out.splitlines() if "bad-entry" in line]
+    assert line.startswith("corrupt") and "schedulers must be an object" in line
+    assert main(["kernel", "list", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_path = {r["path"]: r["corrupt"] for r in records}
+    assert by_path[str(entry.path)] is None
+    assert "schedulers must be an object" in by_path[str(bad)]
+    assert main(["kernel", "clean"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {bad}\n" in out and f"removed {entry.path}\n" in out
+    assert not bad.exists() and not entry.path.exists()
+
+
+def test_cache_dir_that_is_a_file_is_a_user_error(tree: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    not_a_dir = tmp_path / "plain-file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("KTSTR_CACHE_DIR", str(not_a_dir))
+    with pytest.raises(KtstrError, match="cannot use the kernel cache"):
+        ensure_kernel(source=tree, schedulers=False)
+
+
+def test_schedulers_of_a_corrupted_entry_is_a_user_error(tree: Path) -> None:
+    (tree / "Kconfig").write_text(KCONFIG + "config SCHED_CLASS_EXT\n\tbool \"scx\"\n")
+    entry = ensure_kernel(source=tree, schedulers=False)
+    entry.bzimage.write_bytes(b"truncated")
+    with pytest.raises(KtstrError, match="corrupt"):
+        ensure_schedulers(entry)
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from ktstr.kernel import ensure_kernel
+entry = ensure_kernel(source=Path(sys.argv[1]), schedulers=False)
+print(entry.key, flush=True)
+sys.stdin.readline()  # uses the entry until told to stop
+"""
+
+
+def _ktstr(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    return subprocess.run([sys.executable, "-m", "ktstr", *argv], env=env, text=True,
+                          capture_output=True, timeout=60)
+
+
+def test_entry_in_use_elsewhere_is_neither_cleaned_nor_rebuilt(
+        tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    entry = ensure_kernel(source=tree, schedulers=False)
+    release(entry)  # from here on the other process is the only user
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tree)], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().split() == [entry.key]
+        capsys.readouterr()
+        assert entry.path not in clean()
+        assert f"skipping {entry.key}: in use by pid {holder.pid}" in capsys.readouterr().err
+        assert cache.load_entry(entry.path) == entry
+        entry.bzimage.write_bytes(b"corrupted while in use")
+        with pytest.raises(KtstrError, match=f"in use by pid {holder.pid}"):
+            ensure_kernel(source=tree, schedulers=False)
+        assert entry.bzimage.read_bytes() == b"corrupted while in use" and builds(tree) == 1
+        holder.stdin.write("\n")
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    rebuilt = ensure_kernel(source=tree, schedulers=False)
+    assert builds(tree) == 2 and rebuilt.bzimage.stat().st_size == 200_000
+    assert rebuilt.path in clean() and not rebuilt.path.exists()
+
+
+def test_clean_elsewhere_skips_what_this_process_uses(tree: Path) -> None:
+    entry = ensure_kernel(source=tree, schedulers=False)
+    done = _ktstr("kernel", "clean")
+    assert done.returncode == 0, done.stderr
+    assert f"in use by pid {os.getpid()}" in done.stderr and entry.path.is_dir()
+    release(entry)
+    assert resolve_kernel(str(entry.path)).entry == entry  # a cache entry path holds it too
+    done = _ktstr("kernel", "clean")
+    assert f"in use by pid {os.getpid()}" in done.stderr and entry.path.is_dir()
+    release(entry)
+    done = _ktstr("kernel", "clean")
+    assert done.returncode == 0 and f"removed {entry.path}" in done.stdout
+    assert not entry.path.exists()
