@@ -3,7 +3,9 @@
 A bucket may go into debt: a request larger than what is available (even
 larger than the whole bucket) is admitted at once and the debt is paid off
 by the delay it gets and by the delays of the requests behind it. That keeps
-the long-run rate exact and never starves a large request.
+the long-run rate exact and never starves a large request. No single wait is
+longer than MAX_THROTTLE_WAIT, and close() ends any wait at once, so a guest
+asking for a huge transfer cannot pin the device's worker for minutes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from collections.abc import Callable
 from ktstr.disk import DiskThrottle
 
 Clock = Callable[[], float]
+
+MAX_THROTTLE_WAIT = 1.0
+"""Seconds one request waits at most; the rest of its debt paces the requests behind it."""
 
 
 class TokenBucket:
@@ -48,19 +53,24 @@ class TokenBucket:
 
 
 class Throttle:
-    """The buckets of one disk: IOPS and bytes/s, either optional. Thread-safe."""
+    """The buckets of one disk: IOPS and bytes/s, either optional. Thread-safe.
+
+    Waits sleep on an event that close() sets; `sleep` replaces that for a test clock
+    (and is then not interruptible).
+    """
 
     def __init__(
         self,
         config: DiskThrottle,
         clock: Clock = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         iops = config.effective_iops
         bw = config.effective_bytes
         self.iops = TokenBucket(iops[0], iops[1], clock) if iops else None
         self.bytes = TokenBucket(bw[0], bw[1], clock) if bw else None
-        self._sleep = sleep
+        self._closed = threading.Event()
+        self._sleep = sleep if sleep is not None else self._closed.wait
         self._lock = threading.Lock()
 
     @property
@@ -68,7 +78,7 @@ class Throttle:
         return self.iops is not None or self.bytes is not None
 
     def reserve(self, nbytes: int) -> float:
-        """Charge one operation of `nbytes`; return the delay before it may run."""
+        """Charge one operation of `nbytes`; return the delay its buckets ask for (uncapped)."""
         with self._lock:
             delay = 0.0
             if self.iops is not None:
@@ -77,9 +87,21 @@ class Throttle:
                 delay = max(delay, self.bytes.reserve(nbytes))
             return delay
 
-    def wait(self, nbytes: int) -> float:
-        """Charge and sleep out the delay; return the time slept."""
-        delay = self.reserve(nbytes)
-        if delay > 0:
-            self._sleep(delay)
+    def pause(self, delay: float) -> float:
+        """Sleep out a delay from reserve(), at most MAX_THROTTLE_WAIT; return the time given.
+
+        Returns 0 without sleeping once closed; close() also cuts a running pause short.
+        """
+        delay = min(delay, MAX_THROTTLE_WAIT)
+        if delay <= 0 or self._closed.is_set():
+            return 0.0
+        self._sleep(delay)
         return delay
+
+    def wait(self, nbytes: int) -> float:
+        """Charge and sleep out the (capped) delay; return the time given."""
+        return self.pause(self.reserve(nbytes))
+
+    def close(self) -> None:
+        """Wake every waiter now and make later waits return at once (device shutdown)."""
+        self._closed.set()

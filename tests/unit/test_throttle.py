@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
 from ktstr.disk import DiskThrottle
-from ktstr.vmm.throttle import Throttle, TokenBucket
+from ktstr.vmm.throttle import MAX_THROTTLE_WAIT, Throttle, TokenBucket
 
 
 class Clock:
@@ -110,3 +111,31 @@ def test_real_time_rate() -> None:
         t.wait(0)
     elapsed = time.monotonic() - start
     assert 0.18 <= elapsed <= 0.4
+
+
+def test_one_wait_is_capped_and_the_debt_is_kept() -> None:
+    """A 100x-the-rate request sleeps the cap, not 99 s; its debt paces what follows."""
+    clock = Clock()
+    t = Throttle(DiskThrottle(bytes_per_sec=1000), clock=clock, sleep=clock.sleep)
+    assert t.wait(100_000) == MAX_THROTTLE_WAIT
+    assert clock.slept == [MAX_THROTTLE_WAIT]
+    assert t.bytes is not None and t.bytes.tokens == pytest.approx(1000 - 100_000 + 1000)
+    assert t.wait(1) == MAX_THROTTLE_WAIT  # still 97 s of debt ahead of it
+    clock.now += 200
+    assert t.wait(1) == 0.0  # paid off
+
+
+def test_close_wakes_a_waiter_at_once() -> None:
+    t = Throttle(DiskThrottle(iops=1))
+    t.wait(0)  # the burst's one token; the next op waits a whole second
+    waiter = threading.Thread(target=t.wait, args=(0,))
+    waiter.start()
+    time.sleep(0.05)
+    start = time.monotonic()
+    t.close()
+    waiter.join(2)
+    assert not waiter.is_alive()
+    assert time.monotonic() - start < 0.3
+    start = time.monotonic()
+    t.wait(0)  # and a closed throttle no longer sleeps at all
+    assert time.monotonic() - start < 0.1

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from virtio_driver import HOLE, Buf, Driver, make_memory, read_u32
+from virtio_driver import FEATURES, HOLE, SECTORS, Buf, Driver, Rig, read_u32
 
 from ktstr.disk import DiskThrottle
 from ktstr.vmm.devices.virtio import mmio
@@ -24,83 +24,21 @@ from ktstr.vmm.devices.virtio.blk import (
     S_IOERR,
     S_OK,
     S_UNSUPP,
-    SECTOR_SIZE,
     T_FLUSH,
     T_GET_ID,
     T_IN,
     T_OUT,
     VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO,
-    VirtioBlk,
 )
 from ktstr.vmm.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from ktstr.vmm.irq import NullIrq
-from ktstr.vmm.memory import GuestMemory
-
-SECTORS = 2048  # 1 MiB
-FEATURES = mmio.VIRTIO_F_VERSION_1 | mmio.VIRTIO_RING_F_INDIRECT_DESC | (1 << VIRTIO_BLK_F_FLUSH)
-
-
-class Rig:
-    """A disk file, guest memory, the device and a driver that has brought it up."""
-
-    def __init__(self, tmp: Path, *, read_only: bool = False, throttle: DiskThrottle | None = None):
-        self.path = tmp / "disk.img"
-        if not self.path.exists():
-            self.path.write_bytes(os.urandom(SECTORS * SECTOR_SIZE))
-        self.mem: GuestMemory = make_memory()
-        self.irq = NullIrq()
-        self.blk = VirtioBlk(
-            self.path, read_only=read_only, serial="ktstr-disk0", throttle=throttle
-        )
-        self.transport = mmio.VirtioMmioTransport(self.blk, self.mem, self.irq)
-        self.drv = Driver(self.mem, size=16)
-
-    def up(self, features: int = FEATURES) -> int:
-        return self.drv.bring_up(self.transport, features)
-
-    def close(self) -> None:
-        self.blk.close()
-        self.mem.close()
-
-    def request(self, rtype: int, sector: int, *, out: bytes = b"", in_len: int = 0) -> int:
-        """Queue one request in the usual 3-descriptor layout; return its head."""
-        header = self.drv.alloc(struct.pack("<IIQ", rtype, 0, sector))
-        bufs = [Buf(header, 16)]
-        if out:
-            bufs.append(Buf(self.drv.alloc(out), len(out)))
-        if in_len:
-            bufs.append(Buf(self.drv.alloc(in_len), in_len, write=True))
-        self.status_addr = self.drv.alloc(b"\xff")
-        bufs.append(Buf(self.status_addr, 1, write=True))
-        self.bufs = bufs
-        return self.drv.add_chain(bufs)
-
-    def complete(self, count: int = 1, timeout: float = 5.0) -> list[tuple[int, int]]:
-        self.drv.kick(self.transport)
-        deadline = time.monotonic() + timeout
-        got: list[tuple[int, int]] = []
-        while len(got) < count:
-            got += self.drv.used()
-            if time.monotonic() > deadline:
-                raise AssertionError(f"only {len(got)} of {count} requests completed")
-            time.sleep(0.001)
-        return got
-
-    def status(self) -> int:
-        return self.mem.read(self.status_addr, 1)[0]
-
-    def data_in(self) -> bytes:
-        buf = self.bufs[-2]
-        return self.mem.read(buf.addr, buf.length)
+from ktstr.vmm.throttle import MAX_THROTTLE_WAIT
 
 
 @pytest.fixture
 def rig(tmp_path: Path):
-    r = Rig(tmp_path)
-    assert r.up() & mmio.S_DRIVER_OK
-    yield r
-    r.close()
+    with Rig.live(tmp_path) as r:
+        yield r
 
 
 def test_registers_identify_a_v2_block_device(tmp_path: Path) -> None:
@@ -264,6 +202,19 @@ def test_descriptor_loop_completes_with_error(rig: Rig) -> None:
     assert rig.mem.read(status, 1)[0] == S_IOERR
 
 
+def test_malformed_chain_completion_raises_the_used_interrupt(rig: Rig) -> None:
+    """A chain failed at parse time is returned like any other: the driver is told."""
+    edges = rig.irq.edges
+    rig.drv.write_desc(0, HOLE, 16, 0, 0)  # header outside RAM
+    rig.drv.publish(0)
+    assert rig.complete() == [(0, 0)]
+    deadline = time.monotonic() + 5
+    while rig.irq.edges == edges:
+        assert time.monotonic() < deadline, "no used-buffer interrupt"
+        time.sleep(0.001)
+    assert read_u32(rig.transport, mmio.INTERRUPT_STATUS) & mmio.INT_USED_BUFFER
+
+
 def test_corrupt_ring_asks_for_reset_then_recovers(rig: Rig) -> None:
     rig.drv.publish(200)  # head beyond the queue size
     rig.drv.kick(rig.transport)
@@ -299,11 +250,12 @@ def test_throttled_iops(tmp_path: Path) -> None:
     try:
         assert r.up() & mmio.S_DRIVER_OK
         start = time.monotonic()
-        for _ in range(30):  # batches of 10 fill the 16-entry ring safely
-            heads = [r.request(T_IN, 0, in_len=512) for _ in range(10)]
-            used = r.complete(10)
+        for _ in range(60):  # 5 chains of 3 descriptors fit the 16-entry table
+            heads = [r.request(T_IN, 0, in_len=512) for _ in range(5)]
+            used = r.complete(5)
             assert sorted(h for h, _ in used) == sorted(heads)
         elapsed = time.monotonic() - start
+        assert r.blk.file.errors == 0  # every one a real read, charged to the bucket
         assert 0.45 <= elapsed <= 1.0, elapsed
     finally:
         r.close()
@@ -337,3 +289,82 @@ def test_any_request_leaves_file_bounded(
         assert r.path.stat().st_size == size
     finally:
         r.close()
+
+
+def test_rejected_requests_are_not_charged_to_the_throttle(tmp_path: Path) -> None:
+    """Out-of-range and unsupported requests fail at once: they neither wait for tokens
+    nor take any from the requests behind them."""
+    with Rig.live(tmp_path, throttle=DiskThrottle(iops=100, bytes_per_sec=4096)) as r:
+        throttle = r.blk.throttle
+        assert throttle is not None and throttle.bytes is not None and throttle.iops is not None
+        start = time.monotonic()
+        r.request(T_IN, SECTORS - 1, in_len=8192)  # 2 s of bandwidth, past the end
+        r.complete()
+        assert r.status() == S_IOERR
+        r.request(T_IN, 2**64 - 1, in_len=512)  # sector arithmetic past 2**64
+        r.complete()
+        assert r.status() == S_IOERR
+        r.request(11, 0, out=bytes(8192))  # DISCARD: not offered
+        r.complete()
+        assert r.status() == S_UNSUPP
+        assert time.monotonic() - start < 0.5
+        assert throttle.bytes.tokens == pytest.approx(4096)
+        assert throttle.iops.tokens == pytest.approx(100, abs=1)
+
+
+def test_huge_throttled_request_waits_at_most_the_cap(tmp_path: Path) -> None:
+    """64 KiB at 512 B/s is two minutes of debt; the request runs after one capped wait."""
+    with Rig.live(tmp_path, throttle=DiskThrottle(bytes_per_sec=512)) as r:
+        start = time.monotonic()
+        r.request(T_IN, 0, in_len=65536)
+        r.complete(timeout=MAX_THROTTLE_WAIT + 1.5)
+        assert r.status() == S_OK
+        assert time.monotonic() - start < MAX_THROTTLE_WAIT + 0.5
+
+
+def test_close_interrupts_a_throttled_request(tmp_path: Path) -> None:
+    with Rig.live(tmp_path, throttle=DiskThrottle(iops=1, bytes_per_sec=1)) as r:
+        r.request(T_IN, 0, in_len=4096)
+        r.drv.kick(r.transport)
+        time.sleep(0.1)  # let the worker reach its wait (close must be prompt either way)
+        start = time.monotonic()
+        r.blk.close()
+        assert time.monotonic() - start < 0.5
+        assert r.blk.thread is not None and not r.blk.thread.is_alive()
+        assert r.drv.used() == []  # dropped by the reset in close, never half-done
+
+
+def test_read_only_flush_and_writes_leave_the_file_alone(tmp_path: Path) -> None:
+    with Rig(tmp_path, read_only=True) as r:
+        assert r.up(FEATURES | (1 << VIRTIO_BLK_F_RO)) & mmio.S_DRIVER_OK
+        before = hashlib.sha256(r.path.read_bytes()).digest()
+        # 13 is WRITE_ZEROES, not offered
+        for rtype, out in ((T_OUT, bytes(512)), (T_FLUSH, b""), (13, bytes(16))):
+            r.request(rtype, 0, out=out)
+            r.complete()
+            assert r.status() == {T_OUT: S_IOERR, T_FLUSH: S_OK}.get(rtype, S_UNSUPP)
+        assert hashlib.sha256(r.path.read_bytes()).digest() == before
+
+
+def test_status_byte_not_writable_executes_nothing(rig: Rig) -> None:
+    """A write whose 'status' descriptor is device-readable has nowhere to report: it is
+    returned unexecuted (used length 0) and counted as an error."""
+    before = hashlib.sha256(rig.path.read_bytes()).digest()
+    header = rig.drv.alloc(struct.pack("<IIQ", T_OUT, 0, 0))
+    data = rig.drv.alloc(bytes(512))
+    status = rig.drv.alloc(b"\xff")
+    head = rig.drv.add_chain([Buf(header, 16), Buf(data, 512), Buf(status, 1)])
+    assert rig.complete() == [(head, 0)]
+    assert rig.mem.read(status, 1) == b"\xff"
+    assert rig.blk.file.errors == 1
+    assert hashlib.sha256(rig.path.read_bytes()).digest() == before
+
+
+def test_zero_length_status_descriptor(rig: Rig) -> None:
+    """An empty last descriptor: the status is the last writable byte before it, so a
+    read's data is one byte short of whole sectors and fails cleanly."""
+    header = rig.drv.alloc(struct.pack("<IIQ", T_IN, 0, 0))
+    data = rig.drv.alloc(512)
+    rig.drv.add_chain([Buf(header, 16), Buf(data, 512, True), Buf(data + 512, 0, True)])
+    assert rig.complete()[0][1] == 1
+    assert rig.mem.read(data + 511, 1)[0] == S_IOERR

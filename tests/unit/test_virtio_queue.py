@@ -149,6 +149,25 @@ def test_indirect_table_bad_length(mem: GuestMemory, length: int) -> None:
         drv.queue(indirect=True).pop(mem)
 
 
+def test_indirect_table_longer_than_the_queue(mem: GuestMemory) -> None:
+    """Spec 2.7.5.3.1: no chain may be longer than the queue, indirect tables included."""
+    table = 0x100000
+
+    def lay_out(count: int) -> None:
+        for i in range(count):
+            flags, nxt = (VIRTQ_DESC_F_NEXT, i + 1) if i < count - 1 else (0, 0)
+            mem.write(table + 16 * i, struct.pack("<QIHH", 0x101000, 8, flags, nxt))
+
+    lay_out(9)
+    drv = _single(mem, table, 16 * 9, VIRTQ_DESC_F_INDIRECT)  # the queue holds 8
+    with pytest.raises(ChainError, match="longer than the queue"):
+        drv.queue(indirect=True).pop(mem)
+    lay_out(8)
+    drv = _single(mem, table, 16 * 8, VIRTQ_DESC_F_INDIRECT)  # exactly the queue: fine
+    chain = drv.queue(indirect=True).pop(mem)
+    assert chain is not None and len(chain.segments) == 8
+
+
 def test_indirect_loop(mem: GuestMemory) -> None:
     table = 0x100000
     mem.write(table, struct.pack("<QIHH", 0x101000, 8, VIRTQ_DESC_F_NEXT, 1))

@@ -2,14 +2,22 @@
 
 It does what the Linux virtio driver does (descriptor table, avail ring,
 reading the used ring), plus raw writers that let tests put hostile values in
-any field.
+any field, and `Rig`: a virtio-blk disk on a real file brought up through its
+registers.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from ktstr.disk import DiskThrottle
+from ktstr.vmm.devices.virtio.blk import SECTOR_SIZE, VIRTIO_BLK_F_FLUSH, VirtioBlk
 from ktstr.vmm.devices.virtio.mmio import (
     DRIVER_FEATURES,
     DRIVER_FEATURES_SEL,
@@ -28,6 +36,8 @@ from ktstr.vmm.devices.virtio.mmio import (
     S_DRIVER_OK,
     S_FEATURES_OK,
     STATUS,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_INDIRECT_DESC,
     VirtioMmioTransport,
 )
 from ktstr.vmm.devices.virtio.queue import (
@@ -35,6 +45,7 @@ from ktstr.vmm.devices.virtio.queue import (
     VIRTQ_DESC_F_WRITE,
     Virtqueue,
 )
+from ktstr.vmm.irq import NullIrq
 from ktstr.vmm.memory import GuestMemory
 
 MiB = 1 << 20
@@ -173,3 +184,124 @@ def _u32(value: int) -> bytes:
 
 def read_u32(transport: VirtioMmioTransport, offset: int) -> int:
     return int(struct.unpack("<I", transport.mmio_read(offset, 4))[0])
+
+
+class HookedMemory:
+    """The device's view of a real GuestMemory, with optional hooks run before each access.
+
+    Hooks see the device's accesses only (the Driver writes the GuestMemory directly), so
+    a test can pause the device mid-walk or fail one access the way unmapped RAM would.
+    """
+
+    def __init__(self, mem: GuestMemory) -> None:
+        self.mem = mem
+        self.on_read: Callable[[int, int], None] | None = None
+        self.on_write: Callable[[int, bytes], None] | None = None
+
+    def read(self, gpa: int, length: int) -> bytes:
+        if self.on_read is not None:
+            self.on_read(gpa, length)
+        return self.mem.read(gpa, length)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        if self.on_write is not None:
+            self.on_write(gpa, bytes(data))
+        self.mem.write(gpa, data)
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        return self.mem.view(gpa, length)
+
+
+SECTORS = 2048  # 1 MiB
+FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | (1 << VIRTIO_BLK_F_FLUSH)
+
+
+class Rig:
+    """A disk file, guest memory, the device and a driver that can bring it up."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        read_only: bool = False,
+        throttle: DiskThrottle | None = None,
+        sectors: int = SECTORS,
+        size: int = 16,
+    ) -> None:
+        self.path = tmp / "disk.img"
+        if not self.path.exists():
+            self.path.write_bytes(os.urandom(sectors * SECTOR_SIZE))
+        self.mem: GuestMemory = make_memory()
+        self.guest = HookedMemory(self.mem)
+        self.irq = NullIrq()
+        self.blk = VirtioBlk(
+            self.path, read_only=read_only, serial="ktstr-disk0", throttle=throttle
+        )
+        self.transport = VirtioMmioTransport(self.blk, self.guest, self.irq)
+        self.drv = Driver(self.mem, size=size)
+
+    def up(self, features: int = FEATURES) -> int:
+        return self.drv.bring_up(self.transport, features)
+
+    def close(self) -> None:
+        self.blk.close()
+        self.mem.close()
+
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def live(cls, tmp: Path, **kwargs: Any) -> Rig:
+        """A Rig whose driver has negotiated FEATURES and set DRIVER_OK."""
+        rig = cls(tmp, **kwargs)
+        status = rig.up()
+        if not status & S_DRIVER_OK:
+            rig.close()
+            raise AssertionError(f"bring-up failed: status {status:#x}")
+        return rig
+
+    def request(self, rtype: int, sector: int, *, out: bytes = b"", in_len: int = 0) -> int:
+        """Queue one request in the usual 3-descriptor layout; return its head."""
+        header = self.drv.alloc(struct.pack("<IIQ", rtype, 0, sector))
+        bufs = [Buf(header, 16)]
+        if out:
+            bufs.append(Buf(self.drv.alloc(out), len(out)))
+        if in_len:
+            bufs.append(Buf(self.drv.alloc(in_len), in_len, write=True))
+        self.status_addr = self.drv.alloc(b"\xff")
+        bufs.append(Buf(self.status_addr, 1, write=True))
+        self.bufs = bufs
+        return self.drv.add_chain(bufs)
+
+    def complete(self, count: int = 1, timeout: float = 5.0) -> list[tuple[int, int]]:
+        self.drv.kick(self.transport)
+        return self.wait_used(count, timeout)
+
+    def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[tuple[int, int]]:
+        deadline = time.monotonic() + timeout
+        got: list[tuple[int, int]] = []
+        while len(got) < count:
+            got += self.drv.used()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {len(got)} of {count} requests completed")
+            time.sleep(0.001)
+        return got
+
+    def wait_status(self, bit: int, timeout: float = 5.0) -> int:
+        """Poll the Status register until `bit` is set; return it."""
+        deadline = time.monotonic() + timeout
+        while not (status := read_u32(self.transport, STATUS)) & bit:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"status {status:#x} never got bit {bit:#x}")
+            time.sleep(0.001)
+        return status
+
+    def status(self) -> int:
+        return self.mem.read(self.status_addr, 1)[0]
+
+    def data_in(self) -> bytes:
+        buf = self.bufs[-2]
+        return self.mem.read(buf.addr, buf.length)

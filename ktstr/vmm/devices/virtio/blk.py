@@ -3,7 +3,13 @@
 Requests are served by one worker thread per disk: the vCPU's QueueNotify
 exit only wakes it, so a throttled disk sleeps in the worker and never stalls
 a vCPU. Every request is bounds-checked against the capacity fixed at open
-time: nothing is read or written past the end and the file never grows.
+time, before it is charged to the throttle: nothing is read or written past
+the end, the file never grows, and a request that fails costs no tokens.
+
+Every chain the worker takes is returned in the used ring with an interrupt,
+or, if the ring itself fails, the device sets DEVICE_NEEDS_RESET: a request
+is never silently left pending. One pass serves at most a queue-full, so the
+worker announces completions and sees close()/reset between passes.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ import logging
 import os
 import struct
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +28,12 @@ from ktstr.disk import DiskConfig, DiskThrottle, disk_serial
 from ktstr.vmm.devices.virtio.mmio import VirtioMmioTransport
 from ktstr.vmm.devices.virtio.queue import (
     MEMORY_ERRORS,
+    RING_ERRORS,
     ChainError,
     DescriptorChain,
     Memory,
     QueueError,
+    QueueNotReady,
     Segment,
 )
 from ktstr.vmm.throttle import Throttle
@@ -135,51 +142,70 @@ class BlkFile:
             os.close(self.fd)
             self.fd = -1
 
+    def runnable(self, req: BlkRequest) -> bool:
+        """Whether `req` will touch the file or guest buffers (what the throttle charges)."""
+        return req.status_addr is not None and self._reject(req) is None
+
+    def _reject(self, req: BlkRequest) -> int | None:
+        """The status of a request that fails without any I/O, or None if it can run."""
+        if req.type == T_IN:
+            return None if self._in_range(req.sector, _total(req.data_in)) else S_IOERR
+        if req.type == T_OUT:
+            in_range = self._in_range(req.sector, _total(req.data_out))
+            return None if in_range and not self.read_only else S_IOERR
+        if req.type in (T_FLUSH, T_GET_ID):
+            return None
+        return S_IOERR if req.type == -1 else S_UNSUPP
+
     def execute(self, mem: Memory, req: BlkRequest) -> int:
         """Perform `req`, write its status byte; return the used length for the ring."""
         if req.status_addr is None:
-            self.errors += 1
+            self.errors += 1  # nowhere to report to: not executed
             return 0
         written = 0
-        try:
-            status, written = self._dispatch(mem, req)
-        except MEMORY_ERRORS as err:
-            log.warning("virtio-blk %s: request %d: %s", self.path, req.head, err)
-            status = S_IOERR
-        except OSError as err:
-            log.warning("virtio-blk %s: request %d: host I/O error: %s", self.path, req.head, err)
-            status = S_IOERR
+        status = self._reject(req)
+        if status is None:
+            try:
+                written = self._dispatch(mem, req)
+                status = S_OK
+            except MEMORY_ERRORS as err:
+                log.warning("virtio-blk %s: request %d: %s", self.path, req.head, err)
+                status = S_IOERR
+            except OSError as err:
+                log.warning(
+                    "virtio-blk %s: request %d: host I/O error: %s", self.path, req.head, err
+                )
+                status = S_IOERR
         if status != S_OK:
             self.errors += 1
-        mem.write(req.status_addr, bytes([status]))
+        try:
+            mem.write(req.status_addr, bytes([status]))
+        except MEMORY_ERRORS:
+            return written  # guest RAM went away (teardown); the ring update will say so
         return written + 1
 
-    def _dispatch(self, mem: Memory, req: BlkRequest) -> tuple[int, int]:
+    def _dispatch(self, mem: Memory, req: BlkRequest) -> int:
+        """Run a request `_reject` let through; return the bytes written to guest buffers."""
         if req.type == T_IN:
-            if not self._in_range(req.sector, _total(req.data_in)):
-                return S_IOERR, 0
             self._transfer(os.preadv, mem, req.data_in, req.sector * SECTOR_SIZE)
-            return S_OK, _total(req.data_in)
+            return _total(req.data_in)
         if req.type == T_OUT:
-            if self.read_only or not self._in_range(req.sector, _total(req.data_out)):
-                return S_IOERR, 0
             self._transfer(os.pwritev, mem, req.data_out, req.sector * SECTOR_SIZE)
-            return S_OK, 0
+            return 0
         if req.type == T_FLUSH:
-            if not self.read_only:
+            if not self.read_only:  # a read-only disk has nothing to flush
                 os.fdatasync(self.fd)
-            return S_OK, 0
-        if req.type == T_GET_ID:
-            room = min(_total(req.data_in), ID_BYTES)
-            ident = self.serial.ljust(ID_BYTES, b"\0")[:room]
-            pos = 0
-            for seg in _split(req.data_in, room)[0]:
-                mem.write(seg.addr, ident[pos : pos + seg.length])
-                pos += seg.length
-            return S_OK, room
-        return (S_IOERR if req.type == -1 else S_UNSUPP), 0
+            return 0
+        room = min(_total(req.data_in), ID_BYTES)  # T_GET_ID
+        ident = self.serial.ljust(ID_BYTES, b"\0")[:room]
+        pos = 0
+        for seg in _split(req.data_in, room)[0]:
+            mem.write(seg.addr, ident[pos : pos + seg.length])
+            pos += seg.length
+        return room
 
     def _in_range(self, sector: int, length: int) -> bool:
+        # Exact integers: a sector near 2**64 cannot wrap into range.
         if length % SECTOR_SIZE:
             return False
         return sector <= self.sectors and sector + length // SECTOR_SIZE <= self.sectors
@@ -219,9 +245,7 @@ class VirtioBlk:
         read_only: bool = False,
         serial: str = "",
         throttle: DiskThrottle | None = None,
-        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._sleep = sleep
         self.file = BlkFile(path, read_only=read_only, serial=serial)
         self.throttle = Throttle(throttle) if throttle and throttle.active else None
         self._qlock = threading.Lock()
@@ -229,8 +253,9 @@ class VirtioBlk:
         self._stop = False
         self._transport: VirtioMmioTransport | None = None
         self._generation = 0
-        self._thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None
         self.completed = 0
+        self.internal_errors = 0  # host bugs caught in the worker (never guest-caused)
 
     # --- VirtioBackend --------------------------------------------------------------------
 
@@ -254,11 +279,11 @@ class VirtioBlk:
         with self._qlock:
             self._transport = transport
             self._generation += 1
-        if self._thread is None:
-            self._thread = threading.Thread(
+        if self.thread is None:
+            self.thread = threading.Thread(
                 target=self._worker, name=f"virtio-blk:{self.file.path.name}", daemon=True
             )
-            self._thread.start()
+            self.thread.start()
         self._kick.set()
 
     def notify(self, queue_index: int) -> None:
@@ -270,11 +295,14 @@ class VirtioBlk:
             self._generation += 1
 
     def close(self) -> None:
-        self.reset()
+        """Stop the worker (cutting any throttle wait short) and close the file."""
         self._stop = True
+        if self.throttle is not None:
+            self.throttle.close()
+        self.reset()  # waits out a request in progress; later ones are dropped
         self._kick.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        if self.thread is not None:
+            self.thread.join(timeout=10)
         self.file.close()
 
     # --- request processing ---------------------------------------------------------------
@@ -288,62 +316,103 @@ class VirtioBlk:
             try:
                 self.process_queue()
             except Exception:  # a host bug must not silently kill the disk
+                self.internal_errors += 1
                 log.exception("virtio-blk %s: worker failed", self.file.path)
                 transport = self._transport
                 if transport is not None:
                     transport.needs_reset("internal device error")
 
     def process_queue(self) -> int:
-        """Serve every available request; return how many were completed."""
-        done = 0
-        signal = False
-        while True:
-            with self._qlock:
-                transport, generation = self._transport, self._generation
-                if transport is None:
-                    return done
-                item = self._next_request(transport)
-            if item is None:
-                break
-            delay = self.throttle.reserve(item.io_bytes) if self.throttle else 0.0
-            if delay > 0:
-                if signal:  # let the guest see earlier completions while this one waits
-                    transport.signal_used()
-                    signal = False
-                self._sleep(delay)
-            with self._qlock:
-                if self._generation != generation:
-                    return done  # the driver reset the device meanwhile: drop the request
-                used = self.file.execute(transport.memory, item)
-                queue = transport.queues[0]
-                queue.add_used(transport.memory, item.head, used)
-                signal = signal or queue.needs_interrupt(transport.memory)
-            done += 1
-            self.completed += 1
-        if signal:
-            transport.signal_used()
-        return done
+        """Serve up to one queue-full of available requests; return how many were completed.
 
-    def _next_request(self, transport: VirtioMmioTransport) -> BlkRequest | None:
-        """Pop and parse one request (with _qlock held); a broken chain is failed right here."""
+        If that many were served, the kick is re-armed and the rest waits for the next
+        pass. Completions are announced before any throttle wait and when the pass ends,
+        however it ends.
+        """
+        done = 0
+        generation = self._generation
+        unannounced: VirtioMmioTransport | None = None
+        try:
+            while True:
+                with self._qlock:
+                    transport, generation = self._transport, self._generation
+                    if transport is None:
+                        return done
+                    queue = transport.queues[0]
+                    if done >= queue.size:
+                        self._kick.set()
+                        return done
+                    item = self._next_request(transport)
+                    if isinstance(item, ChainError):
+                        used = _fail_partial(transport.memory, item.segments)
+                        done += 1
+                        unannounced = transport
+                        if not self._complete(transport, item.head, used):
+                            return done
+                        continue
+                if item is None:
+                    return done
+                if self.throttle is not None and self.file.runnable(item):
+                    delay = self.throttle.reserve(item.io_bytes)
+                    if delay > 0:
+                        if unannounced is not None:  # the guest sees those while this waits
+                            _announce(unannounced)
+                            unannounced = None
+                        self.throttle.pause(delay)
+                with self._qlock:
+                    if self._generation != generation:
+                        return done  # the driver reset the device meanwhile: drop the request
+                    used = self.file.execute(transport.memory, item)
+                    done += 1
+                    unannounced = transport
+                    if not self._complete(transport, item.head, used):
+                        return done
+                self.completed += 1
+        finally:
+            if unannounced is not None and self._generation == generation:
+                _announce(unannounced)
+
+    @staticmethod
+    def _complete(transport: VirtioMmioTransport, head: int, used: int) -> bool:
+        """Return chain `head` in the used ring; False (and the device needs a reset) if the
+        ring cannot take it, e.g. the driver stopped the queue or it is no longer in RAM."""
+        try:
+            transport.queues[0].add_used(transport.memory, head, used)
+        except RING_ERRORS as err:
+            transport.needs_reset(f"used ring update for chain {head} failed: {err}")
+            return False
+        return True
+
+    def _next_request(self, transport: VirtioMmioTransport) -> BlkRequest | ChainError | None:
+        """Pop and parse one request (with _qlock held): the request, a malformed chain to fail,
+        or None when there is nothing (more) to serve."""
         queue, mem = transport.queues[0], transport.memory
-        while True:
-            try:
-                chain = queue.pop(mem)
-            except ChainError as err:
-                log.warning("virtio-blk %s: %s", self.file.path, err)
-                self.file.errors += 1
-                queue.add_used(mem, err.head, _fail_partial(mem, err.segments))
-                continue
-            except QueueError as err:
-                transport.needs_reset(str(err))
-                return None
-            except MEMORY_ERRORS as err:
-                transport.needs_reset(f"ring access failed: {err}")
-                return None
-            if chain is None:
-                return None
-            return parse_request(mem, chain)
+        try:
+            chain = queue.pop(mem)
+            return None if chain is None else parse_request(mem, chain)
+        except ChainError as err:
+            log.warning("virtio-blk %s: %s", self.file.path, err)
+            self.file.errors += 1
+            return err
+        except QueueNotReady:
+            return None  # not enabled, or stopped by the driver: nothing to serve
+        except QueueError as err:
+            transport.needs_reset(str(err))
+        except MEMORY_ERRORS as err:
+            transport.needs_reset(f"ring access failed: {err}")
+        return None
+
+
+def _announce(transport: VirtioMmioTransport) -> None:
+    """Raise the used-buffer interrupt unless the driver suppressed it. If the ring cannot
+    be read any more, raise it anyway: a spurious interrupt is harmless, a lost one hangs."""
+    queue = transport.queues[0]
+    try:
+        wanted = queue.needs_interrupt(transport.memory)
+    except RING_ERRORS:
+        wanted = True
+    if wanted:
+        transport.signal_used()
 
 
 def _fail_partial(mem: Memory, segments: Sequence[Segment]) -> int:
@@ -352,7 +421,10 @@ def _fail_partial(mem: Memory, segments: Sequence[Segment]) -> int:
     if not writable:
         return 0
     last = writable[-1]
-    mem.write(last.addr + last.length - 1, bytes([S_IOERR]))
+    try:
+        mem.write(last.addr + last.length - 1, bytes([S_IOERR]))
+    except MEMORY_ERRORS:
+        return 0
     return 1
 
 

@@ -6,10 +6,18 @@ supplies the device type, its feature bits, its config space, and handles
 queue notifications.
 
 Locking: `_lock` guards registers and is held across backend.reset() and
-backend.activate(); the backend may call `signal_used` / `signal_config` from
-its own threads at any time, which only take `_irq_lock`. A backend never
-calls back into the transport while holding its own lock and `_lock` is never
-taken from a backend thread, so the order is always _lock -> backend -> _irq_lock.
+backend.activate(); the backend may call `signal_used` / `signal_config` /
+`needs_reset` from its own threads at any time, which only take `_irq_lock`.
+Each queue's configuration writes also take that queue's `Virtqueue.lock`,
+which the backend's worker holds while it walks or updates the rings, so a
+walk never sees a half-written layout. `_lock` is never taken from a backend
+thread, so the order is always _lock -> backend -> Virtqueue.lock -> _irq_lock.
+
+The guest is hostile: every register write is accepted or refused, never
+raises. Writes the spec forbids (queue layout while the queue is ready or the
+device is live, re-enabling a queue of a live device, driver features after
+FEATURES_OK, clearing status bits other than by a reset) are ignored and
+counted in `refused_writes`.
 """
 
 from __future__ import annotations
@@ -74,6 +82,19 @@ INT_CONFIG_CHANGE = 2
 VIRTIO_F_VERSION_1 = 1 << 32
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 
+# Queue registers that describe the rings: frozen while the queue is ready or DRIVER_OK is set.
+_LAYOUT_REGISTERS = frozenset(
+    {
+        QUEUE_NUM,
+        QUEUE_DESC_LOW,
+        QUEUE_DESC_HIGH,
+        QUEUE_DRIVER_LOW,
+        QUEUE_DRIVER_HIGH,
+        QUEUE_DEVICE_LOW,
+        QUEUE_DEVICE_HIGH,
+    }
+)
+
 _U32 = struct.Struct("<I")
 
 
@@ -121,6 +142,7 @@ class VirtioMmioTransport:
         self.offered = (
             backend.device_features() | VIRTIO_F_VERSION_1 | (VIRTIO_RING_F_INDIRECT_DESC)
         )
+        self.refused_writes = 0  # spec-forbidden driver writes ignored (kept across resets)
         self._reset_registers()
 
     def _reset_registers(self) -> None:
@@ -132,8 +154,6 @@ class VirtioMmioTransport:
         self.interrupt_status = 0
         self.config_generation = 0
         self._needs_reset = False
-        for q in self.queues:
-            q.reset()
 
     @property
     def negotiated(self) -> int:
@@ -244,7 +264,8 @@ class VirtioMmioTransport:
             return
         if offset == DRIVER_FEATURES:
             if self.status & S_FEATURES_OK or self.driver_features_sel >= 2:
-                return  # frozen after FEATURES_OK
+                self._refuse("DriverFeatures after FEATURES_OK or beyond bit 63")
+                return
             shift = 32 * self.driver_features_sel
             mask = 0xFFFFFFFF << shift
             self.driver_features = (self.driver_features & ~mask) | (value << shift)
@@ -255,11 +276,22 @@ class VirtioMmioTransport:
         q = self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
         if q is None:
             return
-        if offset == QUEUE_READY:
-            self._write_queue_ready(q, bool(value & 1))
-            return
-        if q.ready:
-            return  # spec: queue layout must not change while the queue is ready
+        with q.lock:  # the worker never sees a half-written layout
+            if offset == QUEUE_READY:
+                self._write_queue_ready(q, bool(value & 1))
+            elif offset in _LAYOUT_REGISTERS:
+                if q.ready or self.status & S_DRIVER_OK:
+                    # spec 4.2.2.2: not while QueueReady; the device is live after DRIVER_OK
+                    self._refuse(f"queue layout register {offset:#x} of a live queue")
+                else:
+                    self._write_layout(q, offset, value)
+
+    def _refuse(self, what: str) -> None:
+        self.refused_writes += 1
+        log.debug("virtio device %d: refused write: %s", self.backend.device_id, what)
+
+    @staticmethod
+    def _write_layout(q: Virtqueue, offset: int, value: int) -> None:
         if offset == QUEUE_NUM:
             q.size = value
         elif offset == QUEUE_DESC_LOW:
@@ -277,7 +309,13 @@ class VirtioMmioTransport:
 
     def _write_queue_ready(self, q: Virtqueue, ready: bool) -> None:
         if not ready:
-            q.ready = False
+            q.ready = False  # stopping a queue is always allowed (Linux reads it back)
+            return
+        if q.ready:
+            return
+        if self.status & S_DRIVER_OK:
+            # Without VIRTIO_F_RING_RESET there is no re-enabling a queue of a live device.
+            self._refuse("QueueReady=1 after DRIVER_OK")
             return
         try:
             q.check(self.memory)
@@ -290,8 +328,15 @@ class VirtioMmioTransport:
     def _write_status(self, value: int) -> None:
         if value == 0:
             self.backend.reset()
+            for q in self.queues:
+                q.reset()
             with self._irq_lock:
                 self._reset_registers()
+            return
+        if self.status & ~value:
+            # Spec 2.1.2: the driver only sets bits; taking DRIVER_OK away without a reset
+            # would leave the worker serving a device whose queues the driver may now reprogram.
+            self._refuse(f"status {value:#x} clears bits of {self.status:#x}")
             return
         new = value & ~self.status
         if new & S_FEATURES_OK:

@@ -9,13 +9,22 @@ guest RAM. Problems surface as two exceptions:
   device can still complete it (with an error status) and carry on.
 - `QueueError`: the ring itself is corrupt (bad addresses, head index out of
   range, avail index running ahead); the device stops using the queue and
-  asks the driver for a reset.
+  asks the driver for a reset. `QueueNotReady`, a subclass, means the driver
+  has not enabled the queue (or stopped it).
+
+Every chain costs at most one queue size of descriptors (indirect tables
+included, spec 2.7.5.3.1), so a notification's work is bounded.
+
+`Virtqueue.lock` serialises the device's ring walk (pop, add_used) with the
+transport's configuration writes (QueueNum, ring addresses, QueueReady, reset),
+which come from vCPU threads: a walk always sees one whole layout.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +62,10 @@ class QueueError(VirtqueueError):
     """The queue as a whole is unusable until the driver resets the device."""
 
 
+class QueueNotReady(QueueError):
+    """The driver has not set QueueReady (or cleared it): there is nothing to serve."""
+
+
 class ChainError(VirtqueueError):
     """One descriptor chain is malformed; `head` is valid and can be returned as used."""
 
@@ -65,6 +78,8 @@ class ChainError(VirtqueueError):
 
 # What GuestMemory raises for an access outside guest RAM.
 MEMORY_ERRORS: tuple[type[Exception], ...] = (GuestMemoryError,)
+# What a ring access can raise when the guest broke the ring or its RAM is gone.
+RING_ERRORS: tuple[type[Exception], ...] = (QueueError, *MEMORY_ERRORS)
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,7 @@ class Virtqueue:
     used_idx: int = 0
     indirect: bool = False  # VIRTIO_RING_F_INDIRECT_DESC negotiated
     _checked: bool = field(default=False, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.max_size <= MAX_QUEUE_SIZE or self.max_size & (self.max_size - 1):
@@ -119,12 +135,13 @@ class Virtqueue:
             self.size = self.max_size
 
     def reset(self) -> None:
-        self.size = self.max_size
-        self.ready = False
-        self.desc_addr = self.avail_addr = self.used_addr = 0
-        self.last_avail_idx = self.used_idx = 0
-        self.indirect = False
-        self._checked = False
+        with self.lock:
+            self.size = self.max_size
+            self.ready = False
+            self.desc_addr = self.avail_addr = self.used_addr = 0
+            self.last_avail_idx = self.used_idx = 0
+            self.indirect = False
+            self._checked = False
 
     # --- layout checks --------------------------------------------------------------------
 
@@ -149,23 +166,23 @@ class Virtqueue:
 
     def _ensure_checked(self, mem: Memory) -> None:
         if not self.ready:
-            raise QueueError("queue is not ready")
+            raise QueueNotReady("queue is not ready")
         if not self._checked:
             self.check(mem)
 
-    # --- avail side -----------------------------------------------------------------------
+    # --- avail side (public methods take `lock`; the _underscored ones expect it held) -------
 
-    def avail_idx(self, mem: Memory) -> int:
+    def _avail_field(self, mem: Memory, offset: int) -> int:
         self._ensure_checked(mem)
-        return int(_U16.unpack(_read(mem, self.avail_addr + 2, 2))[0])
-
-    def avail_flags(self, mem: Memory) -> int:
-        self._ensure_checked(mem)
-        return int(_U16.unpack(_read(mem, self.avail_addr, 2))[0])
+        return int(_U16.unpack(_read(mem, self.avail_addr + offset, 2))[0])
 
     def pending(self, mem: Memory) -> int:
         """How many chains the driver has made available that we have not taken."""
-        pending = (self.avail_idx(mem) - self.last_avail_idx) & 0xFFFF
+        with self.lock:
+            return self._pending(mem)
+
+    def _pending(self, mem: Memory) -> int:
+        pending = (self._avail_field(mem, 2) - self.last_avail_idx) & 0xFFFF
         if pending > self.size:
             raise QueueError(
                 f"avail index ran {pending} entries ahead of the device (queue size {self.size})"
@@ -174,7 +191,11 @@ class Virtqueue:
 
     def pop(self, mem: Memory) -> DescriptorChain | None:
         """Take the next available chain, or None. Raises ChainError / QueueError."""
-        if self.pending(mem) == 0:
+        with self.lock:
+            return self._pop(mem)
+
+    def _pop(self, mem: Memory) -> DescriptorChain | None:
+        if self._pending(mem) == 0:
             return None
         slot = self.last_avail_idx % self.size
         (head,) = _U16.unpack(_read(mem, self.avail_addr + 4 + 2 * slot, 2))
@@ -182,18 +203,6 @@ class Virtqueue:
             raise QueueError(f"avail ring entry {slot} names descriptor {head} >= {self.size}")
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return DescriptorChain(head, self._walk(mem, head))
-
-    def drain(self, mem: Memory) -> Iterator[DescriptorChain | ChainError]:
-        """Yield every available chain; a malformed one is yielded as its ChainError."""
-        while True:
-            try:
-                chain = self.pop(mem)
-            except ChainError as err:
-                yield err
-                continue
-            if chain is None:
-                return
-            yield chain
 
     def _walk(self, mem: Memory, head: int) -> list[Segment]:
         segments: list[Segment] = []
@@ -245,8 +254,10 @@ class Virtqueue:
         if length == 0 or length % DESC_SIZE:
             raise ChainError(head, f"indirect table length {length} is not a multiple of 16")
         count = length // DESC_SIZE
-        if count > MAX_QUEUE_SIZE:
-            raise ChainError(head, f"indirect table of {count} descriptors is too long")
+        if count > self.size:
+            raise ChainError(
+                head, f"indirect table of {count} entries is longer than the queue ({self.size})"
+            )
         try:
             raw = _read(mem, table, length)
         except MEMORY_ERRORS:
@@ -268,12 +279,14 @@ class Virtqueue:
 
     def add_used(self, mem: Memory, head: int, length: int) -> None:
         """Return chain `head` with `length` bytes written; publishes the new used index."""
-        self._ensure_checked(mem)
-        slot = self.used_idx % self.size
-        mem.write(self.used_addr + 4 + 8 * slot, _USED_ELEM.pack(head, length & 0xFFFFFFFF))
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        # The element must be visible before the index; the GIL and x86 TSO keep this order.
-        mem.write(self.used_addr + 2, _U16.pack(self.used_idx))
+        with self.lock:
+            self._ensure_checked(mem)
+            slot = self.used_idx % self.size
+            mem.write(self.used_addr + 4 + 8 * slot, _USED_ELEM.pack(head, length & 0xFFFFFFFF))
+            # The element must be visible before the index; the GIL and x86 TSO keep this order.
+            mem.write(self.used_addr + 2, _U16.pack((self.used_idx + 1) & 0xFFFF))
+            self.used_idx = (self.used_idx + 1) & 0xFFFF
 
     def needs_interrupt(self, mem: Memory) -> bool:
-        return not self.avail_flags(mem) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        with self.lock:
+            return not self._avail_field(mem, 0) & VIRTQ_AVAIL_F_NO_INTERRUPT
