@@ -19,7 +19,8 @@ from typing import Any
 
 from ktstr import initramfs
 from ktstr.errors import KtstrError
-from ktstr.guest.frame import decode_serial
+from ktstr.guest.frame import decode_serial, note_error
+from ktstr.guest.messages import validate_message
 from ktstr.guest.request import MountSpec, RunRequest, SchedulerSpec
 from ktstr.guest.sched import CLEAN_REASON, disabled_events
 from ktstr.topology import Topology
@@ -67,7 +68,9 @@ class GuestRun:
     traceback: str | None
     exit_code: int | None
     messages: list[dict[str, Any]]
+    """Every message that passed :func:`~ktstr.guest.messages.validate_message`."""
     channel_errors: list[str]
+    """Transport errors and messages the host refused (at most ``frame.MAX_ERRORS``)."""
     timings: dict[str, float]
     """Seconds since VM start on the host clock: ``hello`` (init running),
     ``scenario_start``, ``scenario_end``, ``end``; plus ``boot_ms`` from the boot port,
@@ -226,10 +229,12 @@ def _base(spec: initramfs.BaseSpec) -> initramfs.BaseArchive:
 
 def _poke(chan: ResultChannel, msg: dict[str, Any]) -> None:
     """The guest asks us to write its own RAM (sched_ext watchdog timeout); bounds-checked."""
-    gpa, data = msg.get("gpa"), msg.get("data")
-    if not isinstance(gpa, int) or not isinstance(data, str) or len(data) > 16:
-        raise ValueError("poke needs an integer gpa and at most 8 bytes of hex data")
-    chan.write_guest(gpa, bytes.fromhex(data))
+    problem = validate_message(msg)
+    if problem is not None:
+        raise ValueError(problem)
+    if len(msg["data"]) > 16:
+        raise ValueError("poke carries at most 8 bytes of hex data")
+    chan.write_guest(msg["gpa"], bytes.fromhex(msg["data"]))
 
 
 def _last(by_type: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any] | None:
@@ -247,15 +252,25 @@ def _unclean_ejection(console: str) -> str | None:
     detail = f": {ev['message']}" if ev["message"] else ""
     return f"scheduler {ev['name']!r} was ejected ({ev['reason']}{detail})"
 
-def collect(timed: list[tuple[float, dict[str, Any]]], channel_errors: list[str], vm: Any,
+def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: Any,
             base: initramfs.BaseArchive, nbytes: int, *, scenario_mode: bool) -> GuestRun:
-    """Turn channel messages and the VmResult into a classified :class:`GuestRun`."""
+    """Turn channel messages and the VmResult into a classified :class:`GuestRun`.
+
+    A message that fails :func:`~ktstr.guest.messages.validate_message` is not used:
+    it becomes a channel error, and the rest are classified as usual.
+    """
     by_type: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, float] = {}
+    errors = list(channel_errors)
+    valid: list[tuple[float, dict[str, Any]]] = []
     for t, body in timed:
-        kind = str(body.get("type"))
-        by_type.setdefault(kind, []).append(body)
-        timings.setdefault(kind, t)
+        problem = validate_message(body)
+        if problem is not None:
+            note_error(errors, f"channel: {problem}")
+            continue
+        valid.append((t, body))
+        by_type.setdefault(body["type"], []).append(body)
+        timings.setdefault(body["type"], t)
     if getattr(vm, "boot_ms", None) is not None:
         timings["boot_ms"] = vm.boot_ms
     results = by_type.get("result", [])
@@ -272,10 +287,15 @@ def collect(timed: list[tuple[float, dict[str, Any]]], channel_errors: list[str]
         sched_samples=samples, sched_exit=sched_exit, shell=shell,
         traceback=guest_failure.get("traceback") if guest_failure else None,
         exit_code=end.get("exit_code") if end else getattr(vm, "exit_code", None),
-        messages=[b for _, b in timed], channel_errors=channel_errors, timings=timings,
+        messages=[b for _, b in valid], channel_errors=errors, timings=timings,
         vm=vm, base=base, channel_bytes=nbytes,
         warnings=[str(m.get("text", "")) for m in by_type.get("warning", [])],
     )
+    device_errors = getattr(vm, "device_errors", None)
+    if device_errors:
+        first = (getattr(vm, "device_error_messages", None) or ["?"])[0]
+        run.warnings.append(f"the VMM dropped guest accesses a device failed on: "
+                            f"{device_errors} (first: {first})")
     console = str(getattr(vm, "console", ""))
     kernel_problem = next(((k, m.group(0).strip()) for k, rx in KERNEL_PROBLEM_RES
                            if (m := rx.search(console))), None)
@@ -301,8 +321,8 @@ def collect(timed: list[tuple[float, dict[str, Any]]], channel_errors: list[str]
     elif getattr(vm, "timed_out", False):
         run.failure = F_TIMEOUT
         run.message = f"{vm.error or 'guest timed out'}\nconsole tail:\n{console[-CONSOLE_TAIL:]}"
-    elif channel_errors:
-        run.failure, run.message = F_CHANNEL, "; ".join(channel_errors)
+    elif errors:
+        run.failure, run.message = F_CHANNEL, "; ".join(errors)
     elif end is None:
         run.failure = F_NO_END
         run.message = ("guest ended without its end marker (init died or the channel lost "
