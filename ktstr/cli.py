@@ -23,6 +23,7 @@ COMMANDS = {
     "sandbox": "ktstr.sandbox.cli",
     "boot": "ktstr.vmm.cli",
     "shell": "ktstr.shell",
+    "selftests": "ktstr.selftests.cli",
     "list": "ktstr.scenario.cli",
     "run": "ktstr.scenario.cli",
     "doctor": "ktstr.doctor",
