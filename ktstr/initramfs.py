@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ktstr import elf, tools
+from ktstr import elf, reap, tools
 from ktstr.errors import KtstrError
 from ktstr.paths import cache_root
 
@@ -270,7 +270,7 @@ def atomic_write(path: Path | str, data: bytes) -> None:
     """Write via a temporary file in the same directory, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = reap.mkstemp("write", path.parent, suffix=f".{path.name}", hidden=True)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -616,7 +616,7 @@ def _stripped(path: str) -> bytes | None:
     tool = shutil.which("objcopy")
     if tool is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
+    with reap.temporary_directory("strip") as tmp:
         out = os.path.join(tmp, "stripped")
         proc = subprocess.run([tool, "--strip-debug", path, out], capture_output=True,
                               check=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import resource
 import signal
@@ -22,23 +21,17 @@ from ktstr.kernel.kconfig import (
     render_fragment,
     verify,
 )
+from ktstr.reap import pdeathsig_preexec
 
 BASES = ("tinyconfig", "defconfig")
 # Lines `make bzImage` prints for a fresh build, when no earlier log of the key exists
 # (measured: tinyconfig + ktstr.kconfig on 6.12 prints ~2150).
 DEFAULT_LINES = {"tinyconfig": 2200, "defconfig": 9000}
 TAIL_LINES = 40
-PR_SET_PDEATHSIG = 1
 
 
 def jobs() -> int:
     return len(os.sched_getaffinity(0)) or 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the make child: if ktstr is killed outright, make gets SIGTERM."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def run_logged(cmd: Sequence[str], log: Path, *, what: str, total: int | None = None,
@@ -63,7 +56,8 @@ def run_logged(cmd: Sequence[str], log: Path, *, what: str, total: int | None = 
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=cwd, env=env, text=True,
                                 errors="replace", start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                # if ktstr is killed outright, make gets SIGTERM
+                                preexec_fn=pdeathsig_preexec(signal.SIGTERM))
         try:
             with tqdm(total=total, desc=what, unit="line", disable=not show,
                       leave=False) as bar:

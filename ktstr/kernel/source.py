@@ -15,10 +15,10 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ktstr import reap
 from ktstr.errors import KtstrError
 from ktstr.kernel.catalog import CatalogKernel
 from ktstr.kernel.download import download, sha256_file
@@ -139,13 +139,17 @@ def _tree_digest(path: Path) -> str:
 
 
 def extract(tarball: Path, digest: str, sources: Path) -> Path:
-    """Unpack once per digest; the rename makes a half-unpacked tree invisible."""
+    """Unpack once per digest; the rename makes a half-unpacked tree invisible.
+
+    The unpack dir is named after this process: one left by a killed run is
+    removed when the next one creates its own (`reap`).
+    """
     final = sources / digest[:16]
     if not final.is_dir():
         sources.mkdir(parents=True, exist_ok=True)
         with file_lock(sources / ".locks" / f"{digest[:16]}.lock"):
             if not final.is_dir():
-                tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:16]}-", dir=sources))
+                tmp = reap.mkdtemp("unpack", sources, hidden=True)
                 try:
                     proc = subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp)],
                                           capture_output=True, text=True)

@@ -5,19 +5,18 @@ share with the init script, environment and, afterwards, the exit status;
 QEMU and console logs next to it), start QEMU in its own session, relay the
 command's stdout/stderr live, and tear everything down however the run ends
 (success, failure, timeout, SIGINT/SIGTERM, or this process dying: QEMU gets
-PR_SET_PDEATHSIG).
+PR_SET_PDEATHSIG, and the run directory is named after this process, so the
+next run removes it, `ktstr.reap`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from ktstr import reap
 from ktstr.errors import KtstrError
 from ktstr.paths import cache_root
-from ktstr.process import pid_alive
 from ktstr.sandbox import guest_init
 from ktstr.sandbox.detect import in_sandbox
 from ktstr.sandbox.diskcache import disk_cache
@@ -45,9 +44,7 @@ MAX_DEFAULT_MEMORY_MB = 8192
 TIMEOUT_EXIT = 124                     # like timeout(1)
 KILL_GRACE_S = 3.0
 POWEROFF_GRACE_S = 10.0
-RUNDIR_PREFIX = "ktstr-sandbox-"
-OWNER_FILE = "owner.pid"
-PR_SET_PDEATHSIG = 1
+RUNDIR_KIND = "sandbox"                # run dirs: <tmp>/ktstr-sandbox-<owner>-XXXXXXXX
 
 
 CRASH_EXIT = 125                       # the sandbox VM itself died (not the command)
@@ -151,12 +148,6 @@ def _static_busybox() -> str | None:
     return str(path)
 
 
-def _pdeathsig() -> None:
-    # Runs in the child between fork and exec: QEMU dies with this process.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def _relay(fd: int, sink: BinaryIO | None) -> None:
     """Copy a pipe to `sink` until EOF; a broken sink only stops the copying."""
     while True:
@@ -230,27 +221,6 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def reap_stale_rundirs(tmp: Path, *, min_age_s: float = 60.0) -> list[Path]:
-    """Remove run directories left by a `ktstr` that was SIGKILLed (its QEMU died with it).
-
-    Only directories whose owner process is gone, and old enough that a run
-    being set up right now (owner file not yet written) is never touched.
-    """
-    removed = []
-    now = time.time()
-    for path in tmp.glob(RUNDIR_PREFIX + "*"):
-        try:
-            if now - path.stat().st_mtime < min_age_s:
-                continue
-            pid = int((path / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if not pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
 @dataclass
 class _Run:
     """What a run must tear down, whatever happens."""
@@ -294,10 +264,8 @@ def run_in_sandbox(argv: Sequence[str], *, memory_mb: int | None = None,
         raise KtstrError("already inside the sandbox (KTSTR_IN_SANDBOX=1); run the command "
                          "directly")
     qemu = find_qemu()
-    reap_stale_rundirs(Path(tempfile.gettempdir()))
-    run = _Run(Path(tempfile.mkdtemp(prefix=RUNDIR_PREFIX)),
-               debug=os.environ.get(DEBUG_ENV) == "1")
-    (run.rundir / OWNER_FILE).write_text(str(os.getpid()))
+    # Also removes the run dirs of killed runs (their QEMU died with them).
+    run = _Run(reap.mkdtemp(RUNDIR_KIND), debug=os.environ.get(DEBUG_ENV) == "1")
     try:
         with _signals_raise():
             return _run(run, qemu, argv, memory_mb=memory_mb, cpus=cpus, timeout=timeout,
@@ -362,7 +330,7 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
             run.proc = subprocess.Popen(
                 qemu_command(machine), stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, pass_fds=(out_w, err_w),
-                start_new_session=True, preexec_fn=_pdeathsig)
+                start_new_session=True, preexec_fn=reap.pdeathsig_preexec(signal.SIGKILL))
         proc = run.proc
         for w in (out_w, err_w):
             run.fds.remove(w)

@@ -4,6 +4,8 @@ Everything happens in a dedicated cgroup subtree ``ktstr-<pid>`` (cgroup v2
 if it offers the cpuset controller, else the v1 cpuset hierarchy). The
 subtree and every worker are removed on success, failure, exception,
 Ctrl-C and SIGTERM (turned into KeyboardInterrupt while a session is open).
+A run killed outright leaves its subtree: the next session removes it
+(`reap_stale_sessions`), killing any of our processes still inside.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import tempfile
 import time
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from ktstr import reap
 from ktstr.checks import Checks
 from ktstr.errors import KtstrError
 from ktstr.scenario import catalog
@@ -30,6 +34,7 @@ from ktstr.scenario.telemetry import ScenarioResult
 from ktstr.topology import Topology
 
 _SYS_CPU = "/sys/devices/system/cpu"
+_SESSION_RE = re.compile(r"^ktstr-(\d+)$")
 _PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -121,7 +126,8 @@ class HostSession:
     cpu_ids: tuple[int, ...]
 
 
-def _session_base() -> tuple[str, int]:
+def session_base() -> tuple[str, int]:
+    """The cgroup directory host sessions are made in, and its cgroup version."""
     v2, v1 = cgroup_mounts()
     if v2:
         return v2, 2
@@ -145,7 +151,8 @@ def host_session(cpuset: str | None = None) -> Iterator[HostSession]:
         picked = resolve_cpuset(CpusetSpec.parse(cpuset), topo)
         ids = tuple(sorted(ids[i] for i in picked))
         topo = Topology(1, 1, len(ids), 1)
-    base, version = _session_base()
+    base, version = session_base()
+    reap_stale_sessions(base)
     root = os.path.join(base, f"ktstr-{os.getpid()}")
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     for s in old:
@@ -157,6 +164,10 @@ def host_session(cpuset: str | None = None) -> Iterator[HostSession]:
         if version == 2:
             V2Backend(base)  # enables cpuset/cpu for children of the mount root
         os.mkdir(root)
+        # cgroupfs reports a directory's times from when its inode was last loaded,
+        # unless they were ever set: set them, so ctime stays the creation time
+        # (what reap_stale_sessions compares a pid's start time with).
+        os.utime(root)
         if version == 1:
             for fname in ("cpuset.mems", "cpuset.cpus"):
                 with open(os.path.join(base, fname)) as f, \
@@ -177,6 +188,55 @@ def host_session(cpuset: str | None = None) -> Iterator[HostSession]:
             _reap_all()
             for s, handler in old.items():
                 signal.signal(s, handler)
+
+
+def _ours(pid: int) -> bool:
+    """A process of our real uid (a leftover worker of a killed run, not someone else's)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1]) == os.getuid()
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def reap_stale_sessions(base: str | None = None) -> list[str]:
+    """Remove the ``ktstr-<pid>`` subtrees of `base` whose host run is gone; those removed.
+
+    The name holds only the pid, so a live process with it is the owner only
+    if it started before the subtree was made (`reap.pid_owner_alive`). Our
+    processes still inside are killed first; a subtree holding anyone else's
+    is left alone, and so is one that cannot be removed.
+    """
+    if base is None:
+        base = session_base()[0]
+    removed: list[str] = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = _SESSION_RE.match(name)
+        if m is None:
+            continue
+        root = os.path.join(base, name)
+        try:
+            created = os.stat(root).st_ctime  # never before the mkdir (see host_session)
+        except OSError:
+            continue
+        if reap.pid_owner_alive(int(m[1]), created):
+            continue
+        tree = CgroupBackend(root)
+        if not all(_ours(pid) for pid in tree.pids("")):
+            continue
+        try:
+            tree.remove("")
+        except KtstrError:
+            continue
+        removed.append(root)
+    return removed
 
 
 def _reap_all(timeout: float = 2.0) -> None:

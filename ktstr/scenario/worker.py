@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ktstr.reap import die_with_parent
 from ktstr.scenario.telemetry import LatencySummary, WorkerStats, off_cpu_pct
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ _SAMPLE_NS = 1_000_000  # CPU sample and stop-flag poll period inside the worker
 _libc = ctypes.CDLL(None, use_errno=True)
 _sched_getcpu = _libc.sched_getcpu
 _sched_getcpu.restype = ctypes.c_int
-_PR_SET_PDEATHSIG = 1
 
 
 class WorkerRuntime:
@@ -370,17 +370,13 @@ def spawn(spec: WorkerSpec) -> WorkerHandle:
 
 
 def _child(spec: WorkerSpec, mm: mmap.mmap, parent: int) -> None:  # pragma: no cover
-    # Die with the parent, and leave Ctrl-C to the parent (it stops everyone).
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # Die with the parent (even one already gone), and leave Ctrl-C to the parent (it
+    # stops everyone).
+    die_with_parent(parent, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The parent forks with these signals blocked; the mask is inherited.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-    # The parent died before PDEATHSIG was armed: we were reparented. Compare with the
-    # parent's pid, not 1: in the guest the parent *is* PID 1, and on a host a subreaper
-    # adopts orphans.
-    if os.getppid() != parent:
-        os._exit(4)
     spec.attach(os.getpid())
     if spec.affinity is not None:
         os.sched_setaffinity(0, spec.affinity)

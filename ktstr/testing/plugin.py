@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from ktstr.errors import KtstrError
+from ktstr.reap import reap_stale_all
 from ktstr.results.sidecar import results_root, run_id
 from ktstr.scheduler import BUILTIN, FlagProfile, Scheduler, parse_scheduler_option
 from ktstr.testing.decorator import KtstrTestSpec, spec_of
@@ -138,6 +139,7 @@ def _kernel_default() -> str:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots a real kernel in a VM (ktstr)")
     config.addinivalue_line("markers", "expect_err: a ktstr VM test that passes only if it fails")
+    reap_stale_all()  # what killed runs left: temp dirs, unpack trees, loop devices
     kernel = config.getoption("ktstr_kernel") or os.environ.get(KERNEL_ENV) or _kernel_default()
     sched = config.getoption("ktstr_scheduler") or os.environ.get(SCHEDULER_ENV) or "eevdf"
     state = SessionState(config=config, kernel_spec=kernel, sched_spec=sched)

@@ -12,11 +12,11 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ktstr import reap
 from ktstr.cliargs import add_vm_arguments
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
@@ -254,7 +254,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
         sys.stderr.buffer.write(data)
         sys.stderr.buffer.flush()
 
-    tmp = Path(tempfile.mkdtemp(prefix="ktstr-boot-"))
+    tmp = reap.mkdtemp("boot")
     try:
         initramfs = args.initramfs or build_initramfs(tmp / "init.cpio")
         vm = Vm(

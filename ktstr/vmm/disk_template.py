@@ -23,8 +23,8 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,11 +32,10 @@ from pathlib import Path
 
 from ioctl_opt import IOW
 
-from ktstr import tools
+from ktstr import reap, tools
 from ktstr.disk import DiskConfig, Filesystem, mount_specs, validate_disks
 from ktstr.errors import KtstrError
 from ktstr.paths import cache_root
-from ktstr.process import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +113,9 @@ def verify_cache_dir_supports_reflink(directory: Path | None = None) -> Path:
             f"cannot create the disk cache {directory}: {err.strerror}; set {DISK_CACHE_ENV} "
             "(or KTSTR_CACHE_DIR) to a writable directory on btrfs or xfs"
         ) from None
-    src = directory / f".reflink-probe-{os.getpid()}"
-    dest = directory / f".reflink-probe-{os.getpid()}.clone"
+    reap.reap_stale(directory)  # probes (and anything else owned) of killed runs
+    src = directory / reap.owned_name("probe", hidden=True)
+    dest = src.with_name(src.name + ".clone")
     try:
         src.write_bytes(b"ktstr reflink probe\n" * 205)
         ficlone(src, dest)
@@ -422,8 +422,8 @@ def build_template_via_vm(image: Path, fs: Filesystem, mkfs: Path, kernel: Path)
     from ktstr.vmm.vm import Vm
 
     busybox = Path(tools.require("busybox", why="the template-build VM needs it"))
-    with tempfile.TemporaryDirectory(prefix="ktstr-template-") as tmp:
-        initrd = build_initramfs(Path(tmp) / "initramfs.cpio", fs, mkfs, busybox)
+    with reap.temporary_directory("template") as tmp:
+        initrd = build_initramfs(tmp / "initramfs.cpio", fs, mkfs, busybox)
         disk = VirtioBlkDisk(image, DiskConfig(capacity_mb=1))
         try:
             result = Vm(
@@ -455,9 +455,12 @@ def loop_btrfs(base: Path, size: str = "1G") -> Iterator[Path]:
     """A fresh btrfs image under `base`, loop-mounted at `base/mnt` (root only).
 
     For tests and benchmarks that need FICLONE on a host whose disk cannot do
-    it. Unmounted and detached whatever happens inside the block.
+    it. Unmounted and detached whatever happens inside the block; if the
+    process is killed outright, by the next `reap.reap_stale_loops` (the image
+    is named after its owner), which runs here first.
     """
-    image, mnt = base / "btrfs.img", base / "mnt"
+    reap.reap_stale_loops()
+    image, mnt = base / reap.owned_name("loop", ".img"), base / "mnt"
     mnt.mkdir()
     with open(image, "wb") as f:
         f.truncate(_parse_size(size))
@@ -508,15 +511,6 @@ def create_raw(dest: Path, capacity_bytes: int) -> Path:
     return dest
 
 
-def _reap_stale_clones(directory: Path) -> None:
-    """Clones whose test process died without cleaning up (SIGKILL, power loss)."""
-    for p in directory.glob("*.img"):
-        m = re.match(r"^(\d+)-", p.name)
-        if m and not pid_alive(int(m.group(1))):
-            with contextlib.suppress(OSError):
-                p.unlink()
-
-
 @dataclass
 class PreparedDisks:
     """Backing files and devices for one test's disks; see `per_test_disks`."""
@@ -543,14 +537,15 @@ def per_test_disks(
 
     Pass `prepared.devices` to `Vm(devices=...)` and `prepared.mounts` to the
     guest. Clones live in `<disk cache>/clones` (a reflink needs the same
-    filesystem); RAW files in a temporary directory.
+    filesystem); RAW files in a temporary directory. Both are named after
+    this process, so what a killed test leaves is removed by the next one.
     """
     from ktstr.vmm.devices.virtio.blk import VirtioBlkDisk
 
     configs = validate_disks(disks)
     paths: list[Path] = []
     devices: list[VirtioBlkDisk] = []
-    raw_dir: tempfile.TemporaryDirectory[str] | None = None
+    raw_dir: Path | None = None
     try:
         templates = {
             i: ensure_template(c, kernel=kernel, cache_dir=cache_dir, builder=builder)
@@ -560,15 +555,15 @@ def per_test_disks(
         clone_dir = (cache_dir or disk_cache_dir()) / "clones"
         if templates:
             clone_dir.mkdir(parents=True, exist_ok=True)
-            _reap_stale_clones(clone_dir)
+            reap.reap_stale(clone_dir)
         for i, config in enumerate(configs):
             if i in templates:
-                dest = clone_dir / f"{os.getpid()}-{time.monotonic_ns()}-{i}.img"
+                dest = clone_dir / reap.owned_name("clone", f"-{i}.img")
                 paths.append(clone_to_per_test(templates[i], dest))
             else:
                 if raw_dir is None:
-                    raw_dir = tempfile.TemporaryDirectory(prefix="ktstr-disks-")
-                paths.append(create_raw(Path(raw_dir.name) / f"disk{i}.img", config.capacity_bytes))
+                    raw_dir = reap.mkdtemp("disks")
+                paths.append(create_raw(raw_dir / f"disk{i}.img", config.capacity_bytes))
             devices.append(VirtioBlkDisk(paths[-1], config, i))
         yield PreparedDisks(configs, list(paths), list(devices))
     finally:
@@ -578,4 +573,4 @@ def per_test_disks(
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         if raw_dir is not None:
-            raw_dir.cleanup()
+            shutil.rmtree(raw_dir, ignore_errors=True)

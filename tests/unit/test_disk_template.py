@@ -7,7 +7,6 @@ tests are about the cache; the template-build VM is covered by tests/vm.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from owners import Child
 
 from ktstr.disk import DiskConfig, Filesystem
 from ktstr.errors import KtstrError
@@ -257,16 +257,28 @@ def test_per_test_disks_refuses_ext4_cache(tmp_path: Path) -> None:
         pass
 
 
-def test_stale_clones_of_dead_processes_are_reaped(cache: Path) -> None:
-    clones = cache / "clones"
-    clones.mkdir()
-    proc = multiprocessing.get_context("fork").Process(target=lambda: None)
-    proc.start()
-    proc.join()
-    stale = clones / f"{proc.pid}-1-0.img"
-    stale.write_bytes(b"x")
-    mine = clones / f"{os.getpid()}-1-0.img"
-    mine.write_bytes(b"x")
-    with dt.per_test_disks([BTRFS], cache_dir=cache, builder=host_mkfs):
-        assert not stale.exists()
-        assert mine.exists()
+_CLONE_CHILD = r"""
+import subprocess, sys
+from pathlib import Path
+from ktstr.disk import DiskConfig, Filesystem
+from ktstr.vmm import disk_template as dt
+
+def builder(image, fs, mkfs):
+    subprocess.run([str(mkfs), "-f", "-q", str(image)], check=True, capture_output=True)
+
+cm = dt.per_test_disks([DiskConfig(capacity_mb=128, filesystem=Filesystem.BTRFS)],
+                       cache_dir=Path(sys.argv[1]), builder=builder)
+print(cm.__enter__().paths[0])
+"""
+
+
+def test_clones_of_a_killed_test_are_reaped(cache: Path, tmp_path: Path) -> None:
+    with (Child(_CLONE_CHILD, tmp_path, str(cache)) as killed,
+          Child(_CLONE_CHILD, tmp_path, str(cache)) as alive):
+        stale, kept = Path(killed.lines[0]), Path(alive.lines[0])
+        killed.kill()
+        assert stale.parent == cache / "clones" and stale.is_file()
+        with dt.per_test_disks([BTRFS], cache_dir=cache, builder=host_mkfs) as prepared:
+            assert not stale.exists()
+            assert kept.exists()  # its test is still running
+            assert prepared.paths[0].exists()

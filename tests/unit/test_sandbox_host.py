@@ -5,23 +5,17 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from owners import Child
 
+from ktstr import reap
 from ktstr.cli import main
 from ktstr.errors import KtstrError
 from ktstr.sandbox import dispatch
 from ktstr.sandbox.diskcache import LOCK_NAME, PERSISTENT_NAME, disk_cache
-from ktstr.sandbox.run import (
-    OWNER_FILE,
-    RUNDIR_PREFIX,
-    checkout_dir,
-    reap_stale_rundirs,
-    run_in_sandbox,
-    writable_shares,
-)
+from ktstr.sandbox.run import RUNDIR_KIND, checkout_dir, run_in_sandbox, writable_shares
 from ktstr.sandbox.tsc import host_tsc_khz
 
 
@@ -115,20 +109,15 @@ def test_host_tsc_frequency_is_plausible() -> None:
     assert khz is not None and 100_000 < khz < 10_000_000
 
 
-def test_reap_stale_rundirs(tmp_path: Path) -> None:
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    old = time.time() - 3600
-
-    def rundir(name: str, pid: int, mtime: float) -> Path:
-        d = tmp_path / f"{RUNDIR_PREFIX}{name}"
-        d.mkdir()
-        (d / OWNER_FILE).write_text(str(pid))
-        os.utime(d, (mtime, mtime))
-        return d
-
-    stale = rundir("stale", dead.pid, old)
-    mine = rundir("mine", os.getpid(), old)
-    fresh = rundir("fresh", dead.pid, time.time())
-    assert reap_stale_rundirs(tmp_path) == [stale]
-    assert not stale.exists() and mine.exists() and fresh.exists()
+def test_run_dirs_of_killed_runs_are_reaped(tmp_path: Path) -> None:
+    """A `ktstr sandbox run` killed outright leaves its run dir; the next run removes it."""
+    script = f"from ktstr import reap\nprint(reap.mkdtemp({RUNDIR_KIND!r}))"
+    with Child(script, tmp_path) as killed, Child(script, tmp_path) as alive:
+        stale, kept = Path(killed.lines[0]), Path(alive.lines[0])
+        killed.kill()
+        assert stale.parent == tmp_path and stale.is_dir()
+        assert stale.name.startswith(f"ktstr-{RUNDIR_KIND}-{killed.pid}.")
+        # What run_in_sandbox does first: a run dir of its own, sweeping the place.
+        mine = reap.mkdtemp(RUNDIR_KIND, tmp_path)
+        assert not stale.exists()
+        assert kept.is_dir() and mine.is_dir()
