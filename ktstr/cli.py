@@ -46,15 +46,29 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except KtstrError as err:
-        print(f"ktstr: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("ktstr: interrupted", file=sys.stderr)
-        return 130
+        try:
+            args = build_parser(argv).parse_args(argv)
+            return int(args.func(args) or 0)
+        except KtstrError as err:
+            print(f"ktstr: error: {err}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt:
+            print("ktstr: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not in interpreter shutdown
+    except BrokenPipeError:
+        # The reader left (`ktstr list | head -1`): end quietly, as a tool killed by
+        # SIGPIPE would. Output still buffered goes to /dev/null, so the flush at
+        # exit cannot fail again.
+        import os
+        import signal
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

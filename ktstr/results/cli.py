@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no runs under {root}")
         return 0
     for run in runs:
-        records = load_run(run)
+        try:
+            records = load_run(run)
+        except KtstrError as err:  # one bad run does not hide the others
+            print(f"{run.name:<24} unreadable: {err}")
+            continue
         verdicts = Counter(str(r.get("verdict", "?")) for r in records)
         kernels = sorted({str((r.get("kernel") or {}).get("id", "?")) for r in records})
         scheds = sorted({str((r.get("scheduler") or {}).get("name", "?")) for r in records})
@@ -84,7 +89,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         wall = float((r.get("timings") or {}).get("wall_s") or 0.0)
         total += wall
         kernel = (r.get("kernel") or {}).get("version") or (r.get("kernel") or {}).get("id", "?")
-        print(f"  {r.get('verdict', '?'):<6} {wall:7.1f}s  {result_key(r)}  kernel {kernel}")
+        print(f"  {r.get('verdict') or '?':<6} {wall:7.1f}s  {result_key(r)}  kernel {kernel}")
         if r.get("verdict") not in ("pass", "skip") and r.get("reason"):
             print(f"         {str(r['reason']).splitlines()[0][:160]}")
         for check in r.get("checks") or []:
@@ -111,7 +116,7 @@ def _parse_abs(items: list[str]) -> dict[str, float]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    if args.threshold < 0:
+    if not 0 <= args.threshold < math.inf:  # NaN would never flag anything
         raise KtstrError(f"--threshold {args.threshold}: use a percentage >= 0")
     run_a = resolve_run(args.run_a, args.root)
     run_b = resolve_run(args.run_b, args.root)

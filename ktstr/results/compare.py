@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ktstr.results.sidecar import Record, metric_direction, result_key
+from ktstr.results.sidecar import Record, is_number, metric_direction, result_key
 
 DEFAULT_REL_THRESHOLD = 0.10
 """Relative change (fraction of the baseline) a metric may move in its worse direction."""
@@ -125,16 +125,12 @@ def compare_runs(
         sb: dict[str, Any] = rb.get("summary") or {}
         for metric in sorted(set(sa) & set(sb)):
             xa, xb = sa[metric], sb[metric]
-            if not _is_number(xa) or not _is_number(xb):
+            if not is_number(xa) or not is_number(xb):
                 continue
             out.deltas.append(
                 compare_metric(key, metric, float(xa), float(xb), rel_threshold, abs_overrides)
             )
     return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def format_comparison(cmp: Comparison, show_all: bool = False) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ktstr.errors import KtstrError
-from ktstr.results.sidecar import Record, load_run, result_key
+from ktstr.results.sidecar import Record, is_number, load_run, result_key
 
 
 def _pyplot() -> Any:
@@ -37,12 +37,23 @@ def _pyplot() -> Any:
 
 
 def _series(timeline: dict[str, Any], kind: str) -> dict[str, list[float]]:
+    """The non-empty all-numeric series of one timeline kind (others are not drawable)."""
     raw = timeline.get(kind) or {}
     return {
         str(k): [float(x) for x in v]
         for k, v in raw.items()
-        if isinstance(v, list) and all(isinstance(x, int | float) for x in v)
+        if isinstance(v, list) and v and all(is_number(x) for x in v)
     }
+
+
+def _value(row: dict[str, Any], field: str) -> float:
+    value = row.get(field)
+    return float(value) if is_number(value) else 0.0
+
+
+def _cpu_order(name: str) -> tuple[int, int, str]:
+    # Numbered CPUs first, in number order; isdecimal, not isdigit: int("²") fails.
+    return (0, int(name), name) if name.isdecimal() else (1, 0, name)
 
 
 def figure_for(record: Record) -> Any:
@@ -66,11 +77,11 @@ def figure_for(record: Record) -> Any:
         rows = (record.get("metrics") or {}).get("workers") or []
         field = _bar_field(rows)
         labels = [f"{w.get('cgroup', '?')}/{w.get('worker', i)}" for i, w in enumerate(rows)]
-        ax_w.bar(range(len(rows)), [float(w.get(field, 0) or 0) for w in rows])
+        ax_w.bar(range(len(rows)), [_value(w, field) for w in rows])
         ax_w.set_xticks(range(len(rows)), labels, rotation=60, fontsize=6)
         ax_w.set_title(f"per-worker {field or 'telemetry'} (no timeline)", fontsize=9)
     if cpus:
-        names = sorted(cpus, key=lambda c: int(c) if c.isdigit() else c)
+        names = sorted(cpus, key=_cpu_order)
         grid = [cpus[c] for c in names]
         width = max(len(r) for r in grid)
         grid = [r + [0.0] * (width - len(r)) for r in grid]
@@ -85,8 +96,9 @@ def figure_for(record: Record) -> Any:
     else:
         usage: dict[int, int] = {}
         for w in (record.get("metrics") or {}).get("workers") or []:
-            for cpu in w.get("cpus_used") or w.get("cpus") or []:
-                if isinstance(cpu, int):
+            cpus_used = w.get("cpus_used") or w.get("cpus")
+            for cpu in cpus_used if isinstance(cpus_used, list) else []:
+                if isinstance(cpu, int) and not isinstance(cpu, bool):
                     usage[cpu] = usage.get(cpu, 0) + 1
         ax_c.bar(list(usage), list(usage.values()))
         ax_c.set_title("workers that ran on each CPU (no timeline)", fontsize=9)
@@ -101,7 +113,7 @@ def _bar_field(rows: list[dict[str, Any]]) -> str:
             return candidate
     for row in rows:
         for key, value in row.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if is_number(value):
                 return key
     return ""
 
@@ -120,7 +132,7 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
         raise KtstrError(f"{run_dir}: no results to report on")
     output = output or run_dir / "report.html"
     if output.suffix == ".png":
-        output.write_bytes(_png(figure_for(records[0])))
+        _write(output, _png(figure_for(records[0])))
         return output
     parts = [
         "<!doctype html><meta charset='utf-8'>",
@@ -142,5 +154,12 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
             parts.append(f"<pre>{html.escape(str(record['reason']))}</pre>")
         image = base64.b64encode(_png(figure_for(record))).decode()
         parts.append(f"<img src='data:image/png;base64,{image}'>")
-    output.write_text("\n".join(parts))
+    _write(output, "\n".join(parts).encode())
     return output
+
+
+def _write(output: Path, data: bytes) -> None:
+    try:
+        output.write_bytes(data)
+    except OSError as err:
+        raise KtstrError(f"cannot write the report to {output}: {err.strerror}") from None

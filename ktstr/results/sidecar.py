@@ -15,14 +15,17 @@ skip), ``reason``, ``checks`` [{name, passed, value, threshold, detail}],
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ktstr.errors import KtstrError
 
@@ -66,9 +69,16 @@ def run_id() -> str:
 
 
 def sidecar_name(test: str, scheduler: str = "", profile: str = "", topology: str = "") -> str:
-    """A file name unique per (test, scheduler, profile, topology)."""
-    parts = [test] + [p for p in (scheduler, profile, topology) if p]
-    return _UNSAFE.sub("_", "__".join(parts)).strip("_")[:200] + ".json"
+    """A readable file name, distinct for every (test, scheduler, profile, topology).
+
+    Sanitizing maps many ids to one text (``t[a/b]`` and ``t[a b]`` both read
+    ``t_a_b_``), so a short hash of the exact identity follows it. Readers
+    take identity from the content, so older names without it still load.
+    """
+    readable = "__".join(p for p in (test, scheduler, profile, topology) if p)
+    readable = _UNSAFE.sub("_", readable).strip("_").lstrip(".")[:180] or "result"
+    ident = json.dumps([test, scheduler, profile, topology]).encode()
+    return f"{readable}-{hashlib.sha256(ident).hexdigest()[:12]}.json"
 
 
 def result_key(record: Mapping[str, Any]) -> str:
@@ -123,9 +133,18 @@ def list_runs(root: Path | None = None) -> list[Path]:
     """Run directories, oldest first (run ids are sortable timestamps by default)."""
     base = root or results_root()
     if not base.is_dir():
+        if base.exists():
+            raise KtstrError(f"results root {base} is not a directory")
         return []
-    runs = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
+    stamped: list[tuple[float, str, Path]] = []
+    for path in base.iterdir():
+        try:
+            st = path.stat()
+        except OSError:  # removed while listing
+            continue
+        if stat.S_ISDIR(st.st_mode) and not path.name.startswith("."):
+            stamped.append((st.st_mtime, path.name, path))
+    return [path for *_, path in sorted(stamped)]
 
 
 def resolve_run(spec: str, root: Path | None = None) -> Path:
@@ -139,13 +158,55 @@ def resolve_run(spec: str, root: Path | None = None) -> Path:
                 f"no {spec} run under {base} ({len(runs)} run(s)); run the VM tests first"
             )
         return runs[-need]
-    candidate = Path(spec).expanduser()
-    if candidate.is_dir():
-        return candidate
-    if (base / spec).is_dir():
-        return base / spec
+    for candidate in (Path(spec).expanduser(), base / spec):
+        if candidate.is_dir():
+            return candidate
+        if candidate.exists():
+            raise KtstrError(f"run {spec!r}: {candidate} is not a directory of results")
     known = ", ".join(p.name for p in list_runs(base)[-5:]) or "none"
     raise KtstrError(f"run {spec!r} not found under {base} (recent runs: {known})")
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """A JSON number (bool is an int in Python, not a number here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _objects(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def record_problem(data: object) -> str | None:
+    """Why ``data`` is not a sidecar the readers can use, or None.
+
+    The one check of a sidecar's shape: every field that ``stats`` and the
+    report read as an object, a list or a number is checked here, so they
+    can read it without guarding each access.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("test"), str):
+        return "not a ktstr sidecar (no 'test' string)"
+    for key in ("kernel", "scheduler", "timings", "summary", "metrics", "timeline"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            return f"{key!r} must be an object"
+    for key in ("verdict", "reason"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f"{key!r} must be a string"
+    if data.get("checks") is not None and not _objects(data["checks"]):
+        return "'checks' must be a list of objects"
+    metrics = data.get("metrics") or {}
+    if metrics.get("workers") is not None and not _objects(metrics["workers"]):
+        return "metrics.workers must be a list of objects"
+    wall = (data.get("timings") or {}).get("wall_s")
+    if wall is not None and not (is_number(wall) and math.isfinite(wall)):
+        return "timings.wall_s must be a number"
+    timeline = data.get("timeline") or {}
+    interval = timeline.get("interval_ms")
+    if interval is not None and not (is_number(interval) and 0 < interval < math.inf):
+        return "timeline.interval_ms must be a number above 0"
+    for key in ("workers", "cpus"):
+        if timeline.get(key) is not None and not isinstance(timeline[key], dict):
+            return f"timeline.{key} must be an object"
+    return None
 
 
 def load_run(run_dir: Path) -> list[Record]:
@@ -155,11 +216,13 @@ def load_run(run_dir: Path) -> list[Record]:
     records: list[Record] = []
     for path in sorted(run_dir.glob("*.json")):
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise KtstrError(f"{path}: not a readable sidecar ({err}); delete or fix it") from err
-        if not isinstance(data, dict) or "test" not in data:
-            raise KtstrError(f"{path}: not a ktstr sidecar (no 'test' key)")
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8
+            reason = err.strerror if isinstance(err, OSError) else str(err)[:200]
+            raise KtstrError(f"{path}: not a readable sidecar ({reason}); delete or fix it") \
+                from None
+        if problem := record_problem(data):
+            raise KtstrError(f"{path}: {problem}; delete or fix it")
         data.setdefault("_path", str(path))
         records.append(data)
     return sorted(records, key=result_key)

@@ -13,6 +13,7 @@ from ktstr.errors import KtstrError
 from ktstr.results import load_run, resolve_run, summarize_workers, write_sidecar
 from ktstr.results.cli import register
 from ktstr.results.compare import compare_metric, compare_runs
+from ktstr.results.sidecar import sidecar_name
 
 
 def _stats(argv: list[str]) -> int:
@@ -185,3 +186,114 @@ def test_summary_flattens_nested_latency() -> None:
     assert summary["wake_latency_p99_us.max"] == 120.0
     assert "pid.sum" not in summary and "index.sum" not in summary
     assert summary["work_units.min"] == 5
+
+
+def test_sidecar_names_are_unique_per_test_id(tmp_path: Path) -> None:
+    ids = ["tests/vm/test_x.py::test_x[a/b]", "tests/vm/test_x.py::test_x[a b]",
+           "tests/vm/test_x.py::test_x[a_b]"]
+    paths = [write_sidecar(_record(t, _workers()), run="r", root=tmp_path) for t in ids]
+    assert len(set(paths)) == len(ids)
+    assert sorted(r["test"] for r in load_run(tmp_path / "r")) == sorted(ids)
+    for path in paths:  # still readable: the sanitized id leads
+        assert path.name.startswith("tests_vm_test_x.py_test_x_a_b___scx_simple__default__")
+        assert path.suffix == ".json" and len(path.name.encode()) < 255
+    # The parts do not run together, and a rerun of one identity replaces its result.
+    assert sidecar_name("t__s") != sidecar_name("t", "s")
+    assert sidecar_name("t", "s", "p") != sidecar_name("t", "", "s", "p")
+    assert sidecar_name("t", "s", "p", "1n") == sidecar_name("t", "s", "p", "1n")
+    long_a, long_b = sidecar_name("t" * 1000 + "a"), sidecar_name("t" * 1000 + "b")
+    assert long_a != long_b and len(long_a) < 255
+    assert not sidecar_name(".hidden").startswith(".")
+
+
+def test_sidecars_with_old_names_are_still_read(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Written before names carried a hash: <test>__<sched>__<profile>__<topology>.json
+    old = tmp_path / "old"
+    old.mkdir()
+    record = {"schema": 1, "run_id": "old", **_record("t::a", _workers())}
+    (old / "t_a__scx_simple__default__1n2l2c1t.json").write_text(json.dumps(record))
+    _write_run(tmp_path, "new", [_record("t::a", _workers(scale_work=0.7))])
+    assert _stats(["--root", str(tmp_path), "compare", "old", "new"]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    assert _stats(["--root", str(tmp_path), "show", "old"]) == 0
+    assert "t::a [scx_simple@default 1n2l2c1t]" in capsys.readouterr().out
+    assert _stats(["--root", str(tmp_path), "list"]) == 0
+    assert capsys.readouterr().out.count("pass=1") == 2
+
+
+BAD_SIDECARS = [
+    (b"{", "not a readable sidecar"),
+    (b"\xff\xfe{}", "not a readable sidecar"),
+    (b"[" * 100_000, "not a readable sidecar"),
+    (b'{"verdict": "pass"}', "no 'test'"),
+    (b'{"test": 5}', "no 'test'"),
+    (b'{"test": "t", "scheduler": "x"}', "'scheduler' must be an object"),
+    (b'{"test": "t", "summary": [1]}', "'summary' must be an object"),
+    (b'{"test": "t", "timings": {"wall_s": "abc"}}', "timings.wall_s must be a number"),
+    (b'{"test": "t", "checks": [1]}', "'checks' must be a list of objects"),
+    (b'{"test": "t", "metrics": {"workers": 3}}', "metrics.workers must be a list of objects"),
+    (b'{"test": "t", "verdict": ["pass"]}', "'verdict' must be a string"),
+    (b'{"test": "t", "timeline": {"cpus": [1]}}', "timeline.cpus must be an object"),
+    (b'{"test": "t", "timeline": {"interval_ms": "x"}}', "timeline.interval_ms must be a number"),
+]
+
+
+@pytest.mark.parametrize(("content", "reason"), BAD_SIDECARS,
+                         ids=[f"{i}-{reason}" for i, (_, reason) in enumerate(BAD_SIDECARS)])
+def test_bad_sidecar_is_a_one_line_error(tmp_path: Path, content: bytes, reason: str) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "a.json").write_bytes(content)
+    for argv in (["show", "r"], ["show", "r", "--json"], ["compare", "r", "r"], ["report", "r"]):
+        with pytest.raises(KtstrError, match=reason) as err:
+            _stats(["--root", str(tmp_path), *argv])
+        assert "\n" not in str(err.value) and "a.json" in str(err.value)
+
+
+def test_list_survives_a_bad_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_run(tmp_path, "good", [_record("t::a", _workers())])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.json").write_text('{"test": "t", "scheduler": "x"}')
+    assert _stats(["--root", str(tmp_path), "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("good") and "pass=1" in line for line in lines)
+    (bad,) = [line for line in lines if line.startswith("bad")]
+    assert "unreadable" in bad and "'scheduler' must be an object" in bad
+
+
+def test_runs_that_are_files_are_user_errors(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    with pytest.raises(KtstrError, match="not a directory"):
+        _stats(["--root", str(tmp_path), "show", str(plain)])
+    with pytest.raises(KtstrError, match="not a directory"):
+        _stats(["--root", str(plain), "list"])
+    with pytest.raises(KtstrError, match="not found"):
+        _stats(["--root", str(tmp_path), "show", str(tmp_path / "missing")])
+
+
+def test_report_output_that_cannot_be_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    _write_run(tmp_path, "r", [_record("t::a", _workers())])
+    with pytest.raises(KtstrError, match="cannot write"):
+        _stats(["--root", str(tmp_path), "report", "r", "-o", str(tmp_path / "no" / "r.html")])
+
+
+def test_compare_threshold_must_be_finite(tmp_path: Path) -> None:
+    _write_run(tmp_path, "a", [_record("t::a", _workers())])
+    for bad in ("nan", "inf", "-1"):
+        with pytest.raises(KtstrError, match="threshold"):
+            _stats(["--root", str(tmp_path), "compare", "a", "a", "--threshold", bad])
+
+
+def test_report_draws_odd_but_well_formed_telemetry(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    odd = _record("t::a", [{"cgroup": "c", "worker": 0, "work_units": "lots", "cpus_used": 3},
+                           {"cgroup": "c", "worker": 1, "work_units": 5, "cpus": ["x", 1]}])
+    with_timeline = _record("t::b", _workers())
+    with_timeline["timeline"] = {"interval_ms": 50, "workers": {"w": []},
+                                 "cpus": {"0": [1.0], "a": [0.5], "\u00b2": [0.0], "1": []}}
+    _write_run(tmp_path, "r", [odd, with_timeline])
+    assert _stats(["--root", str(tmp_path), "report", "r"]) == 0
+    assert (tmp_path / "r" / "report.html").read_text().count("data:image/png") == 2
