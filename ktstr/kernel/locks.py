@@ -63,13 +63,24 @@ def hold_shared(path: Path) -> bool:
     """Hold `path` shared until release_shared or exit; True if newly taken.
 
     Waits only while another process removes or replaces the entry (a moment).
+    Where the lock cannot be had (a read-only cache, a filesystem without
+    flock) nothing is held: using an entry never fails for want of a lock.
     """
     key = os.path.realpath(path)
     if key in _held:
         return False
-    fd = _open(path)
+    try:
+        fd = _open(path)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)  # flock works on a read-only fd too
+        except OSError:
+            return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return False
     except BaseException:
         os.close(fd)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import time
@@ -287,7 +288,12 @@ def resolve_kernel(spec: str, flavour: str = "test") -> ResolvedKernel:
         return ResolvedKernel(entry.bzimage, entry)
     path = Path(spec).expanduser()
     if path.is_file():
-        return ResolvedKernel(_validated_bzimage(path), None)
+        image = _validated_bzimage(path)
+        if image.name == "bzImage" and (image.parent / "metadata.json").is_file():
+            # A cache entry's bzImage: held like the entry, if the entry is sound.
+            with contextlib.suppress(CorruptEntry):
+                return ResolvedKernel(image, _use(image.parent))
+        return ResolvedKernel(image, None)
     if path.is_dir():
         if (path / "metadata.json").is_file():
             try:

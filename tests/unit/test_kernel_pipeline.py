@@ -430,6 +430,21 @@ def test_clean_elsewhere_skips_what_this_process_uses(tree: Path) -> None:
     done = _ktstr("kernel", "clean")
     assert f"in use by pid {os.getpid()}" in done.stderr and entry.path.is_dir()
     release(entry)
+    assert resolve_kernel(str(entry.bzimage)).entry == entry  # so does its bzImage
+    done = _ktstr("kernel", "clean")
+    assert f"in use by pid {os.getpid()}" in done.stderr and entry.path.is_dir()
+    release(entry)
     done = _ktstr("kernel", "clean")
     assert done.returncode == 0 and f"removed {entry.path}" in done.stdout
     assert not entry.path.exists()
+
+
+def test_an_entry_is_usable_where_no_lock_can_be_had(tree: Path, tmp_path: Path) -> None:
+    from ktstr.kernel import locks
+
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert not locks.hold_shared(plain / "k.use")  # cannot be created: nothing held, no error
+    entry = ensure_kernel(source=tree, schedulers=False)
+    release(entry)
+    assert locks.hold_shared(cache.use_lock_path(tmp_path / "cache", entry.key))
