@@ -26,7 +26,7 @@ import signal
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 from ktstr.vmm import kvm
@@ -54,6 +54,9 @@ SITE_OTHER = 7 << 48
 _SITE_KINDS = {1: "in", 2: "out", 3: "read", 4: "write", 5: "queued out", 6: "queued write"}
 MAX_EXIT_SITES = 256
 """Distinct sites counted per vCPU (and in a summary); the rest are :data:`SITE_OTHER`."""
+
+RECENT_EXITS = 16
+"""IO/MMIO exit sites each vCPU remembers, for the state of a hung or timed-out guest."""
 
 _U32 = struct.Struct("<I")
 _IO = struct.Struct("<BBHIQ")  # kvm_run.io at offset 32
@@ -158,6 +161,8 @@ class StopReason:
     CRASH = "crash"
     HALTED = "halted"
     TIMEOUT = "timeout"
+    HUNG = "hung"
+    """No guest progress for the stall timeout (see :mod:`ktstr.vmm.watchdog`)."""
     STOPPED = "stopped"
     ERROR = "error"
 
@@ -220,6 +225,47 @@ def describe_state(fd: VcpuFd) -> str:
     except OSError as err:
         lines.append(f"sregs unavailable: {err}")
     return "\n".join(lines)
+
+
+APIC_ISR = 0x100
+APIC_IRR = 0x200
+APIC_TPR = 0x80
+RFLAGS_IF = 1 << 9
+
+
+def _apic_vectors(regs: bytes, base: int) -> list[int]:
+    """Set bits of a 256-bit LAPIC register array (8 x 32 bits, 16 bytes apart)."""
+    out = []
+    for word in range(8):
+        off = base + word * 16
+        value = int.from_bytes(regs[off : off + 4], "little")
+        out += [word * 32 + bit for bit in range(32) if value >> bit & 1]
+    return out
+
+
+def summarize_state(fd: VcpuFd) -> str:
+    """One line: where the vCPU is, whether it takes interrupts, what is pending for it.
+
+    Only from the vCPU's own thread, or once that thread left KVM_RUN (the vCPU ioctls
+    wait for the vCPU mutex).
+    """
+    parts: list[str] = []
+    try:
+        r = fd.get_regs()
+        parts.append(f"rip={r.rip:x} rsp={r.rsp:x} rflags={r.rflags:x} "
+                     f"if={'on' if r.rflags & RFLAGS_IF else 'off'}")
+    except OSError as err:
+        parts.append(f"regs unavailable ({err.strerror})")
+    with contextlib.suppress(OSError):
+        parts.append(f"mp_state={kvm.MP_STATE_NAMES.get(fd.get_mp_state(), '?')}")
+    try:
+        regs = bytes(fd.get_lapic().regs)
+        irr, isr = _apic_vectors(regs, APIC_IRR), _apic_vectors(regs, APIC_ISR)
+        tpr = int.from_bytes(regs[APIC_TPR : APIC_TPR + 4], "little")
+        parts.append(f"lapic irr={irr} isr={isr} tpr={tpr:x}")
+    except OSError:
+        pass
+    return " ".join(parts)
 
 
 # --- coalesced writes -------------------------------------------------------------------
@@ -311,6 +357,8 @@ class Vcpu:
         self.site_counts: dict[int, int] = {}
         """Exits by site: ``SITE_IO_IN/OUT | port`` or ``SITE_MMIO_READ/WRITE | address``."""
         self.halted = False
+        self.recent: deque[int] = deque(maxlen=RECENT_EXITS)
+        """The last IO/MMIO exit sites, oldest first (what a stuck guest was poking)."""
         self._map = fd.map_run(mmap_size)
         self._map_size = mmap_size
         self.run_state: kvm.kvm_run | None = kvm.kvm_run.from_buffer(self._map)
@@ -362,6 +410,7 @@ class Vcpu:
         stopping = self.control.done.is_set
         reasons = self.reason_counts
         sites = self.site_counts
+        recent = self.recent.append
         u32 = _U32.unpack_from
         io_hdr = _IO.unpack_from
         mmio_hdr = _MMIO.unpack_from
@@ -394,6 +443,7 @@ class Vcpu:
             if reason == EXIT_IO:
                 direction, size, port, count, off = io_hdr(m, 32)
                 site = (SITE_IO_OUT if direction else SITE_IO_IN) | port
+                recent(site)
                 n = sites.get(site)
                 if n is None:
                     count_site(sites, site)  # a new site: the bounded path
@@ -435,6 +485,7 @@ class Vcpu:
             elif reason == EXIT_MMIO:
                 addr, data8, length, is_write = mmio_hdr(m, 32)
                 site = (SITE_MMIO_WRITE if is_write else SITE_MMIO_READ) | addr
+                recent(site)
                 n = sites.get(site)
                 if n is None:
                     count_site(sites, site)  # a new site: the bounded path
@@ -493,6 +544,15 @@ class Vcpu:
         """Replay writes still queued in the coalesced ring (after the vCPUs stopped)."""
         if self.ring is not None and self.ring.active and self.run_state is not None:
             self.ring.drain(self._map)
+
+    def state(self) -> str:
+        """What this vCPU was doing when the run ended (registers, pending vectors, exits)."""
+        last = ", ".join(site_name(site) for site in self.recent) or "none"
+        head = f"vcpu {self.index} (apic id {self.vcpu_id})"
+        if self.thread is not None and self.thread.is_alive():
+            return (f"{head}: thread still inside KVM_RUN (did not answer the kick); "
+                    f"last exits: {last}")
+        return f"{head}: {summarize_state(self.fd)}; last exits: {last}"
 
     def _fail(self, what: str) -> None:
         self.control.stop(

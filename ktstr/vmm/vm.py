@@ -25,7 +25,16 @@ from ktstr.vmm import kvm, layout
 from ktstr.vmm.bus import AttachContext, DeviceErrors, MmioBus, MmioSlot, PioBus, VmDevice
 from ktstr.vmm.irq import IrqLine
 from ktstr.vmm.memory import GuestMemory
-from ktstr.vmm.vcpu import CoalescedRing, RunControl, StopReason, Vcpu, site_summary
+from ktstr.vmm.stats import VcpuStats
+from ktstr.vmm.vcpu import (
+    REASON_SIGNAL,
+    CoalescedRing,
+    RunControl,
+    StopReason,
+    Vcpu,
+    site_summary,
+)
+from ktstr.vmm.watchdog import POLL_S, ProgressWatch
 
 STOP_GRACE_S = 1.5
 """How long teardown waits for vCPU threads after kicking them (the hard bound is +2 s)."""
@@ -45,6 +54,9 @@ class RunOutcome:
     """Per vCPU, exits by site key (see :func:`ktstr.vmm.vcpu.site_name`)."""
     queued_sites: dict[int, int] = field(default_factory=dict)
     """Writes KVM queued in the coalesced ring instead of exiting, by site."""
+    vcpu_states: list[str] = field(default_factory=list)
+    """For a hung or timed-out run (or stuck threads): one line per vCPU (see
+    :meth:`ktstr.vmm.vcpu.Vcpu.state`)."""
     device_errors: dict[str, int] = field(default_factory=dict)
     """Guest accesses dropped because the device raised, by device and address."""
     device_error_messages: list[str] = field(default_factory=list)
@@ -161,20 +173,38 @@ class Machine:
         for vcpu in self.vcpus:
             vcpu.kick()
 
-    def run(self, timeout: float) -> RunOutcome:
+    def run(self, timeout: float, *, stall_s: float = 0.0,
+            progress: Callable[[], int] | None = None) -> RunOutcome:
         """Start every vCPU, wait for the end or ``timeout`` seconds, stop and join all.
 
-        Returns within ``timeout`` + ~2 s whatever the guest does. Ctrl-C stops
-        the VM, tears it down and re-raises KeyboardInterrupt.
+        With ``stall_s`` > 0 the run also ends, as ``hung``, once no vCPU has shown any
+        progress (:mod:`ktstr.vmm.watchdog`; ``progress`` adds a counter of its own, e.g.
+        console bytes) for that long. A hung or timed-out run records every vCPU's state.
+        Returns within ``timeout`` + ~2 s whatever the guest does, even with a vCPU
+        thread stuck inside KVM_RUN. Ctrl-C stops the VM, tears it down and re-raises
+        KeyboardInterrupt.
         """
         start = time.monotonic()
         interrupted = False
         timed_out = False
+        stats = [VcpuStats.open(v.fd) for v in self.vcpus] if stall_s > 0 else []
+        watch = ProgressWatch(stats, stall_s, extra=lambda: self._exits_seen(progress))
         try:
             for vcpu in self.vcpus:
                 vcpu.start()
-            if not self.control.done.wait(timeout):
-                timed_out = self.control.stop(StopReason.TIMEOUT, f"timeout after {timeout:g} s")
+            deadline = start + timeout
+            while not self.control.done.wait(max(0.0, min(POLL_S, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    timed_out = self.control.stop(StopReason.TIMEOUT,
+                                                  f"timeout after {timeout:g} s")
+                    break
+                if watch.hung():
+                    self.control.stop(
+                        StopReason.HUNG,
+                        f"no guest progress for {stall_s:g} s (no port/MMIO access, "
+                        "interrupt, wake-up or console output on any vCPU)\n"
+                        + "\n".join(watch.describe()))
+                    break
         except KeyboardInterrupt:
             interrupted = True
             self.control.stop(StopReason.STOPPED, "interrupted")
@@ -198,7 +228,14 @@ class Machine:
             error = (error + "\n" if error else "") + drain_error
         if stuck:
             error = (error + "\n" if error else "") + f"vCPU threads {stuck} did not stop"
+        states: list[str] = []
+        if self.control.reason in (StopReason.HUNG, StopReason.TIMEOUT) or stuck:
+            states = [v.state() for v in self.vcpus]
+        for st in stats:
+            if st is not None:
+                st.close()
         return RunOutcome(
+            vcpu_states=states,
             reason=self.control.reason or StopReason.STOPPED,
             detail=self.control.detail,
             error=error,
@@ -210,6 +247,20 @@ class Machine:
             device_errors=self.device_errors.counts,
             device_error_messages=list(self.device_errors.messages),
         )
+
+    def _exits_seen(self, progress: Callable[[], int] | None) -> int:
+        """Userspace exits of every vCPU (not signals) plus ``progress``; for the watchdog.
+
+        KVM's own ``io_exits`` stat does not count every exit that reaches us on every KVM
+        (the paravirtual one), so the vCPU loops' counts are part of the signature.
+        """
+        total = progress() if progress is not None else 0
+        for v in self.vcpus:
+            try:
+                total += sum(n for r, n in list(v.reason_counts.items()) if r != REASON_SIGNAL)
+            except RuntimeError:  # resized by its vCPU thread mid-read: that is progress
+                return -1
+        return total
 
     # --- teardown ---
 
@@ -261,6 +312,9 @@ QUIET_CMDLINE = "quiet loglevel=5"
 and worse still reach the console (``WARNING: CPU:``, BUG, Oops, panics, sched_ext errors)."""
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
 CONSOLE_TAIL_BYTES = 4000
+DEFAULT_STALL_S = 30.0
+"""A Linux guest delivers timer interrupts many times a second, whatever its tasks do: this
+long without any progress at all (:mod:`ktstr.vmm.watchdog`) means it is hung."""
 
 MSR_IA32_SYSENTER_CS = 0x174
 MSR_IA32_SYSENTER_ESP = 0x175
@@ -308,6 +362,9 @@ class VmResult:
     """IO/MMIO exits by site over all vCPUs, most frequent first: ``{"in 0x3fd": n, ...}``;
     ``"queued out 0x3f8"`` counts port writes KVM queued instead of exiting (not exits);
     at most ``vcpu.MAX_EXIT_SITES`` sites, the rest summed as ``"other"``."""
+    vcpu_states: list[str] = field(default_factory=list)
+    """A hung or timed-out run: one line per vCPU (registers, interrupt flag, MP state,
+    pending LAPIC vectors, last exit sites)."""
     device_errors: dict[str, int] = field(default_factory=dict)
     """Guest accesses a device failed on (read as all ones / dropped), by
     ``"<device> <bus> <address>"``; bounded, the rest summed as ``"other"``. The VM went
@@ -375,6 +432,7 @@ class Vm:
         quiet: bool = False,
         on_console: Callable[[bytes], None] | None = None,
         console_input: bytes = b"",
+        stall_timeout: float = DEFAULT_STALL_S,
     ) -> None:
         from ktstr.vmm import loader
 
@@ -386,6 +444,9 @@ class Vm:
         self.quiet = quiet
         self.on_console = on_console
         self.console_input = console_input
+        if stall_timeout < 0:
+            raise KtstrError(f"stall timeout must be >= 0 (0 turns it off), got {stall_timeout}")
+        self.stall_timeout = stall_timeout
         if not self.kernel.exists():
             raise KtstrError(f"kernel image {self.kernel} does not exist")
         self.bzimage = loader.load_bzimage(self.kernel)
@@ -571,7 +632,9 @@ class Vm:
         try:
             machine = self._build()
             start = time.monotonic()
-            outcome = machine.run(self.timeout)
+            com1 = self.com1
+            outcome = machine.run(self.timeout, stall_s=self.stall_timeout,
+                                  progress=lambda: com1.buffered + com1.dropped)
             return self._result(outcome, start)
         finally:
             self.close()
@@ -589,6 +652,8 @@ class Vm:
         if error is None and outcome.reason not in (StopReason.POWEROFF,):
             if outcome.timed_out:
                 error = f"guest did not power off within {self.timeout:g} s"
+            elif outcome.reason == StopReason.HUNG:
+                error = f"guest hung: {outcome.detail.splitlines()[0]}"
             elif panic:
                 error = panic.group(0)
         return VmResult(
@@ -606,6 +671,7 @@ class Vm:
             panic_message=panic.group(0) if panic else "",
             cmdline=self.cmdline,
             exit_sites=site_summary([*outcome.site_counts, outcome.queued_sites]),
+            vcpu_states=outcome.vcpu_states,
             device_errors=outcome.device_errors,
             device_error_messages=outcome.device_error_messages,
         )

@@ -131,6 +131,34 @@ def test_spinning_guest_is_stopped_by_the_timeout(irqchip: bool) -> None:
     assert 1.0 <= elapsed < 3.0
 
 
+def test_guest_spinning_with_interrupts_off_is_detected_as_hung() -> None:
+    # cli; jmp $ -- with the in-kernel irqchip its timer keeps firing, but nothing is
+    # delivered, no port is touched, nothing is printed: hung, long before the timeout.
+    start = time.monotonic()
+    with real_mode(bytes.fromhex("FAEBFE"), irqchip=True) as m:
+        out = m.run(60.0, stall_s=1.5)
+    elapsed = time.monotonic() - start
+    assert out.reason == "hung" and not out.timed_out
+    assert 1.5 <= elapsed < 6.0
+    assert "no guest progress for 1.5 s" in out.detail
+    assert "vcpu 0: io_exits=0" in out.detail  # the counters that were looked at
+    assert len(out.vcpu_states) == 1
+    state = out.vcpu_states[0]
+    assert "if=off" in state and "rip=1001" in state and "last exits: none" in state
+
+
+def test_a_guest_doing_port_io_is_not_hung() -> None:
+    # mov dx, 0x80; L: out dx, al; jmp L -- busy, so only the timeout ends it.
+    rec = Recorder()
+    with real_mode(bytes.fromhex("BA8000EEEBFD"), irqchip=True) as m:
+        m.pio.add(0x80, 1, rec)
+        out = m.run(3.0, stall_s=1.0)
+    assert out.reason == "timeout" and out.timed_out
+    assert rec.log and rec.log[0][0] == "out"
+    assert "last exits: out 0x80" in out.vcpu_states[0]
+    assert "rip=100" in out.vcpu_states[0]
+
+
 def test_timeout_works_from_a_non_main_thread() -> None:
     results: list[tuple[str, float]] = []
 
