@@ -52,6 +52,9 @@ class Scheduler:
     """Expected sched_ext ops name (e.g. ``simple`` for scx_simple); None accepts any."""
     watchdog_timeout_ms: int | None = None
     attach_timeout_s: float = 20.0
+    attach_retries: int = 0
+    attach_transient: Sequence[str] = ()
+    """See :class:`ktstr.scheduler.AttachPolicy`."""
 
 
 @dataclass
@@ -82,6 +85,16 @@ class GuestRun:
     details: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     """Things the guest could not do but that do not fail the run (e.g. watchdog timeout)."""
+
+    @property
+    def attach_attempts(self) -> list[dict[str, Any]]:
+        """Failed scheduler attach attempts (:class:`ktstr.scheduler.AttachPolicy`)."""
+        for m in self.messages:
+            if m.get("type") == "sched_attached" and isinstance(m.get("state"), dict):
+                attempts = m["state"].get("attempts")
+                return list(attempts) if isinstance(attempts, list) else []
+        attempts = self.details.get("attach_attempts")
+        return list(attempts) if isinstance(attempts, list) else []
 
     @property
     def ok(self) -> bool:
@@ -165,6 +178,8 @@ def run_guest(
             binary=str(Path(scheduler.binary).resolve()), args=list(scheduler.args),
             ops_name=scheduler.ops_name, attach_timeout_s=scheduler.attach_timeout_s,
             watchdog_timeout_ms=scheduler.watchdog_timeout_ms,
+            attach_retries=scheduler.attach_retries,
+            attach_transient=list(scheduler.attach_transient),
         ) if scheduler else None,
         sysctls={k: str(v) for k, v in (sysctls or {}).items()},
         mounts=list(mounts),

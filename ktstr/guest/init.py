@@ -243,8 +243,7 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
     sched: SchedulerProcess | None = None
     if req.scheduler is not None:
         sched = SchedulerProcess(req.scheduler, kmsg)
-        sched.start()
-        state = sched.wait_attached()
+        state = sched.attach()
         chan.send({"type": "sched_attached", "state": state, "uptime": uptime()})
         if req.scheduler.watchdog_timeout_ms:
             try:

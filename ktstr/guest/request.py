@@ -24,6 +24,10 @@ class SchedulerSpec:
     attach_timeout_s: float = 20.0
     watchdog_timeout_ms: int | None = None
     stop_timeout_s: float = 5.0
+    attach_retries: int = 0
+    """Restarts after a failed attach whose output matches ``attach_transient``."""
+    attach_transient: list[str] = field(default_factory=list)
+    """Regular expressions of attach failures the scheduler is known to hit by chance."""
 
 
 @dataclass

@@ -88,9 +88,10 @@ class Kmsg:
         self.lines.extend(new)
         return new
 
-    def sched_ext_lines(self) -> list[str]:
+    def sched_ext_lines(self, since: int = 0) -> list[str]:
+        """sched_ext records, from record number ``since`` on (all by default)."""
         self.poll()
-        return [line for line in self.lines if "sched_ext" in line]
+        return [line for line in self.lines[since:] if "sched_ext" in line]
 
     def close(self) -> None:
         if self._fd is not None:
@@ -148,6 +149,8 @@ class SchedulerProcess:
         self.kmsg = kmsg
         self.proc: subprocess.Popen[bytes] | None = None
         self.name: str | None = None
+        self._mark = 0
+        """Kernel log records before the current attempt (older ones are not its own)."""
 
     def start(self) -> None:
         if not os.path.exists(self.spec.binary):
@@ -167,6 +170,43 @@ class SchedulerProcess:
         finally:
             log.close()
 
+    def attach(self) -> dict[str, Any]:
+        """Start the scheduler and wait until it is attached, retrying transient failures.
+
+        Returns the attached state, with ``attempts``: every failed attempt (kind, message,
+        scheduler output tail). A failure that matches none of the spec's transient
+        patterns, or the last allowed one, is raised with the attempts in its details.
+        """
+        attempts: list[dict[str, Any]] = []
+        patterns = [re.compile(p) for p in self.spec.attach_transient]
+        while True:
+            self._mark = len(self.kmsg.lines)
+            self.start()
+            try:
+                state = self.wait_attached()
+            except GuestFailure as err:
+                if err.kind not in ("scheduler_crashed", "scheduler_attach_timeout"):
+                    raise
+                if self.proc is not None and self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+                seen = "\n".join([err.message, str(err.details.get("log_tail", "")),
+                                  *err.details.get("kernel_lines", [])])
+                transient = next((p.pattern for p in patterns if p.search(seen)), None)
+                attempts.append({"attempt": len(attempts) + 1, "kind": err.kind,
+                                 "message": err.message, "transient": transient,
+                                 "log_tail": str(err.details.get("log_tail", ""))[-1500:]})
+                if transient is None or len(attempts) > self.spec.attach_retries:
+                    err.details["attach_attempts"] = attempts
+                    if len(attempts) > 1:
+                        err.message += f" (attempt {len(attempts)} of " \
+                                       f"{self.spec.attach_retries + 1})"
+                    raise
+                _wait_disabled(2.0)
+                continue
+            state["attempts"] = attempts
+            return state
+
     def wait_attached(self) -> dict[str, Any]:
         assert self.proc is not None
         deadline = time.monotonic() + self.spec.attach_timeout_s
@@ -180,7 +220,7 @@ class SchedulerProcess:
                 return state
             rc = self.proc.poll()
             if rc is not None:
-                lines = self.kmsg.sched_ext_lines()
+                lines = self.kmsg.sched_ext_lines(self._mark)
                 events = disabled_events(lines)
                 why = ""
                 if events:
@@ -197,7 +237,7 @@ class SchedulerProcess:
                     f"scheduler did not attach within {self.spec.attach_timeout_s:g} s "
                     f"(state {state.get('state')!r}, ops {state.get('ops')!r}, "
                     f"expected {want or 'any'})",
-                    log_tail=tail(LOG_PATH), kernel_lines=self.kmsg.sched_ext_lines())
+                    log_tail=tail(LOG_PATH), kernel_lines=self.kmsg.sched_ext_lines(self._mark))
             time.sleep(0.02)
 
     def alive(self) -> bool:
@@ -215,11 +255,8 @@ class SchedulerProcess:
                 stopped_by = "sigkill"
                 self.proc.kill()
                 self.proc.wait()
-        # The kernel finishes disabling asynchronously; give it a moment.
-        deadline = time.monotonic() + 2.0
-        while read_text(SCX / "state") not in ("disabled", "") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        lines = self.kmsg.sched_ext_lines()
+        _wait_disabled(2.0)  # the kernel finishes disabling asynchronously
+        lines = self.kmsg.sched_ext_lines(self._mark)
         events = disabled_events(lines)
         state_after = read_text(SCX / "state")
         last = events[-1] if events else None
@@ -228,6 +265,12 @@ class SchedulerProcess:
                  and last["reason"] == CLEAN_REASON)
         return ExitReport(self.proc.returncode, stopped_by, state_after, clean, events,
                           lines[-50:], tail(LOG_PATH))
+
+
+def _wait_disabled(limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while read_text(SCX / "state") not in ("disabled", "") and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 class Sampler(threading.Thread):

@@ -58,6 +58,8 @@ class GuestOutcome:
     phases: dict[str, float] = field(default_factory=dict)
     """Host seconds: ``disks_s`` (per-test disks), ``prep_s`` (initramfs, VM set-up),
     ``vm_run_s`` (vm.run(), of which ``vm_s`` is the guest running)."""
+    attach_attempts: list[dict[str, Any]] = field(default_factory=list)
+    """Failed scheduler attach attempts before the one that attached (or the last)."""
 
 
 @dataclass
@@ -165,6 +167,9 @@ def format_failure(
             lines.append(f"  {check.line()}")
     if outcome.sched_exit:
         lines.append(f"  scheduler exit: {_one_line(outcome.sched_exit)}")
+    for attempt in outcome.attach_attempts:
+        lines.append(f"  attach attempt {attempt.get('attempt')}: {attempt.get('kind')}: "
+                     f"{attempt.get('message')}")
     if outcome.console:
         lines.append(f"--- console tail (last {CONSOLE_TAIL_LINES} lines) ---")
         lines.append(console_tail(outcome.console))
@@ -224,6 +229,7 @@ def sidecar_record(
             "args": plan.scheduler.command_args(plan.profile),
             "binary": str(plan.scheduler_binary) if plan.scheduler_binary else None,
             "watchdog_timeout_s": plan.watchdog_timeout,
+            "attach_attempts": outcome.attach_attempts,
         },
         "topology": plan.topology.label,
         "nr_cpus": plan.topology.nr_cpus,
@@ -286,6 +292,8 @@ def boot(plan: RunPlan) -> GuestOutcome:
             binary=plan.scheduler_binary,
             args=(*plan.scheduler.command_args(plan.profile), *plan.extra_args),
             watchdog_timeout_ms=int(wd * 1000) if wd else None,
+            attach_retries=plan.scheduler.attach.retries,
+            attach_transient=plan.scheduler.attach.transient,
         )
     timeout = plan.spec.timeout or plan.spec.duration * 2 + BOOT_ALLOWANCE_S
     kwargs: dict[str, Any] = dict(
@@ -328,6 +336,7 @@ def boot(plan: RunPlan) -> GuestOutcome:
         boot_ms=run.timings.get("boot_ms"),
         vm_s=getattr(vm, "duration_s", None),
         phases={k: round(v, 3) for k, v in phases.items()},
+        attach_attempts=run.attach_attempts,
     )
 
 

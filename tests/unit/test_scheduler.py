@@ -159,3 +159,37 @@ def test_get_scheduler_and_option(tmp_path: Path) -> None:
     sched, prof = parse_scheduler_option("scx_qmap@batch")
     assert sched.name == "scx_qmap" and prof.name == "batch"
     assert parse_scheduler_option("eevdf")[1].name == "default"
+
+
+def test_attach_policy_defaults_to_no_retry() -> None:
+    from ktstr.scheduler import BUILTIN
+
+    assert BUILTIN["scx_simple"].attach.retries == 0
+    central = BUILTIN["scx_central"].attach
+    assert central.retries > 0 and any("non-central" in p for p in central.transient)
+
+
+def test_attach_policy_refuses_retries_without_a_reason() -> None:
+    from ktstr.errors import KtstrError
+    from ktstr.scheduler import AttachPolicy
+
+    with pytest.raises(KtstrError, match="transient"):
+        AttachPolicy(retries=2)
+    with pytest.raises(KtstrError, match="0..10"):
+        AttachPolicy(retries=-1, transient=("x",))
+    with pytest.raises(KtstrError, match="pattern"):
+        AttachPolicy(retries=1, transient=("(",))
+
+
+def test_attach_policy_survives_with_args_and_reaches_the_guest_request() -> None:
+    from ktstr.guest.request import RunRequest, SchedulerSpec
+    from ktstr.scheduler import BUILTIN
+
+    sched = BUILTIN["scx_central"].with_args("-v")
+    assert sched.attach == BUILTIN["scx_central"].attach
+    req = RunRequest(scheduler=SchedulerSpec(binary="/x", attach_retries=sched.attach.retries,
+                                             attach_transient=list(sched.attach.transient)))
+    back = RunRequest.from_json(req.to_json())
+    assert back.scheduler is not None
+    assert back.scheduler.attach_retries == sched.attach.retries
+    assert back.scheduler.attach_transient == list(sched.attach.transient)
