@@ -175,7 +175,7 @@ def test_attach_policy_refuses_retries_without_a_reason() -> None:
 
     with pytest.raises(KtstrError, match="transient"):
         AttachPolicy(retries=2)
-    with pytest.raises(KtstrError, match="0..10"):
+    with pytest.raises(KtstrError, match=r"0\.\.10"):
         AttachPolicy(retries=-1, transient=("x",))
     with pytest.raises(KtstrError, match="pattern"):
         AttachPolicy(retries=1, transient=("(",))
