@@ -35,6 +35,7 @@ from ktstr.sandbox.kernel import kernel_hz, sandbox_kernel
 from ktstr.sandbox.qemu import ROOT_TAG, Machine, Share, find_qemu, kernel_cmdline, qemu_command
 from ktstr.sandbox.shims import resolve_shim
 from ktstr.sandbox.tsc import host_tsc_khz
+from ktstr.sandbox.watch import ConsoleWatch
 
 MEMORY_ENV = "KTSTR_SANDBOX_MEMORY_MB"
 CPUS_ENV = "KTSTR_SANDBOX_CPUS"
@@ -345,8 +346,13 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
         deadline = None if not timeout else time.monotonic() + timeout
         status = scratch / guest_init.STATUS_FILE
         reported: float | None = None
+        host_watch = ConsoleWatch(console_log)
         while proc.poll() is None:
             now = time.monotonic()
+            if (problem := host_watch.poll()) is not None:
+                _stop(proc)
+                raise SandboxCrashed(f"{problem.message} (console: {console_log.name}; set "
+                                     f"{DEBUG_ENV}=1 to keep the full console)")
             if deadline is not None and now >= deadline:
                 _stop(proc)
                 raise SandboxTimeout(f"sandbox command did not finish within {timeout:g} s; "
