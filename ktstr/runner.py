@@ -10,14 +10,13 @@ timeout, and a missing end marker is itself a failure.
 from __future__ import annotations
 
 import re
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ktstr import initramfs
+from ktstr import initramfs, reap
 from ktstr.errors import KtstrError
 from ktstr.guest.frame import decode_serial, note_error
 from ktstr.guest.messages import validate_message
@@ -194,8 +193,8 @@ def run_guest(
     else:
         extra = f"{extra} ktstr.channel=serial,ttyS1"
 
-    with tempfile.TemporaryDirectory(prefix="ktstr-run-") as tmp:
-        suffix = Path(tmp) / "run.cpio"
+    with reap.temporary_directory("run") as tmp:
+        suffix = tmp / "run.cpio"
         suffix.write_bytes(initramfs.build_suffix(
             {"ktstr/request.json": request.to_json().encode()}))
         # The suffix goes first: the kernel's lz4 reader consumes everything after an lz4
