@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ktstr.errors import KtstrError
+from ktstr.version import VersionAction
 
 # Subcommand -> the module that registers it, in help order. Only the module of
 # the command being run is imported: imports are slow where files sit on a
@@ -35,6 +36,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ktstr", description="Test harness for Linux process schedulers."
     )
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     first = next((a for a in argv or () if not a.startswith("-")), None)

@@ -7,17 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ktstr.errors import KtstrError
-from ktstr.paths import repo_root
+from ktstr.paths import kernels_dir
 
 SOURCE_KINDS = ("debian", "url", "path")
 
 
 def catalog_path() -> Path:
-    return repo_root() / "kernels" / "versions.toml"
+    return kernels_dir() / "versions.toml"
 
 
 def fragments_dir() -> Path:
-    return repo_root() / "kernels"
+    return kernels_dir()
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ from collections.abc import Callable
 
 import nox
 
-from ktstr.paths import repo_root
+from ktstr.paths import kernels_dir
 from ktstr.sessions import system
 
 
 def catalog_ids() -> list[str]:
     """Catalog ids, default first (read with tomllib: nox's Python has no ktstr deps)."""
-    data = tomllib.loads((repo_root() / "kernels" / "versions.toml").read_text())
+    data = tomllib.loads((kernels_dir() / "versions.toml").read_text())
     ids = list(data.get("kernels", {}))
     default = data.get("default")
     return sorted(ids, key=lambda kid: kid != default)
