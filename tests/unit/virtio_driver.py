@@ -41,6 +41,7 @@ from ktstr.vmm.devices.virtio.mmio import (
     VirtioMmioTransport,
 )
 from ktstr.vmm.devices.virtio.queue import (
+    VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     Virtqueue,
@@ -125,11 +126,21 @@ class Driver:
         """Lay `bufs` out as consecutive descriptors, publish the head, return it."""
         head = self.next_free
         indices = [(head + i) % self.size for i in range(len(bufs))]
-        for i, (index, buf) in enumerate(zip(indices, bufs, strict=True)):
-            last = i == len(bufs) - 1
-            flags = (0 if last else VIRTQ_DESC_F_NEXT) | (VIRTQ_DESC_F_WRITE if buf.write else 0)
-            self.write_desc(index, buf.addr, buf.length, flags, 0 if last else indices[i + 1])
+        for index, desc in zip(indices, _descriptors(bufs, indices), strict=True):
+            self.write_desc(index, *desc)
         self.next_free = (head + len(bufs)) % self.size
+        self.publish(head)
+        self.heads.append(head)
+        return head
+
+    def add_indirect_chain(self, bufs: list[Buf]) -> int:
+        """Put `bufs` in an indirect table behind one descriptor, publish it, return the head."""
+        table = self.alloc(16 * len(bufs))
+        for i, desc in enumerate(_descriptors(bufs, list(range(len(bufs))))):
+            self.mem.write(table + 16 * i, struct.pack("<QIHH", *desc))
+        head = self.next_free
+        self.write_desc(head, table, 16 * len(bufs), VIRTQ_DESC_F_INDIRECT, 0)
+        self.next_free = (head + 1) % self.size
         self.publish(head)
         self.heads.append(head)
         return head
@@ -176,6 +187,16 @@ class Driver:
 
     def kick(self, transport: VirtioMmioTransport) -> None:
         transport.mmio_write(QUEUE_NOTIFY, _u32(0))
+
+
+def _descriptors(bufs: list[Buf], indices: list[int]) -> list[tuple[int, int, int, int]]:
+    """(addr, len, flags, next) of a chain of `bufs` stored at table `indices`."""
+    out = []
+    for i, buf in enumerate(bufs):
+        last = i == len(bufs) - 1
+        flags = (0 if last else VIRTQ_DESC_F_NEXT) | (VIRTQ_DESC_F_WRITE if buf.write else 0)
+        out.append((buf.addr, buf.length, flags, 0 if last else indices[i + 1]))
+    return out
 
 
 def _u32(value: int) -> bytes:
