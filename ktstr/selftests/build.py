@@ -46,7 +46,7 @@ from ktstr.kernel.schedulers import find_clang
 from ktstr.selftests.parse import (
     LIST_FILTER,
     SELECT_ENV,
-    TestInfo,
+    SelftestInfo,
     parse_listing,
     substring_matches,
 )
@@ -101,7 +101,7 @@ class RunnerBuild:
     """A runner stored with a kernel entry, and what it holds."""
 
     runner: Path
-    tests: tuple[TestInfo, ...]
+    tests: tuple[SelftestInfo, ...]
     exact: bool
     """Built with the exact-selection wrap (:data:`SELECT_ENV`)."""
     kernel_key: str
@@ -154,7 +154,7 @@ def cached_runner(entry: KernelEntry) -> RunnerBuild | None:
     record = _file_record(meta.get("runner"))
     if record is None or cache.check_file(runner, record, stamped=False) is not None:
         return None
-    tests = tuple(TestInfo(str(t["name"]), str(t.get("description", "")))
+    tests = tuple(SelftestInfo(str(t["name"]), str(t.get("description", "")))
                   for t in meta.get("tests", []) if isinstance(t, dict) and "name" in t)
     if not tests:
         return None
@@ -242,7 +242,7 @@ def build_runner(src: Path, vmlinux: Path, work: Path, log: Path) -> tuple[Path,
     return runner, exact
 
 
-def list_tests(runner: Path, env: dict[str, str] | None = None) -> list[TestInfo]:
+def list_tests(runner: Path, env: dict[str, str] | None = None) -> list[SelftestInfo]:
     """Every test ``runner`` registers, in its order, without running any (see module doc)."""
     try:
         proc = subprocess.run([str(runner), "-s", "-t", LIST_FILTER], capture_output=True,
@@ -256,7 +256,7 @@ def list_tests(runner: Path, env: dict[str, str] | None = None) -> list[TestInfo
     return parse_listing(proc.stdout)
 
 
-def install_runner(entry: KernelEntry, runner: Path, tests: Sequence[TestInfo], *,
+def install_runner(entry: KernelEntry, runner: Path, tests: Sequence[SelftestInfo], *,
                    exact: bool, build_seconds: float | None) -> RunnerBuild:
     """Store ``runner`` and its metadata in the entry: all of it appears at once, or none."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{SUBDIR}-tmp-", dir=entry.path))
@@ -265,6 +265,7 @@ def install_runner(entry: KernelEntry, runner: Path, tests: Sequence[TestInfo], 
         inner = tmp / SUITE
         inner.mkdir()
         cache._copy_synced(runner, inner / "runner")
+        (inner / "runner").chmod(0o755)  # the guest execs it, whatever mode make left
         meta = {
             "format": BUILD_FORMAT, "suite": SUITE, "exact": exact,
             "runner": cache.describe_file(inner / "runner", stamped=False).to_json(),

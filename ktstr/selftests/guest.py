@@ -130,8 +130,8 @@ def run_process(argv: list[str], *, timeout_s: float, limit: int, env: dict[str,
                 exited_at = now
             if exited_at is not None and now - exited_at > EXIT_GRACE_S:
                 break  # a child the test left behind still holds the pipes
-            if exited_at is None and now >= deadline:
-                timed_out = True
+            if now >= deadline:
+                timed_out = exited_at is None
                 break
             for key, _ in sel.select(POLL_S):
                 chunk = os.read(key.fd, 65536)

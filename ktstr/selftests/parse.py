@@ -55,13 +55,13 @@ class Status(StrEnum):
 
 
 @dataclass(frozen=True)
-class TestInfo:
+class SelftestInfo:
     name: str
     description: str = ""
 
 
 @dataclass
-class TestResult:
+class SelftestResult:
     name: str
     status: Status
     reason: str = ""
@@ -76,7 +76,7 @@ class TestResult:
 
 @dataclass
 class RunnerOutput:
-    results: list[TestResult] = field(default_factory=list)
+    results: list[SelftestResult] = field(default_factory=list)
     descriptions: dict[str, str] = field(default_factory=dict)
     unfinished: str | None = None
     """The test whose block started but has no result line (the runner died or was killed)."""
@@ -128,7 +128,7 @@ def parse_output(text: str) -> RunnerOutput:
         parsed = parse_result_line(line)
         if parsed is not None and (current is None or parsed[2] == current):
             status, number, name, reason = parsed
-            out.results.append(TestResult(name, status, reason, lines, number))
+            out.results.append(SelftestResult(name, status, reason, lines, number))
             current, lines, in_output = None, [], False
             if out.unfinished == name:
                 out.unfinished, out.unfinished_output = None, []
@@ -149,13 +149,13 @@ def parse_output(text: str) -> RunnerOutput:
     return out
 
 
-def parse_listing(text: str) -> list[TestInfo]:
+def parse_listing(text: str) -> list[SelftestInfo]:
     """The tests a runner has, from ``-s -t LIST_FILTER`` output or from ``-l`` output."""
     parsed = parse_output(text)
     if parsed.results:
-        return [TestInfo(r.name, parsed.descriptions.get(r.name, "")) for r in parsed.results]
+        return [SelftestInfo(r.name, parsed.descriptions.get(r.name, "")) for r in parsed.results]
     names = [line.strip() for line in text.splitlines()]
-    return [TestInfo(n) for n in names if n and not set(n) <= {"="} and " " not in n
+    return [SelftestInfo(n) for n in names if n and not set(n) <= {"="} and " " not in n
             and not COUNT_RE.match(n) and n != "RESULTS:"]
 
 
