@@ -277,34 +277,40 @@ def list_guest_tests(runner: str) -> list[str]:
 
 def run(ctx: Any) -> dict[str, Any]:
     """The scenario: every requested test, in order; results go out as reports."""
-    args = GuestArgs.from_dict(ctx.args)
-    if not SCX.is_dir():
+    kmsg = Kmsg()
+    try:
+        return run_all(GuestArgs.from_dict(ctx.args), ctx,
+                       cwd=str(getattr(ctx, "scratch", "/tmp")), kmsg=kmsg)
+    finally:
+        kmsg.close()
+
+
+def run_all(args: GuestArgs, reporter: Reporter, *, cwd: str | None = None,
+            scx_root: Path = SCX, kmsg: Kmsg | None = None) -> dict[str, Any]:
+    if not scx_root.is_dir():
         raise GuestFailure("scheduler_unsupported",
-                           "this kernel has no sched_ext (/sys/kernel/sched_ext missing)")
+                           f"this kernel has no sched_ext ({scx_root} missing)")
     if not os.access(args.runner, os.X_OK):
         raise GuestFailure("selftests", f"the selftests runner {args.runner} is not in the guest")
-    state, ops = wait_disabled(args.settle_s)
+    state, ops = wait_disabled(args.settle_s, scx_root)
     if state != "disabled":
         raise GuestFailure("selftests", f"sched_ext is {state!r} ({ops!r}) before any test ran")
     names = list(args.tests) or list_guest_tests(args.runner)
-    kmsg = Kmsg()
-    kmsg.poll()  # the boot log so far is nobody's
-    kmsg.lines.clear()
+    if kmsg is not None:
+        kmsg.poll()  # the boot log so far is nobody's
+        kmsg.lines.clear()
     done = 0
-    try:
-        for i, name in enumerate(names):
-            ctx.report({"selftest": "start", "name": name, "index": i, "total": len(names)})
-            result = run_test(args, name, kmsg, cwd=str(getattr(ctx, "scratch", "/tmp")))
-            ctx.report({"selftest": "done", "result": result.to_dict()})
-            done += 1
-            if result.state_after != "disabled":
-                # Nothing after this can attach its scheduler: the rest did not run.
-                for rest in names[i + 1:]:
-                    ctx.report({"selftest": "done", "result": GuestResult(
-                        rest, Status.NOT_RUN.value,
-                        f"sched_ext stuck {result.state_after!r} after {name}", 0.0, None,
-                        "", "").to_dict()})
-                break
-    finally:
-        kmsg.close()
+    for i, name in enumerate(names):
+        reporter.report({"selftest": "start", "name": name, "index": i, "total": len(names)})
+        result = run_test(args, name, kmsg, cwd=cwd, scx_root=scx_root)
+        reporter.report({"selftest": "done", "result": result.to_dict()})
+        done += 1
+        if result.state_after != "disabled":
+            # Nothing after this can attach its scheduler: the rest cannot run.
+            for rest in names[i + 1:]:
+                reporter.report({"selftest": "done", "result": GuestResult(
+                    rest, Status.NOT_RUN.value,
+                    f"sched_ext stuck {result.state_after!r} after {name}", 0.0, None,
+                    "", "").to_dict()})
+            break
     return {"completed": done, "tests": len(names), "exact": args.exact}

@@ -8,6 +8,7 @@ sched_ext state check) is the real code.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from ktstr.selftests.guest import GuestArgs, run_process, run_test
+from ktstr.guest.sched import GuestFailure
+from ktstr.selftests.guest import GuestArgs, run_all, run_process, run_test
 from ktstr.selftests.parse import SELECT_ENV, Status
+from ktstr.selftests.run import collect
 
 STAND_IN = textwrap.dedent(f"""\
     #!{sys.executable}
@@ -170,3 +173,57 @@ def test_a_test_that_leaves_a_scheduler_attached_fails(runner: Path, scx: Path,
 def test_guest_args_round_trip() -> None:
     args = GuestArgs(runner="/r", tests=("a", "b"), timeout_s=5, exact=False)
     assert GuestArgs.from_dict(args.to_dict()) == args
+
+
+class Reports:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, object]] = []
+
+    def report(self, data: dict[str, object]) -> None:
+        json.dumps(data)  # what the guest context checks before sending
+        self.sent.append(data)
+
+
+def test_a_whole_run_reports_each_test_and_the_host_reads_the_reports(
+        runner: Path, scx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODE", "ok")
+    reports = Reports()
+    names = ("create_dsq", "minimal", "exit")
+    value = run_all(GuestArgs(runner=str(runner), tests=names, settle_s=0.1), reports,
+                    scx_root=scx)
+    assert value == {"completed": 3, "tests": 3, "exact": True}
+    assert [(r["selftest"], r.get("name")) for r in reports.sent[::2]] == [
+        ("start", n) for n in names]
+    results, running = collect(list(names), reports.sent, None, "")
+    assert [(r.name, r.status) for r in results] == [(n, Status.OK) for n in names]
+    assert running is None
+
+
+def test_after_a_stuck_scheduler_the_remaining_tests_do_not_run(
+        runner: Path, scx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODE", "ok")
+    (scx / "state").write_text("disabling\n")  # as if the first test wedged sched_ext
+    with pytest.raises(GuestFailure, match=r"sched_ext is 'disabling' .* before any test ran"):
+        run_all(GuestArgs(runner=str(runner), tests=("minimal",), settle_s=0.1), Reports(),
+                scx_root=scx)
+
+    class Wedge(Reports):
+        def report(self, data: dict[str, object]) -> None:
+            super().report(data)
+            if data.get("selftest") == "start":
+                (scx / "state").write_text("enabled\n")
+
+    (scx / "state").write_text("disabled\n")
+    reports = Wedge()
+    value = run_all(GuestArgs(runner=str(runner), tests=("maximal", "minimal", "exit"),
+                              settle_s=0.1), reports, scx_root=scx)
+    assert value["completed"] == 1
+    results, _ = collect(["maximal", "minimal", "exit"], reports.sent, None, "")
+    assert [r.status for r in results] == [Status.FAIL, Status.NOT_RUN, Status.NOT_RUN]
+    assert results[1].reason == "sched_ext stuck 'enabled' after maximal"
+
+
+def test_a_kernel_without_sched_ext_is_a_guest_failure(runner: Path, tmp_path: Path) -> None:
+    with pytest.raises(GuestFailure) as info:
+        run_all(GuestArgs(runner=str(runner)), Reports(), scx_root=tmp_path / "none")
+    assert info.value.kind == "scheduler_unsupported"
