@@ -10,6 +10,7 @@ import nox
 sys.path.insert(0, str(Path(__file__).parent))
 
 from ktstr.sessions import checks, kernels, vm
+from ktstr.sessions import selftests as kselftests
 
 nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_existing_virtualenvs = True
@@ -75,3 +76,9 @@ for _k, _s in vm.combinations([k for k in _VM_KERNELS if k != _VM_DEFAULT]):
 def gauntlet(session: nox.Session) -> None:
     """Suite x topology presets x flag profiles; `-- --budget SECONDS` picks a covering subset."""
     vm.gauntlet(session)
+
+
+@nox.session
+def selftests(session: nox.Session) -> None:
+    """The kernel's sched_ext selftests in a VM; posargs go to `ktstr selftests`."""
+    kselftests.selftests(session)
