@@ -36,6 +36,7 @@ CONSOLE_TAIL = 4000
 # Failure kinds (GuestRun.failure); guest-side kinds come from ktstr.guest.sched.GuestFailure.
 F_TIMEOUT = "timeout"
 F_VM = "vm_error"
+F_HUNG = "hung"
 F_CHANNEL = "channel"
 F_NO_END = "no_end_marker"
 F_NO_RESULT = "no_result"
@@ -313,7 +314,12 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: A
     console = str(getattr(vm, "console", ""))
     kernel_problem = next(((k, m.group(0).strip()) for k, rx in KERNEL_PROBLEM_RES
                            if (m := rx.search(console))), None)
-    if getattr(vm, "error", None) and not getattr(vm, "timed_out", False) and not (
+    states = "".join(f"\n  {line}" for line in getattr(vm, "vcpu_states", None) or [])
+    if getattr(vm, "reason", "") == F_HUNG:
+        run.failure = F_HUNG
+        run.message = (f"{vm.error}\nvCPU states:{states}\n{vm.detail}\nconsole tail:\n"
+                       f"{console[-CONSOLE_TAIL:]}")
+    elif getattr(vm, "error", None) and not getattr(vm, "timed_out", False) and not (
             getattr(vm, "panicked", False)):
         run.failure, run.message = F_VM, str(vm.error)
     elif guest_failure is not None:
@@ -334,7 +340,8 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: A
                        f"{console[-CONSOLE_TAIL:]}")
     elif getattr(vm, "timed_out", False):
         run.failure = F_TIMEOUT
-        run.message = f"{vm.error or 'guest timed out'}\nconsole tail:\n{console[-CONSOLE_TAIL:]}"
+        run.message = (f"{vm.error or 'guest timed out'}\nvCPU states:{states}\n"
+                       f"console tail:\n{console[-CONSOLE_TAIL:]}")
     elif errors:
         run.failure, run.message = F_CHANNEL, "; ".join(errors)
     elif end is None:
