@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,7 @@ MEMORY_ENV = "KTSTR_SANDBOX_MEMORY_MB"
 CPUS_ENV = "KTSTR_SANDBOX_CPUS"
 TIMEOUT_ENV = "KTSTR_SANDBOX_TIMEOUT"
 DEBUG_ENV = "KTSTR_SANDBOX_DEBUG"     # 1: print the console log and QEMU's output at exit
+QEMU_ARGS_ENV = "KTSTR_SANDBOX_QEMU_ARGS"  # more QEMU options, for diagnosis (e.g. -d cpu_reset)
 MAX_DEFAULT_MEMORY_MB = 8192
 TIMEOUT_EXIT = 124                     # like timeout(1)
 KILL_GRACE_S = 3.0
@@ -326,7 +328,8 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
             cmdline=kernel_cmdline(root, str(init.resolve()), quiet=not debug,
                                    tsc_khz=host_tsc_khz(), hz=kernel_hz(bzimage)),
             shares=[root, *shares], disk=disk.path, console_log=console_log,
-            stdout_path=f"/proc/self/fd/{out_w}", stderr_path=f"/proc/self/fd/{err_w}")
+            stdout_path=f"/proc/self/fd/{out_w}", stderr_path=f"/proc/self/fd/{err_w}",
+            extra_args=tuple(shlex.split(os.environ.get(QEMU_ARGS_ENV, ""))))
         with open(qemu_log, "wb") as log:
             run.proc = subprocess.Popen(
                 qemu_command(machine), stdin=subprocess.DEVNULL, stdout=log,
