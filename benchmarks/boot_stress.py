@@ -52,6 +52,19 @@ def classify(result: VmResult, topology: Topology) -> str:
     return result.reason or "error"
 
 
+def own_tasks() -> str:
+    """This process's threads by state (R running, D uninterruptible, S sleeping): a VM that
+    leaves a thread behind shows up here, and as a load average that keeps growing."""
+    states: Counter[str] = Counter()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        states[stat.rsplit(")", 1)[1].split()[0]] += 1
+    return " ".join(f"{k}{v}" for k, v in sorted(states.items()))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", type=Path, required=True)
@@ -84,7 +97,9 @@ def main() -> int:
                                      "detail": result.detail, "error": result.error})
                     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
                     print(f"{topo.label} {mode} #{i}: {kind} in {wall:.1f} s "
-                          f"(boot_ms {result.boot_ms or 0:.0f}, load {load})", flush=True)
+                          f"(boot_ms {result.boot_ms or 0:.0f}, load {load}, "
+                          f"threads {own_tasks()})",
+                          flush=True)
                     if kind != "completed":
                         print(f"  reason={result.reason} error={result.error}")
                         print("  detail:\n    " + result.detail.replace("\n", "\n    "))
