@@ -154,3 +154,33 @@ def test_editable_install_reads_the_checkout(installed: Installed, tmp_path: Pat
     probe = "from ktstr.paths import kernels_dir; print(kernels_dir())"
     out = _check(installed.run(python, "-c", probe)).stdout.strip()
     assert Path(out) == installed.source / "kernels"
+
+
+def _readme_test_file() -> str:
+    """The README's "Test your own scheduler" example, as the user copies it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Test your own scheduler", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert block.startswith("# tests/test_mine.py\n")
+    return block
+
+
+def test_readme_walkthrough_collects_with_the_installed_plugin(installed: Installed) -> None:
+    repo = installed.outside / "my-scheduler"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "tests" / "test_mine.py").write_text(_readme_test_file())
+    (repo / "build").mkdir()
+    binary = repo / "build" / "scx_mine"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    _check(installed.run(installed.bin("pip"), "install", "-q", "pytest"))
+    specs = repo / "specs.json"
+    proc = subprocess.run(
+        [installed.bin("python"), "-m", "pytest", "tests", "--ktstr-scheduler",
+         "./build/scx_mine", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "--ktstr-dump-specs", str(specs)],
+        cwd=repo, env=installed.env(), capture_output=True, text=True, check=False,
+        timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (spec,) = json.loads(specs.read_text())
+    assert (spec["name"], spec["topology"]) == ("test_llcs_share_fairly", "1n2l2c1t"), spec
