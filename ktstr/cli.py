@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             args = build_parser(argv).parse_args(argv)
+            from ktstr.reap import reap_stale_all
+
+            reap_stale_all()  # what a SIGKILLed earlier run left, by owner pid
             return int(args.func(args) or 0)
         except KtstrError as err:
             print(f"ktstr: error: {err}", file=sys.stderr)
