@@ -32,8 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ktstr import elf, initramfs
-from ktstr.errors import KtstrError
+from ktstr import initramfs
 from ktstr.selftests.parse import parse_output
 from ktstr.topology import Topology
 from ktstr.vmm.cli import BUSYBOX
@@ -66,19 +65,8 @@ reboot -f
 
 def build_initramfs(path: Path, runner: Path, busybox: Path = BUSYBOX) -> Path:
     """busybox + the runner and its libraries + an /init that runs it once and powers off."""
-    closure = elf.library_closure([str(runner)])
-    if closure.missing:
-        raise KtstrError(f"{runner}: shared libraries not found: {sorted(closure.missing)}")
-    archive = initramfs.Archive()
-    archive.add_host_file("bin/busybox", busybox, 0o755)
-    for name in (str(runner), *closure.files):
-        initramfs.add_host_path(archive, name)
-    archive.add_file("init", (INIT % {"runner": runner, "begin": BEGIN, "done": DONE}).encode(),
-                     0o755)
-    for d in ("proc", "sys", "dev", "tmp"):
-        archive.add_dir(d)
-    archive.add_chardev("dev/console", 5, 1)
-    return initramfs.write_archive(path, archive)
+    init = INIT % {"runner": runner, "begin": BEGIN, "done": DONE}
+    return initramfs.write_archive(path, initramfs.busybox_archive(busybox, init, [runner]))
 
 
 def run_qemu(qemu: str, kernel: Path, initrd: Path, topo: Topology, memory_mb: int,

@@ -295,6 +295,29 @@ def write_archive(path: Path | str, entries: Iterable[CpioEntry] | Archive,
 # --- host paths mirrored into the guest ----------------------------------------------------
 
 
+def busybox_archive(busybox: Path, init: str, binaries: Iterable[Path | str] = ()) -> Archive:
+    """A minimal boot archive: static busybox at /bin/busybox, ``init`` as /init, the host
+    ``binaries`` with their shared-library closure at their host paths, /proc /sys /dev /tmp
+    and /dev/console. For one-shot guests (reports, mkfs, benchmarks) that need no Python."""
+    if not busybox.is_file():
+        raise KtstrError(f"{busybox} not found: {tools.install_hint('busybox')}")
+    names = [str(b) for b in binaries]
+    archive = Archive()
+    archive.add_host_file("bin/busybox", busybox, 0o755)
+    if names:
+        closure = elf.library_closure(names)
+        if closure.missing:
+            raise KtstrError(f"{', '.join(names)}: shared libraries not found: "
+                             f"{sorted(closure.missing)}")
+        for name in (*names, *closure.files):
+            add_host_path(archive, name)
+    archive.add_file("init", init.encode(), 0o755)
+    for d in ("proc", "sys", "dev", "tmp"):
+        archive.add_dir(d)
+    archive.add_chardev("dev/console", 5, 1)
+    return archive
+
+
 def add_host_path(archive: Archive, path: str, data: bytes | None = None,
                   mtime: int | None = None, _depth: int = 0) -> str:
     """Pack host ``path`` at the same absolute path in the guest, mirroring symlinks.

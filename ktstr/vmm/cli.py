@@ -93,18 +93,7 @@ def build_initramfs(path: Path, busybox: Path = BUSYBOX) -> Path:
     """The built-in report init: busybox (static) plus the script above as /init."""
     from ktstr import initramfs
 
-    if not busybox.is_file():
-        raise KtstrError(
-            f"{busybox} not found: install busybox-static (apt-get install busybox-static)"
-        )
-    archive = initramfs.Archive()
-    archive.add_host_file("bin/busybox", busybox, 0o755)
-    archive.add_file("init", init_script().encode(), 0o755)
-    archive.add_dir("proc")
-    archive.add_dir("sys")
-    archive.add_dir("dev")
-    archive.add_chardev("dev/console", 5, 1)
-    return initramfs.write_archive(path, archive)
+    return initramfs.write_archive(path, initramfs.busybox_archive(busybox, init_script()))
 
 
 # --- what the guest saw ------------------------------------------------------------------------

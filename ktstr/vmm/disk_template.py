@@ -386,33 +386,16 @@ printf "\\$(printf %%03o $rc)" | /bin/busybox dd of=/dev/port bs=1 seek=%(exit_p
 
 def build_initramfs(path: Path, fs: Filesystem, mkfs: Path, busybox: Path) -> Path:
     """busybox + the host mkfs and its shared libraries + an /init that formats /dev/vda."""
-    from ktstr import elf, initramfs
+    from ktstr import initramfs
     from ktstr.vmm import layout
 
-    closure = elf.library_closure([str(mkfs)])
-    if closure.missing:
-        raise KtstrError(f"{mkfs}: shared libraries not found: {sorted(closure.missing)}")
-    archive = initramfs.Archive()
-    archive.add_host_file("bin/busybox", busybox, 0o755)
-    for name in (str(mkfs), *closure.files):
-        initramfs.add_host_path(archive, name)
-    archive.add_file(
-        "init",
-        (
-            _BUILD_INIT
-            % {
-                "mkfs": mkfs,
-                "args": " ".join(_MKFS_ARGS[fs]),
-                "marker": MKFS_MARKER,
-                "exit_port": layout.EXIT_PORT,
-            }
-        ).encode(),
-        0o755,
-    )
-    for d in ("proc", "sys", "dev", "tmp"):
-        archive.add_dir(d)
-    archive.add_chardev("dev/console", 5, 1)
-    return initramfs.write_archive(path, archive)
+    init = _BUILD_INIT % {
+        "mkfs": mkfs,
+        "args": " ".join(_MKFS_ARGS[fs]),
+        "marker": MKFS_MARKER,
+        "exit_port": layout.EXIT_PORT,
+    }
+    return initramfs.write_archive(path, initramfs.busybox_archive(busybox, init, [mkfs]))
 
 
 def build_template_via_vm(image: Path, fs: Filesystem, mkfs: Path, kernel: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ktstr import elf
+from ktstr import elf, initramfs
 from ktstr.errors import KtstrError
 from ktstr.initramfs import (
     TRAILER,
@@ -318,3 +318,20 @@ def test_packed_runtime_imports_in_a_chroot(base_env: Path, tmp_path: Path) -> N
                           env={}, preexec_fn=enter_root)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "2"
+
+
+def test_busybox_archive_has_init_console_and_a_binary_with_its_libraries() -> None:
+    from ktstr.vmm.cli import BUSYBOX
+
+    if not BUSYBOX.is_file():
+        pytest.skip("busybox-static is not installed")
+    archive = initramfs.busybox_archive(BUSYBOX, "#!/bin/busybox sh\n", ["/usr/bin/env"])
+    names = {e.name for e in archive.entries}
+    assert {"bin/busybox", "init", "dev/console", "proc", "tmp"} <= names
+    assert "usr/bin/env" in names or any(n.endswith("bin/env") for n in names)
+    assert any("libc.so" in n for n in names)
+
+
+def test_busybox_archive_names_the_package_when_busybox_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(KtstrError, match="busybox-static"):
+        initramfs.busybox_archive(tmp_path / "nope", "")
