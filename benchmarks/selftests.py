@@ -41,13 +41,7 @@ from ktstr.vmm.vm import DEFAULT_CMDLINE, EXIT_FRUGAL_CMDLINE, QUIET_CMDLINE
 BEGIN = "KTSTR-SELFTESTS-BEGIN"
 DONE = "KTSTR-SELFTESTS-DONE"
 
-INIT = r"""#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
+INIT = initramfs.BUSYBOX_INIT_PREAMBLE + r"""
 # Kernel messages would interleave with the runner's lines on the console; /tmp is in
 # the initramfs (RAM) already.
 dmesg -n 1

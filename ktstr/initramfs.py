@@ -295,6 +295,17 @@ def write_archive(path: Path | str, entries: Iterable[CpioEntry] | Archive,
 # --- host paths mirrored into the guest ----------------------------------------------------
 
 
+BUSYBOX_INIT_PREAMBLE = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+"""
+"""The first lines of a :func:`busybox_archive` /init: applets on PATH, /dev /proc /sys."""
+
+
 def busybox_archive(busybox: Path, init: str, binaries: Iterable[Path | str] = ()) -> Archive:
     """A minimal boot archive: static busybox at /bin/busybox, ``init`` as /init, the host
     ``binaries`` with their shared-library closure at their host paths, /proc /sys /dev /tmp

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ktstr import reap
+from ktstr import initramfs, reap
 from ktstr.cliargs import add_vm_arguments
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
@@ -31,13 +31,7 @@ COM2_PROBE = "KTSTR-COM2"
 EXIT_SITES_SHOWN = 16
 """How many of the most frequent exit sites (port/address) the report lists."""
 
-INIT_SCRIPT = r"""#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
+INIT_SCRIPT = initramfs.BUSYBOX_INIT_PREAMBLE + r"""
 printf '\%(magic)03o' | dd of=/dev/port bs=1 seek=%(boot_port)d count=1 2>/dev/null
 # Report lines go through /dev/kmsg: printk reaches the console by polling, so they do
 # not depend on serial interrupts. <2> keeps them visible under `quiet`.
