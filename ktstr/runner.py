@@ -346,8 +346,12 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: A
         run.failure, run.message = F_CHANNEL, "; ".join(errors)
     elif end is None:
         run.failure = F_NO_END
-        run.message = ("guest ended without its end marker (init died or the channel lost "
-                       f"data)\nconsole tail:\n{console[-CONSOLE_TAIL:]}")
+        how = getattr(vm, "reason", "") or "?"
+        detail = str(getattr(vm, "detail", "") or "")
+        seen = ", ".join(sorted(by_type)) or "none"
+        run.message = (f"guest ended ({how}{': ' + detail if detail else ''}) without its end "
+                       f"marker (init died or the channel lost data; messages received: "
+                       f"{seen})\nconsole tail:\n{console[-CONSOLE_TAIL:]}")
     elif scenario_mode and not results:
         run.failure, run.message = F_NO_RESULT, "the scenario sent no result"
     elif scenario_mode and end.get("exit_code") != 0:
