@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +103,9 @@ def compare_samples(
     else:
         from scipy.stats import ttest_ind
 
-        p_value = float(ttest_ind(xb, xa, equal_var=False).pvalue)
+        with warnings.catch_warnings():  # near-constant samples: the p-value says enough
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p_value = float(ttest_ind(xb, xa, equal_var=False).pvalue)
         if math.isnan(p_value):
             return MetricComparison(key, metric, a, b, Status.NOT_COMPARABLE,
                                     note="t-test undefined for these samples")

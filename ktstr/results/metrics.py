@@ -246,10 +246,9 @@ def check_status(record: Record) -> list[tuple[str, str]]:
             else:
                 why = (f"not evaluated: turned off by the test's or the scheduler's checks "
                        f"(Checks.{field})")
-        elif record.get("failure_kind") and not record.get("console_tail"):
-            why = "not evaluated: the run failed and left no console log to scan"
-        else:
-            why = "not evaluated: health checks were turned off (Checks.health=False)"
+        else:  # the sidecar does not keep the resolved checks, so both causes are named
+            why = ("not evaluated: there was no console log to scan, or the checks turned "
+                   "health off (Checks.health=False)")
         out.append((name, why))
     for name, rows in seen.items():
         failed = [r for r in rows if not r.get("passed", True)]
