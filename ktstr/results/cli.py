@@ -1,4 +1,5 @@
-"""``ktstr stats``: list runs, show one, compare two, draw a report."""
+"""``ktstr stats``: list runs, show one, compare two, list the metrics, explain a result,
+draw a report."""
 
 from __future__ import annotations
 
@@ -10,8 +11,31 @@ from pathlib import Path
 from typing import Any
 
 from ktstr.errors import KtstrError
-from ktstr.results.compare import DEFAULT_REL_THRESHOLD, compare_runs, format_comparison
-from ktstr.results.sidecar import list_runs, load_run, resolve_run, result_key, results_root
+from ktstr.results.compare import (
+    DEFAULT_ALPHA,
+    Gates,
+    check_comparable,
+    compare_runs,
+    comparison_json,
+    context_lines,
+    format_comparison,
+)
+from ktstr.results.metrics import (
+    REGISTRY,
+    check_status,
+    get_metric,
+    repeats_of,
+    significance_note,
+    why_missing,
+)
+from ktstr.results.sidecar import (
+    Record,
+    list_runs,
+    load_run,
+    resolve_run,
+    result_key,
+    results_root,
+)
 
 
 def register(sub: Any) -> None:
@@ -32,21 +56,44 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_show)
 
     p = ssub.add_parser(
-        "compare", help="compare two runs metric by metric; exit 1 on a regression"
+        "compare", help="compare two runs metric by metric (Welch's t-test over the repeats, "
+        "behind each metric's gates); exit 1 on regressions"
     )
     p.add_argument("run_a", help="baseline run (id, path, 'previous')")
     p.add_argument("run_b", help="candidate run (id, path, 'latest')")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                   help="significance level of the t-test (default %(default)s)")
     p.add_argument(
-        "--threshold", type=float, default=DEFAULT_REL_THRESHOLD * 100, metavar="PCT",
-        help="relative change in the worse direction that counts as a regression "
-        "(percent, default %(default)s)",
+        "--fail-threshold", type=int, default=1, metavar="K",
+        help="exit 1 when K or more metrics regressed significantly (default %(default)s)",
+    )
+    p.add_argument(
+        "--must-not-regress", default="", metavar="METRIC,...",
+        help="exit 1 if any of these metrics regressed, whatever --fail-threshold says",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=None, metavar="PCT",
+        help="relative gate for every metric, in percent (default: each metric's own, "
+        "see `ktstr stats metrics`)",
     )
     p.add_argument(
         "--abs", action="append", default=[], metavar="METRIC=VALUE",
         help="absolute gate for metrics whose name contains METRIC (repeatable)",
     )
+    p.add_argument("--force", action="store_true",
+                   help="compare the shared tests of runs whose tests or topologies differ")
     p.add_argument("--all", action="store_true", help="print unchanged metrics too")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
     p.set_defaults(func=cmd_compare)
+
+    p = ssub.add_parser("metrics", help="list the metrics compare gates, with units and gates")
+    p.add_argument("--json", action="store_true", help="print the registry as JSON")
+    p.set_defaults(func=cmd_metrics)
+
+    p = ssub.add_parser("explain", help="say why metrics or checks are missing from a result")
+    p.add_argument("run", help="run id, path, 'latest' or 'previous'")
+    p.add_argument("test", help="test id (or a part of it that names one result)")
+    p.set_defaults(func=cmd_explain)
 
     p = ssub.add_parser("report", help="HTML report with per-CPU and per-worker timelines")
     p.add_argument("run", help="run id, path, 'latest' or 'previous'")
@@ -86,10 +133,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"run {run.name}: {len(records)} result(s) in {run}")
     total = 0.0
     for r in records:
-        wall = float((r.get("timings") or {}).get("wall_s") or 0.0)
+        timings = r.get("timings") or {}
+        runs = len(repeats_of(r))
+        # A repeated test's wall time is all its runs' (timings.wall_s is the one shown).
+        wall = float(timings.get("total_wall_s" if runs > 1 else "wall_s")
+                     or timings.get("wall_s") or 0.0)
         total += wall
         kernel = (r.get("kernel") or {}).get("version") or (r.get("kernel") or {}).get("id", "?")
-        print(f"  {r.get('verdict') or '?':<6} {wall:7.1f}s  {result_key(r)}  kernel {kernel}")
+        times = f"  x{runs}" if runs > 1 else ""
+        print(f"  {r.get('verdict') or '?':<6} {wall:7.1f}s  {result_key(r)}  kernel "
+              f"{kernel}{times}")
         if r.get("verdict") not in ("pass", "skip") and r.get("reason"):
             print(f"         {str(r['reason']).splitlines()[0][:160]}")
         for check in r.get("checks") or []:
@@ -116,19 +169,77 @@ def _parse_abs(items: list[str]) -> dict[str, float]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    if not 0 <= args.threshold < math.inf:  # NaN would never flag anything
+    if args.threshold is not None and not 0 <= args.threshold < math.inf:  # NaN flags nothing
         raise KtstrError(f"--threshold {args.threshold}: use a percentage >= 0")
+    if not 0 < args.alpha < 1:
+        raise KtstrError(f"--alpha {args.alpha}: use a significance level between 0 and 1")
+    if args.fail_threshold < 1:
+        raise KtstrError(f"--fail-threshold {args.fail_threshold}: use a count >= 1")
+    must = [get_metric(n.strip()).name for n in args.must_not_regress.split(",") if n.strip()]
+    gates = Gates(None if args.threshold is None else args.threshold / 100.0,
+                  _parse_abs(args.abs))
     run_a = resolve_run(args.run_a, args.root)
     run_b = resolve_run(args.run_b, args.root)
-    cmp = compare_runs(
-        load_run(run_a), load_run(run_b), args.threshold / 100.0, _parse_abs(args.abs)
-    )
-    print(f"A = {run_a.name}  B = {run_b.name}  threshold {args.threshold:g}%")
-    for line in format_comparison(cmp, show_all=args.all):
+    records_a, records_b = load_run(run_a), load_run(run_b)
+    cmp = compare_runs(records_a, records_b, args.alpha, gates)
+    check_comparable(cmp, args.force)
+    failures = cmp.failures(args.fail_threshold, must)
+    if args.json:
+        print(json.dumps({**comparison_json(cmp), "failures": failures}, indent=1))
+        return 1 if failures else 0
+    gate = "registry gates" if args.threshold is None else f"relative gate {args.threshold:g}%"
+    print(f"A = {run_a.name}  B = {run_b.name}  alpha {args.alpha:g}, {gate}")
+    for line in [*context_lines(records_a, records_b), *format_comparison(cmp, args.all)]:
         print(line)
-    if not cmp.deltas and not cmp.verdict_changes:
-        print("warning: no common results to compare")
-    return 1 if cmp.regressed else 0
+    for why in failures:
+        print(f"FAIL: {why}")
+    return 1 if failures else 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps([m.to_dict() for m in REGISTRY], indent=1))
+        return 0
+    print(f"{'metric':<24} {'unit':<8} {'direction':<17} {'abs gate':>9} {'rel gate':>8}  "
+          "source / meaning")
+    for m in REGISTRY:
+        print(f"{m.name:<24} {m.unit:<8} {m.direction.text:<17} {m.abs_gate:>9g} "
+              f"{m.rel_gate * 100:>7g}%  {m.source}: {m.description}")
+    return 0
+
+
+def _find_result(records: list[Record], test: str, run: Path) -> Record:
+    exact = [r for r in records if test in (r.get("test"), result_key(r))]
+    found = exact or [r for r in records if test in result_key(r)]
+    if len(found) == 1:
+        return found[0]
+    names = ", ".join(result_key(r) for r in (found or records)[:5]) or "none"
+    if found:
+        raise KtstrError(f"{test!r} names {len(found)} results in {run.name}: {names}; "
+                         "give more of the test id")
+    raise KtstrError(f"no result for {test!r} in {run.name} (results: {names})")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    run = resolve_run(args.run, args.root)
+    record = _find_result(load_run(run), args.test, run)
+    n = len(repeats_of(record))
+    print(f"{result_key(record)}: verdict {record.get('verdict', '?')}, {n} run(s)")
+    if note := significance_note(record):
+        print(f"  note: {note}")
+    print("metrics:")
+    for metric in REGISTRY:
+        why = why_missing(metric, record)
+        values = metric.samples(record)
+        if why is None:
+            shown = ", ".join(f"{v:.4g}" for v in values[:5]) + (", ..." if n > 5 else "")
+            print(f"  {metric.name:<24} present: {shown} {metric.unit}")
+        else:
+            print(f"  {metric.name:<24} missing: {why}")
+    print("checks:")
+    for name, what in check_status(record):
+        print(f"  {name:<24} {what}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

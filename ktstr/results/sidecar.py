@@ -10,7 +10,16 @@ skip), ``reason``, ``checks`` [{name, passed, value, threshold, detail}],
 ``metrics`` {cgroups: {name: {...}}, workers: [{cgroup, worker, ...}]},
 ``summary`` {metric: number} (what ``stats compare`` diffs), ``timeline``
 (optional samples for the report), ``console_tail`` (on failure),
-``timings`` {started, finished, wall_s, boot_ms, vm_s}.
+``timings`` {started, finished, wall_s, boot_ms, vm_s}, ``host`` {cpu_model,
+nr_cpus, loadavg, kernel_release, ktstr_version, sandbox} (where it ran).
+
+A test run N > 1 times (``--ktstr-repeat``) adds ``repeats`` [{repeat, verdict,
+reason, failure_kind, summary, timings}] (every run's numbers), ``repeat_summary``
+{metric: {n, mean, stddev, min, max}} over the registry metrics, and
+``repeat_shown`` (which repeat the top-level telemetry, checks and console are
+from: the first that failed, else the last). The top level keeps the one-run
+shape, so readers that predate repeats see one real run; ``verdict`` fails if
+any repeat failed.
 """
 
 from __future__ import annotations
@@ -129,6 +138,37 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def host_context() -> dict[str, Any]:
+    """Where a result was measured, for ``stats compare`` to print what differs."""
+    import ktstr
+    from ktstr.sandbox.detect import in_sandbox
+
+    try:
+        load: list[float] | None = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {
+        "cpu_model": _cpu_model(),
+        "nr_cpus": os.cpu_count(),
+        "loadavg": load,
+        "kernel_release": os.uname().release,
+        "ktstr_version": ktstr.__version__,
+        "sandbox": in_sandbox(),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", errors="replace") as fh:
+            for line in fh:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 def list_runs(root: Path | None = None) -> list[Path]:
     """Run directories, oldest first (run ids are sortable timestamps by default)."""
     base = root or results_root()
@@ -185,7 +225,8 @@ def record_problem(data: object) -> str | None:
     """
     if not isinstance(data, dict) or not isinstance(data.get("test"), str):
         return "not a ktstr sidecar (no 'test' string)"
-    for key in ("kernel", "scheduler", "timings", "summary", "metrics", "timeline"):
+    for key in ("kernel", "scheduler", "timings", "summary", "metrics", "timeline", "host",
+                "repeat_summary"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             return f"{key!r} must be an object"
     for key in ("verdict", "reason"):
@@ -193,12 +234,21 @@ def record_problem(data: object) -> str | None:
             return f"{key!r} must be a string"
     if data.get("checks") is not None and not _objects(data["checks"]):
         return "'checks' must be a list of objects"
+    repeats = data.get("repeats")
+    if repeats is not None:
+        if not _objects(repeats):
+            return "'repeats' must be a list of objects"
+        for i, run in enumerate(repeats, 1):
+            for key in ("summary", "timings"):
+                if run.get(key) is not None and not isinstance(run[key], dict):
+                    return f"repeats[{i}].{key} must be an object"
     metrics = data.get("metrics") or {}
     if metrics.get("workers") is not None and not _objects(metrics["workers"]):
         return "metrics.workers must be a list of objects"
-    wall = (data.get("timings") or {}).get("wall_s")
-    if wall is not None and not (is_number(wall) and math.isfinite(wall)):
-        return "timings.wall_s must be a number"
+    for key in ("wall_s", "total_wall_s"):
+        wall = (data.get("timings") or {}).get(key)
+        if wall is not None and not (is_number(wall) and math.isfinite(wall)):
+            return f"timings.{key} must be a number"
     timeline = data.get("timeline") or {}
     interval = timeline.get("interval_ms")
     if interval is not None and not (is_number(interval) and 0 < interval < math.inf):

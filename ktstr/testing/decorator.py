@@ -29,6 +29,7 @@ MAX_MEMORY_MB = 1 << 20
 MAX_DURATION_S = 3600.0
 DEFAULT_TOPOLOGY = "1n2l2c1t"
 DEFAULT_DURATION_S = 2.0
+MAX_REPEAT = 100
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,6 +53,8 @@ class KtstrTestSpec:
     timeout: float | None = None
     constraints: Constraints = field(default_factory=Constraints)
     gauntlet: bool = True
+    repeat: int = 1
+    """Runs per test (a fresh VM each), so ``stats compare`` can test significance."""
 
     @property
     def target(self) -> str:
@@ -89,6 +92,17 @@ def _positive(name: str, value: Any, where: str, *, upper: float | None = None) 
     if upper is not None and value > upper:
         raise KtstrError(f"{where}: {name}={value!r} is over the {upper:g} s limit")
     return float(value)
+
+
+def check_repeat(value: object, where: str) -> int:
+    """A repeat count: an integer in 1..MAX_REPEAT."""
+    if isinstance(value, str) and value.strip().isdecimal():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REPEAT:
+        raise KtstrError(
+            f"{where}: repeat={value!r} must be a whole number of runs from 1 to {MAX_REPEAT}"
+        )
+    return value
 
 
 def _topology(value: Any, where: str) -> Topology:
@@ -171,6 +185,7 @@ def ktstr_test(
     requires_smt: bool = False,
     requires_sched_ext: bool = False,
     gauntlet: bool = True,
+    repeat: int = 1,
 ) -> Any:
     """Declare ``scenario(ctx) -> AssertResult | dict`` as a VM test.
 
@@ -181,6 +196,8 @@ def ktstr_test(
     fails (scheduler error, watchdog ejection, failed check); a string is a
     regex the failure's description must match (e.g. ``"stall"``). The remaining
     keywords constrain which topologies the gauntlet may run the test on.
+    ``repeat`` runs the test that many times, each in a fresh VM (``--ktstr-repeat``
+    overrides it); the sidecar keeps every run's numbers and fails if any run failed.
     """
 
     def wrap(fn: F) -> F:
@@ -245,6 +262,7 @@ def ktstr_test(
         if why:
             raise KtstrError(f"{where}: topology {topo.label} breaks its own constraint: {why}")
         _check_checks(checks, where)
+        runs = check_repeat(repeat, where)
         spec = KtstrTestSpec(
             module=fn.__module__,
             qualname=fn.__qualname__,
@@ -260,6 +278,7 @@ def ktstr_test(
             timeout=tmo,
             constraints=constraints,
             gauntlet=gauntlet,
+            repeat=runs,
         )
         wrapper = _guest_entry(fn)
         setattr(wrapper, SPEC_ATTR, spec)

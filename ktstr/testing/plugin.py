@@ -8,6 +8,8 @@ the checks and writes a result sidecar. The kernel and scheduler come from
 unless the test pins a scheduler. ``--ktstr-gauntlet PLAN`` expands each test
 into the plan's variants; ``--ktstr-dump-specs FILE`` writes the suite's
 declarations (for the gauntlet and the disk-template pre-build).
+``--ktstr-repeat N`` runs every VM test N times (a fresh VM each; it overrides
+``@ktstr_test(repeat=)``) and writes one sidecar with every run's numbers.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ktstr.errors import KtstrError
 from ktstr.reap import reap_stale_all
 from ktstr.results.sidecar import results_root, run_id
 from ktstr.scheduler import BUILTIN, FlagProfile, Scheduler, parse_scheduler_option
-from ktstr.testing.decorator import KtstrTestSpec, spec_of
+from ktstr.testing.decorator import MAX_REPEAT, KtstrTestSpec, check_repeat, spec_of
 from ktstr.topology import Topology
 
 KERNEL_ENV = "KTSTR_KERNEL"
@@ -56,6 +58,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="run each test as the variants listed in this gauntlet plan (JSON)",
     )
     group.addoption(
+        "--ktstr-repeat", default=None, metavar="N",
+        help=f"run each VM test N times (1-{MAX_REPEAT}, a fresh VM each) so that "
+        "`ktstr stats compare` can test significance; overrides @ktstr_test(repeat=)",
+    )
+    group.addoption(
         "--ktstr-dump-specs", default=None, metavar="FILE",
         help="write the collected VM tests' declarations as JSON",
     )
@@ -71,6 +78,8 @@ class SessionState:
     _kernel: Any = None
     _kvm: Any = None
     plan: list[Any] | None = None
+    repeat: int | None = None
+    """``--ktstr-repeat``: runs per VM test, over what each test declares."""
     specs: dict[str, KtstrTestSpec] = field(default_factory=dict)
     walls: list[tuple[str, str, float]] = field(default_factory=list)
     test_files: tuple[Path, ...] = ()
@@ -147,6 +156,12 @@ def pytest_configure(config: pytest.Config) -> None:
         state.default_scheduler()
     except KtstrError as err:
         raise pytest.UsageError(f"--ktstr-scheduler / {SCHEDULER_ENV}: {err}") from None
+    repeat = config.getoption("ktstr_repeat")
+    if repeat is not None:
+        try:
+            state.repeat = check_repeat(repeat, "--ktstr-repeat")
+        except KtstrError as err:
+            raise pytest.UsageError(str(err)) from None
     plan_path = config.getoption("ktstr_gauntlet")
     if plan_path:
         from ktstr.gauntlet import read_plan
@@ -276,11 +291,17 @@ class KtstrItem(pytest.Item):
                 binaries=state.base_binaries(),
                 phases={"resolve_s": round(time.time() - started, 3)},
             )
-            outcome = run.boot(plan)
-            checks = run.evaluate_checks(plan, outcome)
-            verdict = run.judge(outcome, checks, self.spec.expect_err)
-            finished = time.time()
-            sidecar = run.write_result(plan, verdict, outcome, started, finished)
+            attempts: list[run.Attempt] = []
+            for _ in range(state.repeat or self.spec.repeat):
+                # Each repeat's wall time starts at its boot: resolving (kernel, scheduler)
+                # happens once and is timings.resolve_s.
+                boot_started = time.time()
+                outcome = run.boot(plan)
+                checks = run.evaluate_checks(plan, outcome)
+                verdict = run.judge(outcome, checks, self.spec.expect_err)
+                attempts.append(run.Attempt(verdict, outcome, boot_started, time.time()))
+            verdict, shown, sidecar = run.write_results(plan, attempts)
+            outcome = attempts[shown].outcome
         except KtstrError as err:
             raise KtstrTestFailure(f"{self.nodeid}: {err}") from None
         finally:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ktstr.results.sidecar import summarize_workers, write_sidecar
+from ktstr.results.metrics import repeat_summary
+from ktstr.results.sidecar import host_context, summarize_workers, write_sidecar
 from ktstr.scheduler import FlagProfile, Scheduler
 from ktstr.testing.decorator import KtstrTestSpec
 from ktstr.topology import Topology
@@ -259,6 +260,7 @@ def sidecar_record(
             **outcome.phases,
             **plan.phases,
         },
+        "host": host_context(),
     }
 
 
@@ -266,6 +268,74 @@ def write_result(
     plan: RunPlan, verdict: Verdict, outcome: GuestOutcome, started: float, finished: float
 ) -> Path:
     return write_sidecar(sidecar_record(plan, verdict, outcome, started, finished))
+
+
+@dataclass
+class Attempt:
+    """One run of a repeated test: its own VM, verdict and times."""
+
+    verdict: Verdict
+    outcome: GuestOutcome
+    started: float
+    finished: float
+
+
+MAX_REASONS = 5
+"""Failed repeats whose reasons a combined verdict spells out (the rest are counted)."""
+
+
+def combined_verdict(attempts: Sequence[Attempt]) -> tuple[Verdict, int]:
+    """The verdict of all repeats (failed if any failed, naming them) and the index of
+    the repeat that stands for them: the first failed one, else the last."""
+    if not attempts:
+        raise ValueError("no attempts")
+    if len(attempts) == 1:
+        return attempts[0].verdict, 0
+    failed = [i for i, a in enumerate(attempts) if not a.verdict.passed]
+    if not failed:
+        return Verdict(True, "pass", "", attempts[-1].verdict.checks), len(attempts) - 1
+    which = ", ".join(str(i + 1) for i in failed)
+    reasons = "; ".join(
+        f"repeat {i + 1}: {attempts[i].verdict.reason.splitlines()[0][:200]}"
+        for i in failed[:MAX_REASONS]
+    )
+    more = f"; {len(failed) - MAX_REASONS} more" if len(failed) > MAX_REASONS else ""
+    status = "error" if any(attempts[i].verdict.status == "error" for i in failed) else "fail"
+    reason = f"repeat(s) {which} of {len(attempts)} failed: {reasons}{more}"
+    return Verdict(False, status, reason, attempts[failed[0]].verdict.checks), failed[0]
+
+
+def repeated_record(plan: RunPlan, attempts: Sequence[Attempt]) -> dict[str, Any]:
+    """The sidecar of a test run ``len(attempts)`` times: one run's shape at the top
+    level (the representative repeat), every run's numbers under ``repeats``."""
+    records = [sidecar_record(plan, a.verdict, a.outcome, a.started, a.finished)
+               for a in attempts]
+    if len(records) == 1:
+        return records[0]
+    verdict, shown = combined_verdict(attempts)
+    record = dict(records[shown])
+    record.update(
+        verdict=verdict.status,
+        reason=verdict.reason,
+        repeat_shown=shown + 1,
+        repeats=[
+            {"repeat": i, "verdict": r["verdict"], "reason": r["reason"],
+             "failure_kind": r["failure_kind"], "summary": r["summary"], "timings": r["timings"]}
+            for i, r in enumerate(records, 1)
+        ],
+        repeat_summary=repeat_summary(records),
+    )
+    record["timings"] = {
+        **record["timings"],
+        "total_wall_s": round(sum(a.finished - a.started for a in attempts), 3),
+    }
+    return record
+
+
+def write_results(plan: RunPlan, attempts: Sequence[Attempt]) -> tuple[Verdict, int, Path]:
+    """Write the one sidecar of all ``attempts``; (combined verdict, shown repeat, path)."""
+    verdict, shown = combined_verdict(attempts)
+    return verdict, shown, write_sidecar(repeated_record(plan, attempts))
 
 
 DEFAULT_MEMORY_MB = 1024
