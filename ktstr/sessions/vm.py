@@ -20,10 +20,12 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nox
 
+from ktstr.gauntlet import Shard
 from ktstr.scheduler import BUILTIN
 from ktstr.sessions import kernels, system
 
@@ -182,38 +184,101 @@ def vm_tests_for(kernel: str, scheduler: str) -> Callable[[nox.Session], None]:
     return session_func
 
 
-def gauntlet(session: nox.Session) -> None:
-    """The suite x topology presets x flag profiles; `-- --budget SECONDS [--kernel ID]`."""
+def kernel_plan_path(plan: Path, kernel: str) -> Path:
+    """Where the plan helper writes the cells of one kernel (each kernel is one pytest run)."""
+    return plan.with_name(f"{plan.stem}.{kernel}{plan.suffix}")
+
+
+@dataclass(frozen=True)
+class GauntletOptions:
+    """The gauntlet session's posargs, parsed."""
+
+    kernels: list[str]
+    shard: Shard | None
+    budget: float | None
+    schedulers: list[str]
+    pytest_args: list[str]
+
+
+def gauntlet_options(posargs: Sequence[str], default_kernel: str) -> GauntletOptions:
+    """Parse `nox -s gauntlet -- ...`; a bad --shard or --kernels is a one-line KtstrError."""
     import argparse
+
+    from ktstr.errors import KtstrError
+    from ktstr.gauntlet import Shard, parse_kernels
 
     parser = argparse.ArgumentParser(prog="nox -s gauntlet --")
     parser.add_argument("--budget", type=float, default=None, help="estimated seconds to spend")
-    parser.add_argument("--kernel", default=None)
+    parser.add_argument("--kernel", default=None, help="one kernel id (default: the catalog's)")
+    parser.add_argument("--kernels", default=None, help="comma-separated kernel ids: 6.12,6.1")
+    parser.add_argument("--shard", default=None, help="run shard I of N (1-based), e.g. 2/4")
     parser.add_argument("--scheduler", action="append", default=None, choices=SCHEDULERS)
     parser.add_argument("pytest_args", nargs="*")
-    opts = parser.parse_args(session.posargs)
+    opts = parser.parse_args(list(posargs))
+    if opts.kernels is not None and opts.kernel is not None:
+        raise KtstrError("gauntlet: give --kernels or --kernel, not both")
+    kernels = parse_kernels(opts.kernels) if opts.kernels is not None else [
+        opts.kernel or default_kernel]
+    return GauntletOptions(
+        kernels=kernels,
+        shard=Shard.parse(opts.shard) if opts.shard is not None else None,
+        budget=opts.budget,
+        schedulers=list(opts.scheduler or ()),
+        pytest_args=list(opts.pytest_args),
+    )
+
+
+def gauntlet(session: nox.Session) -> None:
+    """The suite x topology presets x flag profiles x kernels;
+    `-- [--budget SECONDS] [--kernels ID,ID | --kernel ID] [--shard I/N] [--scheduler NAME]`.
+
+    Every shard computes the same plan and runs its own cells (``ktstr.gauntlet.Shard``);
+    each kernel runs as its own pytest session, and a failing kernel does not stop the rest.
+    """
+    from nox.command import CommandFailed
+
+    from ktstr.errors import KtstrError  # stdlib-only, like everything imported here
+
     default, _ids = catalog()
-    kernel = opts.kernel or default
+    try:
+        opts = gauntlet_options(session.posargs, default)
+    except KtstrError as err:
+        session.error(str(err))
+    kernel_ids, shard = opts.kernels, opts.shard
     install(session)
-    sched_ext = bool(kernel_has_sched_ext(kernel))
-    prepare(session, kernel)
+    for kernel in kernel_ids:
+        prepare(session, kernel)
     tmp = Path(session.create_tmp())
     specs = tmp / "specs.json"
     session.run("python", "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
                 "--ktstr-dump-specs", str(specs), SUITE, silent=True)
     plan = tmp / "gauntlet-plan.json"
     plan_argv = ["python", "-m", "ktstr.sessions.vm", "plan", str(specs), str(plan)]
+    for kernel in kernel_ids:
+        plan_argv += ["--kernel", kernel]
     if opts.budget is not None:
         plan_argv += ["--budget", str(opts.budget)]
-    if not sched_ext:
-        plan_argv += ["--no-sched-ext"]
-    for name in opts.scheduler or ():
+    if shard is not None:
+        plan_argv += ["--shard", str(shard)]
+    for name in opts.schedulers:
         plan_argv += ["--scheduler", name]
     session.run(*plan_argv)
-    env = {"KTSTR_RUN_ID": run_id(kernel, "gauntlet"), "KTSTR_KERNEL": kernel}
-    argv = pytest_argv(kernel, None, parallel_jobs(),
-                        ["--ktstr-gauntlet", str(plan), *opts.pytest_args, SUITE])
-    session.run(*in_sandbox_argv(session, argv), env=env)
+    label = "gauntlet" if shard is None else f"gauntlet-{shard.index}of{shard.count}"
+    failed: list[str] = []
+    for kernel in kernel_ids:
+        kernel_plan = kernel_plan_path(plan, kernel)
+        if not json.loads(kernel_plan.read_text()):
+            session.log(f"kernel {kernel}: no gauntlet cells in this shard")
+            continue
+        env = {"KTSTR_RUN_ID": run_id(kernel, label), "KTSTR_KERNEL": kernel}
+        argv = pytest_argv(kernel, None, parallel_jobs(),
+                           ["--ktstr-gauntlet", str(kernel_plan), *opts.pytest_args, SUITE])
+        try:
+            session.run(*in_sandbox_argv(session, argv), env=env)
+        except CommandFailed:
+            failed.append(kernel)
+    if failed:
+        session.error(f"gauntlet failed on kernel(s) {', '.join(failed)}")
 
 
 # ---- helpers run inside the session's venv (and the sandbox): python -m ktstr.sessions.vm ----
@@ -248,29 +313,60 @@ def _main_pytest(args: list[str]) -> int:
 
 
 def _main_plan(argv: list[str]) -> int:
+    """Expand and select the gauntlet, keep this shard's cells, write the plan.
+
+    With ``--kernel`` (repeatable) every cell names its kernel, sched_ext support comes
+    from the kernel id, and each kernel's cells also go to ``kernel_plan_path`` (written
+    even when empty, so a stale file from an earlier run never stands in for it).
+    """
     import argparse
 
-    from ktstr.gauntlet import GauntletTest, HostCapacity, expand, select, write_plan
+    from ktstr.errors import KtstrError
+    from ktstr.gauntlet import (
+        GauntletTest,
+        HostCapacity,
+        Shard,
+        expand,
+        select,
+        take_shard,
+        write_plan,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m ktstr.sessions.vm plan")
     parser.add_argument("specs", type=Path)
     parser.add_argument("plan", type=Path)
     parser.add_argument("--budget", type=float, default=None)
     parser.add_argument("--no-sched-ext", action="store_true")
+    parser.add_argument("--kernel", action="append", default=None)
+    parser.add_argument("--shard", default=None)
     parser.add_argument("--scheduler", action="append", default=None, choices=SCHEDULERS)
     opts = parser.parse_args(argv)
+    try:
+        shard = Shard.parse(opts.shard) if opts.shard is not None else None
+    except KtstrError as err:
+        parser.error(str(err))
     rows = [r for r in json.loads(opts.specs.read_text()) if r.get("gauntlet", True)]
     tests = [GauntletTest.from_dict(r) for r in rows]
     scheds = [BUILTIN[name] for name in (opts.scheduler or SCHEDULERS)]
-    variants = expand(tests, scheds, HostCapacity.detect(), sched_ext=not opts.no_sched_ext)
-    chosen = select(variants, opts.budget)
+    kernel_map = None
+    if opts.kernel:
+        kernel_map = {k: not opts.no_sched_ext and bool(kernel_has_sched_ext(k))
+                      for k in opts.kernel}
+    variants = expand(tests, scheds, HostCapacity.detect(), sched_ext=not opts.no_sched_ext,
+                      kernels=kernel_map)
+    selected = select(variants, opts.budget)
+    chosen = take_shard(selected, shard)
     write_plan(chosen, opts.plan)
+    for kernel in kernel_map or ():
+        write_plan([v for v in chosen if v.kernel == kernel], kernel_plan_path(opts.plan, kernel))
     covered = {v.coverage() for v in chosen}
     total = {v.coverage() for v in variants}
+    where = f"shard {shard}: " if shard else ""
     print(
-        f"gauntlet: {len(chosen)} of {len(variants)} variant(s), "
-        f"~{sum(v.cost_s for v in chosen):.0f} s estimated, covering {len(covered)} of "
-        f"{len(total)} (scheduler, topology class, flags) combination(s)"
+        f"gauntlet: {where}{len(chosen)} of {len(selected)} selected of {len(variants)} "
+        f"variant(s), ~{sum(v.cost_s for v in chosen):.0f} s estimated, covering "
+        f"{len(covered)} of {len(total)} (kernel, scheduler, topology class, flags) "
+        "combination(s)"
     )
     return 0
 
@@ -295,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             rest = rest[1:]
         return _main_pytest(rest)
     print("usage: python -m ktstr.sessions.vm "
-          "{matrix < nox-listing.json | plan SPECS PLAN [--budget S] | pytest -- ARGS}",
+          "{matrix < nox-listing.json | plan SPECS PLAN [--budget S] [--kernel ID]... "
+          "[--shard I/N] | pytest -- ARGS}",
           file=sys.stderr)
     return 2
 

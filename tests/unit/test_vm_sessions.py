@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ktstr.errors import KtstrError
+from ktstr.gauntlet import Shard
 from ktstr.paths import repo_root
 from ktstr.sessions import vm
 
@@ -85,3 +87,52 @@ def test_gauntlet_plan_helper(tmp_path: Path) -> None:
     rows = json.loads(plan.read_text())
     assert rows and {r["test"] for r in rows} == {"test_a"}
     assert sum(r["cost_s"] for r in rows) <= 120
+
+
+def test_gauntlet_options() -> None:
+    opts = vm.gauntlet_options(["--kernels", "6.12,6.1", "--shard", "2/3", "--", "-k", "x"],
+                               "6.12")
+    assert opts.kernels == ["6.12", "6.1"] and opts.shard == Shard(2, 3)
+    assert opts.pytest_args == ["-k", "x"] and opts.budget is None
+    plain = vm.gauntlet_options([], "6.12")
+    assert plain.kernels == ["6.12"] and plain.shard is None
+    assert vm.gauntlet_options(["--kernel", "6.6"], "6.12").kernels == ["6.6"]
+    for spec in ("4/3", "0/2", "1/0", "a/b"):
+        with pytest.raises(KtstrError, match="--shard") as info:
+            vm.gauntlet_options(["--shard", spec], "6.12")
+        assert "\n" not in str(info.value)
+    with pytest.raises(KtstrError, match="not both"):
+        vm.gauntlet_options(["--kernel", "6.6", "--kernels", "6.12"], "6.12")
+
+
+def _plan(tmp_path: Path, name: str, *extra: str) -> list[dict[str, object]]:
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps([
+        {"name": f"test_{c}", "duration_s": 1.0, "constraints": {}, "gauntlet": True}
+        for c in "abc"
+    ]))
+    plan = tmp_path / name
+    assert vm.main(["plan", str(specs), str(plan), "--kernel", "6.12", "--kernel", "6.1",
+                    *extra]) == 0
+    rows: list[dict[str, object]] = json.loads(plan.read_text())
+    per_kernel = [json.loads(vm.kernel_plan_path(plan, k).read_text()) for k in ("6.12", "6.1")]
+    assert sorted(map(str, rows)) == sorted(map(str, per_kernel[0] + per_kernel[1]))
+    assert {r["kernel"] for r in per_kernel[0]} <= {"6.12"}
+    assert {r["kernel"] for r in per_kernel[1]} <= {"6.1"}
+    return rows
+
+
+def test_gauntlet_plan_helper_shards_and_kernels(tmp_path: Path) -> None:
+    whole = _plan(tmp_path, "all.json", "--budget", "600")
+    assert {r["kernel"] for r in whole} == {"6.12", "6.1"}
+    assert {r["scheduler"] for r in whole if r["kernel"] == "6.1"} == {"eevdf"}
+    parts = [_plan(tmp_path, f"s{i}.json", "--budget", "600", "--shard", f"{i}/3")
+             for i in (1, 2, 3)]
+    cells = [(r["kernel"], r["test"], r["scheduler"], r["profile"], r["preset"])
+             for part in parts for r in part]
+    assert len(cells) == len(set(cells)) == len(whole)
+    assert set(cells) == {(r["kernel"], r["test"], r["scheduler"], r["profile"], r["preset"])
+                          for r in whole}
+    with pytest.raises(SystemExit):
+        vm.main(["plan", str(tmp_path / "specs.json"), str(tmp_path / "x.json"),
+                 "--shard", "1/0"])

@@ -289,10 +289,20 @@ def iasl_disassemble(path: Path) -> str:
     return dsl
 
 
+def _dsl_hex(pattern: str, dsl: str) -> list[int]:
+    return [int(v, 16) for v in re.findall(pattern + r"\s*: ([0-9A-F]+)", dsl)]
+
+
 @needs_iasl
-@pytest.mark.parametrize("topo", [PRESETS["numa2-4llc"], X2APIC_TOPOLOGY], ids=str)
+@pytest.mark.parametrize(
+    "topo",
+    [PRESETS["numa2-4llc"], X2APIC_TOPOLOGY, PRESETS["max-cpu"], PRESETS["numa4-192cpu"]],
+    ids=str,
+)
 def test_iasl_disassembles_every_table(tmp_path: Path, topo: Topology) -> None:
-    t = acpi.build_acpi_tables(topo, layout.numa_ram_ranges(2 * GiB, topo.numa_nodes))
+    """Each table as iasl decodes it, with the guest memory the topology gets by default."""
+    ranges = layout.numa_ram_ranges(topo.default_memory_mb() * layout.MiB, topo.numa_nodes)
+    t = acpi.build_acpi_tables(topo, ranges)
     decoded: dict[str, str] = {}
     for sig, (gpa, length) in t.tables.items():
         if sig == "RSDP":
@@ -302,17 +312,30 @@ def test_iasl_disassembles_every_table(tmp_path: Path, topo: Topology) -> None:
         decoded[sig] = iasl_disassemble(path)
     assert set(decoded) == {"XSDT", "FACP", "FACS", "DSDT", "APIC", "SRAT", "SLIT"}
     madt = decoded["APIC"]
-    xapic = sum(1 for p in topo.places if p.apic_id <= 254)
-    assert madt.count("[Processor Local APIC]") == xapic
-    assert madt.count("[Processor Local x2APIC]") == topo.nr_cpus - xapic
+    small = [p for p in topo.places if p.apic_id <= 254]
+    big = [p for p in topo.places if p.apic_id > 254]
+    assert madt.count("[Processor Local APIC]") == len(small)
+    assert madt.count("[Processor Local x2APIC]") == len(big)
+    assert _dsl_hex(r"Local Apic ID", madt) == [p.apic_id for p in small]
+    assert _dsl_hex(r"Processor x2Apic ID", madt) == [p.apic_id for p in big]
+    # Processor UIDs: the logical CPU number, unique across both entry kinds (plus the
+    # all-processors UIDs of the two NMI entries).
+    uids = _dsl_hex(r"Processor ID", madt) + _dsl_hex(r"Processor UID", madt)
+    assert sorted(uids) == [*range(topo.nr_cpus), 0xFF, *([0xFFFFFFFF] if big else [])]
+    assert madt.count("[Local APIC NMI]") == 1
+    assert madt.count("[Local x2APIC NMI]") == (1 if big else 0)
     assert madt.count("[I/O APIC]") == 1
     assert madt.count("[Interrupt Source Override]") == 1  # the SCI only
     srat = decoded["SRAT"]
-    assert srat.count("[Processor Local APIC/SAPIC Affinity]") == xapic
-    assert srat.count("[Processor Local x2APIC Affinity]") == topo.nr_cpus - xapic
-    assert srat.count("[Memory Affinity]") == sum(
-        len(r) for r in layout.numa_ram_ranges(2 * GiB, topo.numa_nodes)
-    )
+    assert srat.count("[Processor Local APIC/SAPIC Affinity]") == len(small)
+    assert srat.count("[Processor Local x2APIC Affinity]") == len(big)
+    assert _dsl_hex(r"Proximity Domain Low\(8\)", srat) == [p.node for p in small]
+    # "Proximity Domain" alone: x2APIC affinity entries, then memory affinity entries.
+    domains = _dsl_hex(r"\] +Proximity Domain", srat)
+    assert domains == [p.node for p in big] + [n for n, rs in enumerate(ranges) for _ in rs]
+    assert srat.count("[Memory Affinity]") == sum(len(r) for r in ranges)
+    slit = decoded["SLIT"]
+    assert _dsl_hex(r"Localities", slit) == [topo.numa_nodes]
     assert "Hardware Reduced (V5) : 0" in decoded["FACP"]
     assert re.search(r"Name \(_S5, Package \(0x04\)[^{]*\{\s*0x05,", decoded["DSDT"])
 

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from ktstr.topology import PRESETS, Topology
 from ktstr.vmm.x86.cpuid import (
     CPUID1_ECX_TSC_DEADLINE,
+    CPUID1_ECX_X2APIC,
     CpuidEntry,
     cpuid_for_vcpu,
     family_model,
+    guest_apic_id_reach,
     vendor,
     xcr0_for,
 )
@@ -288,3 +290,32 @@ def test_xcr0_covers_every_offered_state_component() -> None:
     )  # EDX holds components 32..63; x87 is always on
     assert xcr0_for([_e(0x1, 0, 0, 0, 0, 0, 0), _e(0xD, 0, SIG, 0x207, 0, 0, 0)]) == 0
     assert xcr0_for(intel_supported()) == 0  # no leaf 0xD
+
+
+def test_largest_preset_keeps_x2apic_and_full_ids() -> None:
+    """252 vCPUs, APIC IDs up to 433: leaf 1 keeps x2APIC, 0xB/0x8000001E carry the full ID."""
+    topo = PRESETS["max-cpu"]
+    last = topo.place(topo.nr_cpus - 1)
+    assert last.apic_id == 433
+    for supported in (amd_supported(), intel_supported()):
+        out = cpuid_for_vcpu(supported, topo, last)
+        leaf1 = next(e for e in out if e.function == 1)
+        assert leaf1.ecx & CPUID1_ECX_X2APIC  # both fixtures offer it; it is kept
+        assert leaf1.ebx >> 24 == 433 & 0xFF  # the 8-bit legacy field truncates
+        assert {e.edx for e in out if e.function in (0xB, 0x1F)} == {433}
+    check_topology(topo, amd_supported())
+    check_topology(topo, intel_supported())
+
+
+def test_guest_apic_id_reach() -> None:
+    # The measured AMD host's KVM (in-kernel IOAPIC) offers no extended destination ID.
+    assert guest_apic_id_reach(amd_supported()) == 255
+    assert guest_apic_id_reach([]) == 255
+    ext = [
+        e if e.function != 0x40000001 else _e(0x40000001, 0, 0, e.eax | 1 << 15, 0, 0, 0)
+        for e in amd_supported()
+    ]
+    assert guest_apic_id_reach(ext) == 0x7FFF
+    # The paravirt leaf passes through, so a KVM that offers the bit reaches the guest.
+    out = cpuid_for_vcpu(ext, PRESETS["max-cpu"], PRESETS["max-cpu"].place(251))
+    assert guest_apic_id_reach(out) == 0x7FFF

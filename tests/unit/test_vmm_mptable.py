@@ -88,6 +88,11 @@ def test_large_apic_ids_are_left_out() -> None:
     assert len(t["cpu"]) == sum(1 for p in topo.places if p.apic_id <= 254) < topo.nr_cpus
 
 
+def test_largest_preset_lists_the_xapic_cpus_only() -> None:
+    t = check(PRESETS["max-cpu"])  # 1n14l9c2t: LLCs 0..7 have IDs < 255, LLCs 8..13 not
+    assert len(t["cpu"]) == 8 * 18 and max(c[0] for c in t["cpu"]) == 7 << 5 | 8 << 1 | 1
+
+
 def test_256_cpus_fit_below_acpi() -> None:
     data = mptable.build_mptable(Topology(1, 16, 16, 1))
     assert layout.MPTABLE_ADDR + len(data) <= layout.ACPI_ADDR

@@ -64,6 +64,12 @@ CPUID1_EDX_HTT = 1 << 28
 EXT1_ECX_CMP_LEGACY = 1 << 1
 EXT1_ECX_TOPOEXT = 1 << 22
 
+# KVM paravirt features (leaf 0x40000001 EAX)
+KVM_CPUID_FEATURES = 0x40000001
+KVM_FEATURE_MSI_EXT_DEST_ID = 1 << 15
+APIC_ID_REACH_8BIT = 255
+APIC_ID_REACH_EXT_DEST = 0x7FFF
+
 # 0xB / 0x1F level types
 LEVEL_INVALID = 0
 LEVEL_SMT = 1
@@ -223,6 +229,24 @@ def cpuid_for_vcpu(
         out += _level_entries(0x1F, topo, apic_id)
     out.sort(key=lambda e: (e.function, e.index))
     return out
+
+
+def guest_apic_id_reach(supported: Sequence[CpuidEntry]) -> int:
+    """The highest APIC ID a Linux guest brings online on this KVM, from its supported CPUID.
+
+    x2APIC entries in the MADT and the x2APIC bit of leaf 1 let Linux enumerate any ID,
+    but without interrupt remapping ``try_to_enable_x2apic`` (``arch/x86/kernel/apic/
+    apic.c``) caps usable IDs at 255 (what an IOAPIC/MSI destination can name) unless the
+    hypervisor offers KVM_FEATURE_MSI_EXT_DEST_ID (15 bits); CPUs above the cap fail
+    bring-up ("has invalid APIC ID ... Aborting bringup"). KVM's in-kernel IOAPIC, which
+    this VMM uses, cannot route extended destination IDs, so KVM does not offer the
+    feature: with KVM as it is, the answer is 255. Should KVM grow the support it will
+    report the bit itself, and the passed-through paravirt leaf carries it to the guest.
+    """
+    for e in supported:
+        if e.function == KVM_CPUID_FEATURES and e.eax & KVM_FEATURE_MSI_EXT_DEST_ID:
+            return APIC_ID_REACH_EXT_DEST
+    return APIC_ID_REACH_8BIT
 
 
 def xcr0_for(entries: Sequence[CpuidEntry]) -> int:

@@ -7,9 +7,13 @@ configuration table follows it directly.
 
 Limit: MP processor entries carry an 8-bit APIC ID and 255 means broadcast, so
 CPUs whose APIC ID exceeds 254 cannot be described and are left out; the MADT
-lists every CPU. Interrupt wiring matches the MADT: ISA IRQ 0 goes to IOAPIC pin
-2 (so source IRQ 2, the cascade, has no entry), every other ISA IRQ to its own
-pin; LINT0 is ExtINT and LINT1 NMI on all local APICs.
+lists every CPU. That is safe because Linux reads this table only when ACPI did
+not already enumerate the local APICs and the IOAPIC (``default_get_smp_config``
+in ``arch/x86/kernel/mpparse.c`` returns early on ``acpi_lapic && acpi_ioapic``),
+so with ACPI on, the MADT wins; with ``acpi=off`` such a guest comes up with the
+CPUs below APIC ID 255 only. Interrupt wiring matches the MADT: ISA IRQ 0 goes
+to IOAPIC pin 2 (so source IRQ 2, the cascade, has no entry), every other ISA
+IRQ to its own pin; LINT0 is ExtINT and LINT1 NMI on all local APICs.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def build_mptable(topology: Topology, base: int = layout.MPTABLE_ADDR) -> bytes:
     count = 0
     for p in topology.places:
         if p.apic_id > MAX_APIC_ID:
-            continue
+            continue  # not expressible in 8 bits: the MADT's x2APIC entries carry it
         flags = CPU_ENABLED | (CPU_BOOTSTRAP if p.cpu == 0 else 0)
         entries += struct.pack(
             "<BBBBII8x", ENTRY_PROCESSOR, p.apic_id, LAPIC_VERSION, flags,
