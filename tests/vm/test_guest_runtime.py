@@ -69,6 +69,24 @@ def scenario_sched(ctx: Any) -> dict[str, Any]:
             "ops": sorted({s.get("ops", "") for s in seen}), "scheduler": ctx.scheduler}
 
 
+def scenario_reload(ctx: Any) -> dict[str, Any]:
+    """Attach and detach a scheduler many times in one boot; the runtime must keep working."""
+    from ktstr.guest.request import SchedulerSpec
+    from ktstr.guest.sched import Kmsg, SchedulerProcess
+
+    kmsg = Kmsg()
+    cycles = []
+    for i in range(ctx.args["cycles"]):
+        proc = SchedulerProcess(SchedulerSpec(binary=ctx.args["binary"], ops_name="simple"),
+                                kmsg)
+        state = proc.attach()
+        report = proc.stop()
+        ctx.report({"cycle": i, "attached": state["state"]})  # the channel still works
+        cycles.append({"attached": state["state"], "ops": state["ops"],
+                       "clean": report.clean_unregister, "after": report.state_after})
+    return {"cycles": cycles, "final": ctx.sched_state().get("state")}
+
+
 # --- host side ------------------------------------------------------------------------------
 
 
@@ -160,3 +178,17 @@ def test_scx_qmap_error_fails_with_scheduler_text(guest: Any, scheduler_binary: 
     assert run.failure in ("scheduler_ejected", "scheduler_crashed"), run.summary()
     assert "scx_bpf_error" in run.message, run.message  # the kernel's exit reason
     assert "test triggering error" in run.message, run.message  # scx_bpf_error()'s text
+
+
+def test_scheduler_loaded_and_unloaded_many_times_leaves_the_runtime_working(
+        guest: Any, scheduler_binary: Any) -> None:
+    binary = scheduler_binary("scx_simple")
+    cycles = 6
+    run = guest(scenario=f"{MODULE}:scenario_reload", test_file=THIS, duration_s=1.0,
+                memory_mb=1024, timeout=300, args={"binary": str(binary), "cycles": cycles})
+    assert run.ok, run.summary()
+    assert run.result is not None
+    assert [c["attached"] for c in run.result["cycles"]] == ["enabled"] * cycles
+    assert all(c["clean"] and c["after"] == "disabled" for c in run.result["cycles"]), run.result
+    assert run.result["final"] == "disabled"
+    assert [r["cycle"] for r in run.reports] == list(range(cycles))
