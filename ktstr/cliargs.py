@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
 
 def add_vm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,3 +18,13 @@ def add_vm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sandbox", default="auto", choices=("auto", "always", "never"),
                         help="run inside the emulated KVM host: where KVM is unusable (auto), "
                         "always, or never")
+
+
+def _to_stderr(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+def console_stream(enabled: bool) -> Callable[[bytes], None] | None:
+    """The ``on_console`` callback of a VM command's ``--console``: guest bytes to stderr."""
+    return _to_stderr if enabled else None

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from ktstr.cliargs import add_vm_arguments
+from ktstr.cliargs import add_vm_arguments, console_stream
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 
@@ -86,10 +86,6 @@ def _cmd_selftests(args: argparse.Namespace) -> int:
     from ktstr.results.sidecar import write_sidecar
     from ktstr.selftests.run import print_results, run_selftests, sidecar_records
 
-    def stream(data: bytes) -> None:
-        sys.stderr.buffer.write(data)
-        sys.stderr.buffer.flush()
-
     def live(text: str) -> None:
         print(text, flush=True)
 
@@ -101,7 +97,7 @@ def _cmd_selftests(args: argparse.Namespace) -> int:
     started = time.time()
     run = run_selftests(resolved.bzimage, build, names, topology=topology,
                         memory_mb=args.memory_mb, timeout_per_test=args.timeout_per_test,
-                        on_console=stream if args.console else None,
+                        on_console=console_stream(args.console),
                         on_line=None if args.json else live, printed=printed)
     paths = [write_sidecar(record) for record in
              sidecar_records(run, entry, topology, args.memory_mb, started)]

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ktstr import initramfs, reap
-from ktstr.cliargs import add_vm_arguments
+from ktstr.cliargs import add_vm_arguments, console_stream
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 from ktstr.vmm import layout
@@ -233,10 +232,6 @@ def _cmd_boot(args: argparse.Namespace) -> int:
 
     from ktstr.vmm.vm import Vm
 
-    def stream(data: bytes) -> None:
-        sys.stderr.buffer.write(data)
-        sys.stderr.buffer.flush()
-
     tmp = reap.mkdtemp("boot")
     try:
         initramfs = args.initramfs or build_initramfs(tmp / "init.cpio")
@@ -248,7 +243,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
             cmdline_extra=args.cmdline,
             timeout=args.timeout,
             quiet=args.quiet_kernel,
-            on_console=stream if args.console else None,
+            on_console=console_stream(args.console),
         )
         result = vm.run()
     finally:
