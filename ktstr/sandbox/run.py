@@ -43,6 +43,7 @@ CPUS_ENV = "KTSTR_SANDBOX_CPUS"
 TIMEOUT_ENV = "KTSTR_SANDBOX_TIMEOUT"
 DEBUG_ENV = "KTSTR_SANDBOX_DEBUG"     # 1: print the console log and QEMU's output at exit
 QEMU_ARGS_ENV = "KTSTR_SANDBOX_QEMU_ARGS"  # more QEMU options, for diagnosis (e.g. -d cpu_reset)
+CMDLINE_ENV = "KTSTR_SANDBOX_CMDLINE"  # more outer-kernel options, for diagnosis
 MAX_DEFAULT_MEMORY_MB = 8192
 TIMEOUT_EXIT = 124                     # like timeout(1)
 KILL_GRACE_S = 3.0
@@ -326,7 +327,8 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
         machine = Machine(
             qemu=qemu, kernel=bzimage, memory_mb=memory_mb, cpus=cpus,
             cmdline=kernel_cmdline(root, str(init.resolve()), quiet=not debug,
-                                   tsc_khz=host_tsc_khz(), hz=kernel_hz(bzimage)),
+                                   tsc_khz=host_tsc_khz(), hz=kernel_hz(bzimage),
+                                   extra=shlex.split(os.environ.get(CMDLINE_ENV, ""))),
             shares=[root, *shares], disk=disk.path, console_log=console_log,
             stdout_path=f"/proc/self/fd/{out_w}", stderr_path=f"/proc/self/fd/{err_w}",
             extra_args=tuple(shlex.split(os.environ.get(QEMU_ARGS_ENV, ""))))

@@ -241,6 +241,15 @@ class kvm_xcr(ctypes.Structure):
     _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
 
 
+class kvm_pre_fault_memory(ctypes.Structure):
+    _fields_ = [
+        ("gpa", c_uint64),
+        ("size", c_uint64),
+        ("flags", c_uint64),
+        ("padding", c_uint64 * 5),
+    ]
+
+
 class kvm_xcrs(ctypes.Structure):
     _fields_ = [
         ("nr_xcrs", c_uint32),
@@ -456,6 +465,7 @@ KVM_CAP_XCRS = 56
 KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_TSC_DEADLINE_TIMER = 72
 KVM_CAP_BINARY_STATS_FD = 203
+KVM_CAP_PRE_FAULT_MEMORY = 236
 
 # --- request numbers ---------------------------------------------------------
 
@@ -489,6 +499,7 @@ KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_XCRS = IOR(KVMIO, 0xA6, kvm_xcrs)
 KVM_SET_XCRS = IOW(KVMIO, 0xA7, kvm_xcrs)
 KVM_GET_STATS_FD = IO(KVMIO, 0xCE)
+KVM_PRE_FAULT_MEMORY = IOWR(KVMIO, 0xD5, kvm_pre_fault_memory)
 KVM_GET_MP_STATE = IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = IOW(KVMIO, 0x99, kvm_mp_state)
 
@@ -739,6 +750,19 @@ class VcpuFd(KvmFd):
 
     def set_mp_state(self, value: int) -> None:
         self.ioctl(KVM_SET_MP_STATE, kvm_mp_state(mp_state=value))
+
+    def pre_fault_memory(self, gpa: int, size: int) -> None:
+        """Map ``gpa..gpa+size`` in KVM's stage-2 (NPT/EPT) tables now, not on first touch.
+
+        The ioctl maps part of the range per call and updates the struct to the rest
+        (EINTR/EAGAIN: call again)."""
+        req = kvm_pre_fault_memory(gpa=gpa, size=size)
+        while req.size:
+            try:
+                self.ioctl(KVM_PRE_FAULT_MEMORY, req)
+            except KvmIoctlError as err:
+                if err.errno not in (errno.EINTR, errno.EAGAIN):
+                    raise
 
     def stats_fd(self) -> int:
         """A new read-only fd of this vCPU's binary stats (readable from any thread)."""

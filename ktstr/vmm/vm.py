@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import re
@@ -157,6 +158,27 @@ class Machine:
         self.vm.register_coalesced(port, length, pio=True)
         self.ring.active = True
         return True
+
+    def prefault(self) -> float | None:
+        """Map all guest RAM in KVM's stage-2 tables (NPT/EPT) now, through the first vCPU;
+        seconds taken, or None where KVM cannot (no KVM_CAP_PRE_FAULT_MEMORY, no TDP).
+
+        The guest then never takes a nested page fault while the CPU delivers an interrupt
+        or exception (on a fresh per-CPU stack, say): the emulated hosts our sandbox runs
+        on get that case wrong now and then (a triple fault, or a host CPU that stops
+        taking interrupts). Costs host memory for all of guest RAM up front."""
+        assert self.kvm is not None and self.memory is not None
+        if not self.vcpus or not self.kvm.check_extension(kvm.KVM_CAP_PRE_FAULT_MEMORY):
+            return None
+        start = time.monotonic()
+        try:
+            for region in self.memory.regions:
+                self.vcpus[0].fd.pre_fault_memory(region.gpa, region.size)
+        except kvm.KvmIoctlError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.ENOENT, errno.EINVAL):
+                return None
+            raise
+        return time.monotonic() - start
 
     def _on_halt(self, vcpu: Vcpu) -> None:
         if all(v.halted for v in self.vcpus):
@@ -433,9 +455,12 @@ class Vm:
         on_console: Callable[[bytes], None] | None = None,
         console_input: bytes = b"",
         stall_timeout: float = DEFAULT_STALL_S,
+        prefault: bool = False,
     ) -> None:
         from ktstr.vmm import loader
 
+        self.prefault = prefault
+        self.prefault_s: float | None = None
         self.kernel = Path(kernel)
         self.topology = topology
         self.memory_mb = memory_mb
@@ -552,6 +577,8 @@ class Vm:
             ),
         )
         self._setup_vcpus(machine)
+        if self.prefault:
+            self.prefault_s = machine.prefault()
         return machine
 
     def _write_firmware_tables(self, mem: GuestMemory) -> int:
