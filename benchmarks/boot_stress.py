@@ -38,9 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ktstr.topology import Topology
 from ktstr.vmm.cli import build_initramfs, parse_report, topology_mismatches, topology_seen
+from ktstr.vmm.vcpu import TRIPLE_FAULT
 from ktstr.vmm.vm import DEFAULT_CMDLINE, EXIT_FRUGAL_CMDLINE, QUIET_CMDLINE, Vm, VmResult
-
-TRIPLE_FAULT = "triple fault"
 
 
 def classify(result: VmResult, topology: Topology) -> str:
@@ -60,13 +59,14 @@ def classify(result: VmResult, topology: Topology) -> str:
 
 
 def qemu_boot(kernel: Path, initrd: Path, topology: Topology, memory_mb: int,
-              timeout: float, quiet: bool) -> tuple[str, str, float]:
+              timeout: float, quiet: bool, extra: str = "") -> tuple[str, str, float]:
     """One QEMU microvm boot of the same image: (outcome, console tail, wall seconds)."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise SystemExit("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
     t = topology
-    cmdline = f"{DEFAULT_CMDLINE} {EXIT_FRUGAL_CMDLINE}" + (f" {QUIET_CMDLINE}" if quiet else "")
+    cmdline = (f"{DEFAULT_CMDLINE} {EXIT_FRUGAL_CMDLINE}" + (f" {QUIET_CMDLINE}" if quiet else "")
+               + f" {extra}")
     smp = (f"{t.nr_cpus},sockets={t.numa_nodes},cores={t.llcs * t.cores_per_llc // t.numa_nodes}"
            f",threads={t.threads_per_core}")
     argv = [qemu, "-M", "microvm,accel=kvm", "-cpu", "host", "-smp", smp,
@@ -104,12 +104,13 @@ def boot_once(args: argparse.Namespace, vmm: str, initrd: Path, topo: Topology, 
     row: dict[str, object] = {"vmm": vmm, "topology": topo.label, "mode": mode, "run": i}
     if vmm == "qemu":
         kind, tail, wall = qemu_boot(args.kernel, initrd, topo, args.memory_mb, args.timeout,
-                                     quiet)
+                                     quiet, args.cmdline)
         row.update(outcome=kind, wall_s=round(wall, 2), boot_ms=None)
         detail, error = "", None
     else:
         vm = Vm(args.kernel, initrd, topo, memory_mb=args.memory_mb,
-                timeout=args.timeout, quiet=quiet, prefault=args.prefault)
+                timeout=args.timeout, quiet=quiet, prefault=args.prefault,
+                cmdline_extra=args.cmdline)
         result = vm.run()
         row["prefault_s"] = vm.prefault_s
         wall = time.monotonic() - t0
@@ -142,6 +143,7 @@ def main() -> int:
                         help="whose VMM boots (both: alternate, boot by boot)")
     parser.add_argument("--prefault", action=argparse.BooleanOptionalAction, default=False,
                         help="map all guest RAM in KVM's stage-2 tables before the boot")
+    parser.add_argument("--cmdline", default="", help="more guest kernel options")
     parser.add_argument("--json", type=Path, help="write every boot's outcome here")
     args = parser.parse_args()
     topologies = [Topology.parse(t) for t in (args.topology or ["1n1l2c1t"])]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ktstr import initramfs, reap
+from ktstr import hostfault, initramfs, reap
 from ktstr.errors import KtstrError
 from ktstr.guest.frame import decode_serial, note_error
 from ktstr.guest.messages import validate_message
@@ -24,6 +24,7 @@ from ktstr.guest.request import MountSpec, RunRequest, SchedulerSpec
 from ktstr.guest.sched import CLEAN_REASON, disabled_events
 from ktstr.topology import Topology
 from ktstr.vmm.devices.channel import ResultChannel
+from ktstr.vmm.vcpu import TRIPLE_FAULT
 
 KERNEL_PROBLEM_RES = (
     ("panic", re.compile(r"Kernel panic - not syncing[^\n]*")),
@@ -36,7 +37,8 @@ CONSOLE_TAIL = 4000
 # Failure kinds (GuestRun.failure); guest-side kinds come from ktstr.guest.sched.GuestFailure.
 F_TIMEOUT = "timeout"
 F_VM = "vm_error"
-F_HUNG = "hung"
+F_HUNG = hostfault.F_HUNG
+F_TRIPLE_FAULT = hostfault.F_TRIPLE_FAULT
 F_CHANNEL = "channel"
 F_NO_END = "no_end_marker"
 F_NO_RESULT = "no_result"
@@ -331,6 +333,11 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: A
     elif kernel_problem is not None:
         run.failure = kernel_problem[0]
         run.message = f"{kernel_problem[1]}\nconsole tail:\n{console[-CONSOLE_TAIL:]}"
+    elif getattr(vm, "reason", "") == "reboot" and TRIPLE_FAULT in str(getattr(vm, "detail", "")):
+        run.failure = F_TRIPLE_FAULT
+        run.message = (f"{str(vm.detail).splitlines()[0]}: the guest was lost before its end "
+                       f"marker (messages received: {', '.join(sorted(by_type)) or 'none'})\n"
+                       f"{vm.detail}\nconsole tail:\n{console[-CONSOLE_TAIL:]}")
     elif (end is None or getattr(vm, "timed_out", False)) and (
             ejection := _unclean_ejection(console)) is not None:
         # The kernel ejected the scheduler and the guest never finished: the ejection is the

@@ -232,8 +232,9 @@ def record_problem(data: object) -> str | None:
     for key in ("verdict", "reason"):
         if data.get(key) is not None and not isinstance(data[key], str):
             return f"{key!r} must be a string"
-    if data.get("checks") is not None and not _objects(data["checks"]):
-        return "'checks' must be a list of objects"
+    for key in ("checks", "host_faults"):
+        if data.get(key) is not None and not _objects(data[key]):
+            return f"{key!r} must be a list of objects"
     repeats = data.get("repeats")
     if repeats is not None:
         if not _objects(repeats):

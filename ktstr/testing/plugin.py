@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from ktstr import hostfault
 from ktstr.errors import KtstrError
 from ktstr.reap import reap_stale_all
 from ktstr.results.sidecar import results_root, run_id
@@ -82,6 +83,8 @@ class SessionState:
     """``--ktstr-repeat``: runs per VM test, over what each test declares."""
     specs: dict[str, KtstrTestSpec] = field(default_factory=dict)
     walls: list[tuple[str, str, float]] = field(default_factory=list)
+    host_faults: list[tuple[str, str]] = field(default_factory=list)
+    """(test, fault) for every run rerun after a fault of the emulated host."""
     test_files: tuple[Path, ...] = ()
     """Every VM test module next to the collected ones: packed into one shared base
     initramfs, so the session builds (or looks up) one base instead of one per module."""
@@ -268,6 +271,7 @@ class KtstrItem(pytest.Item):
         state = self.config.stash[STATE]
         sched, profile = self._scheduler(state)
         started = time.time()
+        host_faults: list[hostfault.HostFault] = []
         try:
             resolved = state.vm_kernel()
             entry = getattr(resolved, "entry", None)
@@ -293,14 +297,21 @@ class KtstrItem(pytest.Item):
             )
             attempts: list[run.Attempt] = []
             for _ in range(state.repeat or self.spec.repeat):
-                # Each repeat's wall time starts at its boot: resolving (kernel, scheduler)
-                # happens once and is timings.resolve_s.
-                boot_started = time.time()
-                outcome = run.boot(plan)
-                checks = run.evaluate_checks(plan, outcome)
-                verdict = run.judge(outcome, checks, self.spec.expect_err)
+                while True:
+                    # Each repeat's wall time starts at its boot: resolving (kernel,
+                    # scheduler) happens once and is timings.resolve_s.
+                    boot_started = time.time()
+                    outcome = run.boot(plan)
+                    checks = run.evaluate_checks(plan, outcome)
+                    verdict = run.judge(outcome, checks, self.spec.expect_err)
+                    fault = None if verdict.passed else hostfault.host_fault(
+                        outcome.failure_kind, outcome.failure_message, outcome.console)
+                    if not hostfault.should_retry(fault, len(host_faults)):
+                        break
+                    assert fault is not None
+                    host_faults.append(fault)
                 attempts.append(run.Attempt(verdict, outcome, boot_started, time.time()))
-            verdict, shown, sidecar = run.write_results(plan, attempts)
+            verdict, shown, sidecar = run.write_results(plan, attempts, host_faults)
             outcome = attempts[shown].outcome
         except KtstrError as err:
             raise KtstrTestFailure(f"{self.nodeid}: {err}") from None
@@ -308,7 +319,8 @@ class KtstrItem(pytest.Item):
             # user_properties travel with the report, so xdist's controller sees them too.
             self.user_properties.append(
                 ("ktstr", {"scheduler": f"{sched.name}@{profile.name}",
-                           "wall_s": round(time.time() - started, 3)})
+                           "wall_s": round(time.time() - started, 3),
+                           "host_faults": [f.line() for f in host_faults]})
             )
         if not verdict.passed:
             title = (
@@ -345,6 +357,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             if state is not None:
                 state.walls.append((report.nodeid, str(value["scheduler"]),
                                     float(value["wall_s"])))
+                state.host_faults += [(report.nodeid, str(f))
+                                      for f in value.get("host_faults", ())]
 
 
 _STATE_BY_PROCESS: dict[str, SessionState] = {}
@@ -359,4 +373,6 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     for nodeid, sched, wall in state.walls:
         tr.write_line(f"{wall:7.1f}s  {sched:<24} {nodeid}")
     tr.write_line(f"{sum(w for _, _, w in state.walls):7.1f}s  total ({len(state.walls)} tests)")
+    for nodeid, fault in state.host_faults:
+        tr.write_line(f"rerun after a fault of the emulated host: {nodeid}: {fault}")
     tr.write_line(f"results: {results_root() / run_id()}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ktstr.hostfault import HostFault
 from ktstr.results.metrics import repeat_summary
 from ktstr.results.sidecar import host_context, summarize_workers, write_sidecar
 from ktstr.scheduler import FlagProfile, Scheduler
@@ -332,10 +333,16 @@ def repeated_record(plan: RunPlan, attempts: Sequence[Attempt]) -> dict[str, Any
     return record
 
 
-def write_results(plan: RunPlan, attempts: Sequence[Attempt]) -> tuple[Verdict, int, Path]:
-    """Write the one sidecar of all ``attempts``; (combined verdict, shown repeat, path)."""
+def write_results(plan: RunPlan, attempts: Sequence[Attempt],
+                  host_faults: Sequence[HostFault] = ()) -> tuple[Verdict, int, Path]:
+    """Write the one sidecar of all ``attempts``; (combined verdict, shown repeat, path).
+
+    ``host_faults`` are the runs thrown away and rerun because the emulated host lost
+    them (:mod:`ktstr.hostfault`): the sidecar keeps each one's kind and detail."""
     verdict, shown = combined_verdict(attempts)
-    return verdict, shown, write_sidecar(repeated_record(plan, attempts))
+    record = repeated_record(plan, attempts)
+    record["host_faults"] = [{"kind": f.kind, "detail": f.detail} for f in host_faults]
+    return verdict, shown, write_sidecar(record)
 
 
 DEFAULT_MEMORY_MB = 1024

@@ -34,6 +34,9 @@ from ktstr.vmm.bus import MmioBus, PioBus
 from ktstr.vmm.kvm import KvmIoctlError, VcpuFd
 
 KICK_SIGNAL = signal.SIGUSR1
+TRIPLE_FAULT = "triple fault"
+"""How a shutdown exit is named in the stop detail (on AMD, KVM has reset the vCPU by then,
+so its registers show the reset state, not the fault)."""
 
 RUN_REQUEST = kvm.KVM_RUN
 EXIT_IO = kvm.KVM_EXIT_IO
@@ -509,7 +512,7 @@ class Vcpu:
                 # nobody could print, so keep where it happened.
                 self.control.stop(
                     StopReason.REBOOT,
-                    f"vcpu {self.index}: triple fault (shutdown)\n{describe_state(self.fd)}",
+                    f"vcpu {self.index}: {TRIPLE_FAULT} (shutdown)\n{describe_state(self.fd)}",
                 )
                 return
             elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:

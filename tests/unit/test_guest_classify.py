@@ -99,3 +99,15 @@ def test_ejection_on_the_console_names_the_cause_when_the_guest_did_not_finish()
     clean = 'sched_ext: BPF scheduler "simple" disabled (unregistered from user space)\n'
     assert _unclean_ejection(clean) is None
     assert _unclean_ejection("no scheduler messages\n") is None
+
+
+def test_a_triple_fault_is_its_own_failure_kind() -> None:
+    lost = vm(reason="reboot", exit_code=None)
+    lost.detail = "vcpu 14: triple fault (shutdown)\nrax=0 rip=fff0"
+    run = collect(msgs({"type": "hello"}), [], lost, BASE, 0, scenario_mode=True)
+    assert run.failure == "triple_fault"
+    assert run.message.startswith("vcpu 14: triple fault (shutdown)")
+    # A reboot the guest asked for (i8042, ACPI) stays a missing end marker.
+    asked = collect(msgs({"type": "hello"}), [], vm(reason="reboot", exit_code=None), BASE, 0,
+                    scenario_mode=True)
+    assert asked.failure == "no_end_marker"
