@@ -208,7 +208,7 @@ def device_name(index: int) -> str:
 
 
 def mount_specs(disks: Sequence[DiskConfig]) -> list[dict[str, str]]:
-    """What the guest init mounts, as `ktstr.guest.request.MountSpec` fields (JSON-ready).
+    """What the guest init mounts, as `ktstr.wire.request.MountSpec` fields (JSON-ready).
 
     Only disks that auto-mount are listed. `device` is the name the disk gets
     when devices probe in order; the guest confirms it by serial

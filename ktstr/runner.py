@@ -18,12 +18,12 @@ from typing import Any
 
 from ktstr import initramfs, reap
 from ktstr.errors import KtstrError
-from ktstr.guest.frame import decode_serial, note_error
-from ktstr.guest.messages import validate_message
-from ktstr.guest.request import MountSpec, RunRequest, SchedulerSpec
 from ktstr.guest.sched import CLEAN_REASON, disabled_events
 from ktstr.topology import Topology
 from ktstr.vmm.devices.channel import ResultChannel
+from ktstr.wire.frame import decode_serial, note_error
+from ktstr.wire.messages import validate_message
+from ktstr.wire.request import MountSpec, RunRequest, SchedulerSpec
 
 KERNEL_PROBLEM_RES = (
     ("panic", re.compile(r"Kernel panic - not syncing[^\n]*")),

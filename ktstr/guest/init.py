@@ -3,14 +3,14 @@
 ``/init`` in the initramfs is a two-line Python script that puts the packed
 ``ktstr`` on ``sys.path`` and calls :func:`main`. Order of work:
 
-1. mount devtmpfs, mark boot time on ``layout.BOOT_PORT``, mount the rest
+1. mount devtmpfs, mark boot time on ``ports.BOOT_PORT``, mount the rest
    (proc, sysfs, cgroup2 with +cpuset +cpu, tmpfs, debugfs, tracefs, bpffs);
 2. open the result channel (``ktstr.channel=`` on the kernel command line);
 3. read the run request (``/ktstr/request.json``), apply sysctls, mount disks;
 4. start the scheduler and wait until sched_ext reports it attached;
 5. run the scenario with a :class:`~ktstr.guest.context.Context`, sampling
    sched_ext state; stop the scheduler with SIGINT and report how it went;
-6. send ``end`` with the exit code, write it to ``layout.EXIT_PORT``, power off.
+6. send ``end`` with the exit code, write it to ``ports.EXIT_PORT``, power off.
 
 Any exception is sent to the host as a full traceback; PID 1 never returns
 (the kernel would panic), it always powers off.
@@ -32,10 +32,10 @@ from typing import Any
 
 from ktstr.guest.channel import Channel, NullChannel, open_channel
 from ktstr.guest.context import Context, online_cpus
-from ktstr.guest.request import REQUEST_PATH, MountSpec, RunRequest
 from ktstr.guest.sched import GuestFailure, Kmsg, Sampler, SchedulerProcess, read_text
 from ktstr.topology import Topology
-from ktstr.vmm import layout
+from ktstr.wire import ports
+from ktstr.wire.request import REQUEST_PATH, MountSpec, RunRequest
 
 RB_POWER_OFF = 0x4321FEDC
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
@@ -330,7 +330,7 @@ def run_shell(req: RunRequest, chan: Channel) -> int:
 
 def poweroff(code: int) -> None:
     os.sync()
-    port_write(layout.EXIT_PORT, code)
+    port_write(ports.EXIT_PORT, code)
     _libc.reboot(RB_POWER_OFF)
     while True:  # PID 1 must not exit
         time.sleep(1)
@@ -342,7 +342,7 @@ def main() -> None:
     kmsg: Kmsg | None = None
     try:
         early_mounts()
-        port_write(layout.BOOT_PORT, layout.BOOT_MAGIC)
+        port_write(ports.BOOT_PORT, ports.BOOT_MAGIC)
         os.environ.update({"PATH": PATH, "HOME": "/root"})
         late_mounts()
         chan = open_channel(read_text("/proc/cmdline"))

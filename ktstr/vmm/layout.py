@@ -18,6 +18,9 @@ IOAPIC and the local APIC.
 from __future__ import annotations
 
 from ktstr.errors import KtstrError
+from ktstr.wire.ports import BOOT_MAGIC as BOOT_MAGIC
+from ktstr.wire.ports import BOOT_PORT as BOOT_PORT
+from ktstr.wire.ports import EXIT_PORT as EXIT_PORT
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -107,12 +110,7 @@ I8042_COMMAND_PORT = 0x64
 I8042_RESET_COMMAND = 0xFE
 """Written to the command port by the kernel's keyboard-controller reboot."""
 
-BOOT_PORT = 0x3F0
-BOOT_MAGIC = 123
-"""The guest init writes BOOT_MAGIC (one byte) to BOOT_PORT when it starts (boot time)."""
-
-EXIT_PORT = 0x501
-"""The guest writes its exit status (one byte, or a 4-byte little-endian int) here."""
+# The boot-mark and exit-status ports are part of the host-guest contract (ktstr.wire).
 
 PM1A_EVT_PORT = 0x600
 PM1_EVT_LEN = 4

@@ -297,6 +297,15 @@ def test_base_archive_contents_and_cache(base_env: Path) -> None:
     assert not build_base(spec).cached
 
 
+def test_guest_runtime_packs_the_wire_contract() -> None:
+    """The guest init imports the host-guest contract; the packer must find all of it."""
+    search = initramfs.search_path(BaseSpec())
+    modules = initramfs.find_modules([], search, (initramfs.GUEST_MODULE,))
+    wire = {m for m in modules if m.startswith("ktstr.wire")}
+    assert {"ktstr.wire", "ktstr.wire.frame", "ktstr.wire.request", "ktstr.wire.ports"} <= wire
+    assert not any(m.startswith("ktstr.vmm") for m in modules)
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("cpio"), reason="needs root, cpio")
 def test_packed_runtime_imports_in_a_chroot(base_env: Path, tmp_path: Path) -> None:
     """The archive alone is enough to import the guest init and the scenario module."""

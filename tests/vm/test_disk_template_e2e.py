@@ -169,7 +169,7 @@ def _btrfs() -> Any:
 
 
 def _run(guest: Any, scenario: str, prepared: Any, **kw: Any) -> Any:
-    from ktstr.guest.request import MountSpec
+    from ktstr.wire.request import MountSpec
 
     run = guest(scenario=f"{MODULE}:{scenario}", test_file=THIS,
                     devices=prepared.devices, mounts=[MountSpec(**m) for m in prepared.mounts],

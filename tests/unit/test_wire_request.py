@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ktstr.guest.context import parse_cpu_list
-from ktstr.guest.request import MountSpec, RunRequest, SchedulerSpec
 from ktstr.guest.sched import disabled_events
+from ktstr.wire.request import MountSpec, RunRequest, SchedulerSpec
 
 
 def test_request_json_roundtrip() -> None:
