@@ -33,9 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ktstr import initramfs
+from ktstr.boot import BUSYBOX
 from ktstr.selftests.parse import parse_output
 from ktstr.topology import Topology
-from ktstr.vmm.cli import BUSYBOX
 from ktstr.vmm.vm import DEFAULT_CMDLINE, EXIT_FRUGAL_CMDLINE, QUIET_CMDLINE
 
 BEGIN = "KTSTR-SELFTESTS-BEGIN"

@@ -193,7 +193,7 @@ def check_memory(sandbox: bool) -> list[Finding]:
 
 def check_reflink() -> list[Finding]:
     """An explicit disk cache must clone (FICLONE): the per-test disks are reflink copies."""
-    from ktstr.vmm.disk_template import (
+    from ktstr.disks.template import (
         DISK_CACHE_ENV,
         fs_type,
         verify_cache_dir_supports_reflink,

@@ -1,6 +1,6 @@
 """Guest side of disks: find each configured virtio disk and mount it. Standard library only.
 
-The host lists the disks to mount as mount specs (`ktstr.disk.mount_specs`:
+The host lists the disks to mount as mount specs (`ktstr.disks.config.mount_specs`:
 device, mountpoint, fstype, options). The device name is what the disk gets
 when virtio devices probe in declaration order; every ktstr disk also
 reports the serial `ktstr-disk<index>` (VIRTIO_BLK_T_GET_ID, visible in
@@ -24,7 +24,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def disk_index(device: str) -> int:
-    """/dev/vda -> 0, /dev/vdz -> 25, /dev/vdaa -> 26 (the inverse of ktstr.disk.device_name)."""
+    """/dev/vda -> 0, /dev/vdz -> 25, /dev/vdaa -> 26 (inverse of disks.config.device_name)."""
     name = os.path.basename(device)
     if not name.startswith("vd") or len(name) < 3 or not name[2:].isalpha():
         raise ValueError(f"{device} is not a virtio disk name")

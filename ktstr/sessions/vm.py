@@ -289,8 +289,8 @@ def _ensure_disk_templates(specs_path: Path) -> None:
     disks = {(d["filesystem"], d["capacity_mb"]) for row in rows for d in row.get("disks", [])}
     if not disks:
         return
-    from ktstr.disk import DiskConfig, Filesystem
-    from ktstr.vmm.disk_template import ensure_template  # type: ignore[import-not-found,unused-ignore]
+    from ktstr.disks import DiskConfig, Filesystem
+    from ktstr.disks.template import ensure_template  # type: ignore[import-not-found,unused-ignore]
 
     for fs, capacity in sorted(disks):
         config = DiskConfig(capacity_mb=int(capacity), filesystem=Filesystem(fs))

@@ -381,7 +381,7 @@ def boot(plan: RunPlan) -> GuestOutcome:
         cmdline_extra=" ".join(plan.scheduler.kargs),
     )
     if plan.spec.disks:
-        from ktstr.vmm.disk_template import per_test_disks
+        from ktstr.disks.clones import per_test_disks
         from ktstr.wire.request import MountSpec
 
         t = time.monotonic()

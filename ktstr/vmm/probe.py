@@ -8,7 +8,7 @@ manages a few. The loop runs in real mode, so no page tables or GDT are needed.
 from __future__ import annotations
 
 from ktstr.vmm import kvm
-from ktstr.vmm.vm import Machine
+from ktstr.vmm.machine import Machine
 
 LOAD_ADDR = 0x1000
 LOOP_START = 0xFFFF_FFFF

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ktstr.disk import (
+from ktstr.disks.config import (
     DiskConfig,
     DiskThrottle,
     Filesystem,

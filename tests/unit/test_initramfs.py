@@ -330,7 +330,7 @@ def test_packed_runtime_imports_in_a_chroot(base_env: Path, tmp_path: Path) -> N
 
 
 def test_busybox_archive_has_init_console_and_a_binary_with_its_libraries() -> None:
-    from ktstr.vmm.cli import BUSYBOX
+    from ktstr.boot import BUSYBOX
 
     if not BUSYBOX.is_file():
         pytest.skip("busybox-static is not installed")

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from ktstr import initramfs
-from ktstr.topology import Topology
-from ktstr.vmm.cli import (
+from ktstr.boot import (
     build_initramfs,
     parse_cpulist,
     parse_report,
     topology_mismatches,
     topology_seen,
 )
+from ktstr.topology import Topology
 
 
 def run_boot(*args: str) -> subprocess.CompletedProcess[str]:
