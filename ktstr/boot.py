@@ -17,6 +17,7 @@ from typing import Any
 
 from ktstr import initramfs, reap
 from ktstr.cliargs import add_vm_arguments, console_stream
+from ktstr.cpulist import parse_cpu_list
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 from ktstr.vmm import layout
@@ -92,16 +93,6 @@ def build_initramfs(path: Path, busybox: Path = BUSYBOX) -> Path:
 # --- what the guest saw ------------------------------------------------------------------------
 
 
-def parse_cpulist(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def parse_report(output: bytes | str) -> dict[str, Any] | None:
     """The init's report from the console (``KTSTR-REPORT`` lines), ``None`` if incomplete."""
     text = output.decode("utf-8", "replace") if isinstance(output, bytes) else output
@@ -153,14 +144,14 @@ class TopologySeen:
 
 def topology_seen(report: dict[str, Any]) -> TopologySeen:
     cpus = report.get("cpus", [])
-    sib = sorted({tuple(parse_cpulist(c.get("siblings", ""))) for c in cpus})
-    llc = sorted({tuple(parse_cpulist(c.get("llc", ""))) for c in cpus})
+    sib = sorted({tuple(parse_cpu_list(c.get("siblings", ""))) for c in cpus})
+    llc = sorted({tuple(parse_cpu_list(c.get("llc", ""))) for c in cpus})
     nodes = [
-        parse_cpulist(v)
+        parse_cpu_list(v)
         for _, v in sorted(report.get("nodes", {}).items(), key=lambda kv: int(kv[0]))
     ]
     return TopologySeen(
-        cpus=len(parse_cpulist(report.get("online", ""))),
+        cpus=len(parse_cpu_list(report.get("online", ""))),
         siblings=[list(s) for s in sib if s],
         llcs=[list(s) for s in llc if s],
         nodes=[n for n in nodes if n],

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ktstr.errors import KtstrError
 from ktstr.vmm.throttle import DiskThrottle
+from ktstr.wire.disks import device_name
 
 MIB = 1 << 20
 # mkfs.btrfs refuses devices below 109 MiB (114294784 bytes in btrfs-progs 6.x).
@@ -138,17 +139,6 @@ def validate_disks(disk: DiskConfig | Sequence[DiskConfig] | None) -> list[DiskC
     return disks
 
 
-def device_name(index: int) -> str:
-    """The guest block device name for the index'th virtio disk: vda, vdb, ..., vdz, vdaa."""
-    letters = ""
-    n = index
-    while True:
-        letters = chr(ord("a") + n % 26) + letters
-        n = n // 26 - 1
-        if n < 0:
-            return "vd" + letters
-
-
 def mount_specs(disks: Sequence[DiskConfig]) -> list[dict[str, str]]:
     """What the guest init mounts, as `ktstr.wire.request.MountSpec` fields (JSON-ready).
 
@@ -170,11 +160,3 @@ def mount_specs(disks: Sequence[DiskConfig]) -> list[dict[str, str]]:
             }
         )
     return specs
-
-
-def disk_serial(index: int) -> str:
-    """The VIRTIO_BLK_T_GET_ID serial (<= 20 bytes): how the guest matches a device to a spec.
-
-    Keyed by index, not name, so it is unique and short whatever the names are.
-    """
-    return f"ktstr-disk{index}"

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ktstr.disks.config import DiskConfig, disk_serial
+from ktstr.disks.config import DiskConfig
 from ktstr.vmm.devices.virtio.blk import VirtioBlk
 from ktstr.vmm.devices.virtio.mmio import VirtioMmioTransport
+from ktstr.wire.disks import disk_serial
 
 if TYPE_CHECKING:
     from ktstr.vmm.bus import AttachContext

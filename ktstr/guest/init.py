@@ -32,10 +32,11 @@ from typing import Any
 
 from ktstr.guest.channel import Channel, NullChannel, open_channel
 from ktstr.guest.context import Context, online_cpus
+from ktstr.guest.disks import mount_disks
 from ktstr.guest.sched import GuestFailure, Kmsg, Sampler, SchedulerProcess, read_text
 from ktstr.topology import Topology
 from ktstr.wire import ports
-from ktstr.wire.request import REQUEST_PATH, MountSpec, RunRequest
+from ktstr.wire.request import REQUEST_PATH, RunRequest
 
 RB_POWER_OFF = 0x4321FEDC
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
@@ -121,19 +122,6 @@ def set_sysctl(name: str, value: str) -> None:
         path.write_text(str(value))
     except OSError as err:
         raise GuestFailure("sysctl", f"cannot set {name}={value}: {err.strerror}") from err
-
-
-def mount_disks(mounts: list[MountSpec]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for spec in mounts:
-        deadline = time.monotonic() + 5
-        while not os.path.exists(spec.device) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not os.path.exists(spec.device):
-            raise GuestFailure("disk", f"disk {spec.device} did not appear in the guest")
-        mount(spec.device, spec.mountpoint, spec.fstype, 0, spec.options)
-        out[spec.device] = Path(spec.mountpoint)
-    return out
 
 
 def load_function(ref: str, test_file: str | None) -> Any:
@@ -251,7 +239,10 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
                     chan.send(poke)  # applied by the host before send() returns, in order
             except GuestFailure as err:  # the run is still meaningful with the default
                 chan.send({"type": "warning", "text": err.message})
-    disks = mount_disks(req.mounts)
+    try:
+        disks = mount_disks(req.mounts)
+    except (OSError, ValueError) as err:  # a disk that never appeared, or a failed mount
+        raise GuestFailure("disk", str(err)) from err
     func = load_function(req.scenario or "", req.test_file)
     topo = Topology.parse(req.topology) if req.topology else None
     ctx = Context(channel=chan, topology=topo, cpus=online_cpus(), duration_s=req.duration_s,

@@ -11,7 +11,6 @@ import pytest
 from ktstr import initramfs
 from ktstr.boot import (
     build_initramfs,
-    parse_cpulist,
     parse_report,
     topology_mismatches,
     topology_seen,
@@ -66,7 +65,6 @@ def test_report_parsing_and_comparison() -> None:
     assert topology_mismatches(seen, Topology.parse("1n1l4c1t"))
     assert parse_report("\n".join(lines[:-1])) is None  # no END line: incomplete
     assert parse_report(b"garbage") is None
-    assert parse_cpulist("0-2,5,7-8") == [0, 1, 2, 5, 7, 8]
 
 
 def test_builtin_initramfs_has_init_and_busybox(tmp_path: Path) -> None:
