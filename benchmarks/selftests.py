@@ -33,7 +33,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ktstr import initramfs
-from ktstr.boot import BUSYBOX
 from ktstr.selftests.parse import parse_output
 from ktstr.topology import Topology
 from ktstr.vmm.vm import DEFAULT_CMDLINE, EXIT_FRUGAL_CMDLINE, QUIET_CMDLINE
@@ -57,10 +56,10 @@ reboot -f
 """
 
 
-def build_initramfs(path: Path, runner: Path, busybox: Path = BUSYBOX) -> Path:
+def build_initramfs(path: Path, runner: Path) -> Path:
     """busybox + the runner and its libraries + an /init that runs it once and powers off."""
     init = INIT % {"runner": runner, "begin": BEGIN, "done": DONE}
-    return initramfs.write_archive(path, initramfs.busybox_archive(busybox, init, [runner]))
+    return initramfs.write_busybox_initramfs(path, init, [runner])
 
 
 def run_qemu(qemu: str, kernel: Path, initrd: Path, topo: Topology, memory_mb: int,

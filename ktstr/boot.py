@@ -22,7 +22,6 @@ from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 from ktstr.vmm import layout
 
-BUSYBOX = Path("/bin/busybox")
 INIT_MARKER = "KTSTR-INIT-REACHED"
 """The built-in init prints this on the console first thing (benchmarks time it)."""
 REPORT_TAG = "KTSTR-REPORT"
@@ -83,11 +82,10 @@ def init_script() -> str:
     }
 
 
-def build_initramfs(path: Path, busybox: Path = BUSYBOX) -> Path:
-    """The built-in report init: busybox (static) plus the script above as /init."""
-    from ktstr import initramfs
-
-    return initramfs.write_archive(path, initramfs.busybox_archive(busybox, init_script()))
+def build_initramfs(path: Path, busybox: Path | None = None) -> Path:
+    """The built-in report init: busybox plus the script above as /init."""
+    return initramfs.write_busybox_initramfs(path, init_script(), busybox=busybox,
+                                             why="the ktstr boot report init is a busybox script")
 
 
 # --- what the guest saw ------------------------------------------------------------------------

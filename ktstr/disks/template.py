@@ -34,10 +34,11 @@ from pathlib import Path
 
 from ioctl_opt import IOW
 
-from ktstr import reap, tools
+from ktstr import initramfs, reap, tools
 from ktstr.disks.config import DiskConfig, Filesystem
 from ktstr.errors import KtstrError
 from ktstr.paths import cache_root
+from ktstr.wire import ports
 
 log = logging.getLogger(__name__)
 
@@ -367,12 +368,7 @@ def ensure_template(
 
 # --- the template-build VM ------------------------------------------------------------------
 
-_BUILD_INIT = r"""#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp
-/bin/busybox mount -t devtmpfs devtmpfs /dev
-/bin/busybox mount -t proc proc /proc
-/bin/busybox mount -t sysfs sysfs /sys
-i=0
+_BUILD_INIT = initramfs.BUSYBOX_INIT_PREAMBLE + r"""i=0
 while [ ! -b /dev/vda ] && [ $i -lt 1000 ]; do /bin/busybox usleep 10000; i=$((i+1)); done
 %(mkfs)s %(args)s /dev/vda > /tmp/mkfs.log 2>&1
 rc=$?
@@ -386,18 +382,16 @@ printf "\\$(printf %%03o $rc)" | /bin/busybox dd of=/dev/port bs=1 seek=%(exit_p
 """
 
 
-def build_initramfs(path: Path, fs: Filesystem, mkfs: Path, busybox: Path) -> Path:
+def build_initramfs(path: Path, fs: Filesystem, mkfs: Path, busybox: Path | None = None) -> Path:
     """busybox + the host mkfs and its shared libraries + an /init that formats /dev/vda."""
-    from ktstr import initramfs
-    from ktstr.vmm import layout
-
     init = _BUILD_INIT % {
         "mkfs": mkfs,
         "args": " ".join(_MKFS_ARGS[fs]),
         "marker": MKFS_MARKER,
-        "exit_port": layout.EXIT_PORT,
+        "exit_port": ports.EXIT_PORT,
     }
-    return initramfs.write_archive(path, initramfs.busybox_archive(busybox, init, [mkfs]))
+    return initramfs.write_busybox_initramfs(path, init, [mkfs], busybox,
+                                             why="the template-build VM needs it")
 
 
 def build_template_via_vm(image: Path, fs: Filesystem, mkfs: Path, kernel: Path) -> None:
@@ -406,9 +400,8 @@ def build_template_via_vm(image: Path, fs: Filesystem, mkfs: Path, kernel: Path)
     from ktstr.topology import Topology
     from ktstr.vmm.vm import Vm
 
-    busybox = Path(tools.require("busybox", why="the template-build VM needs it"))
     with reap.temporary_directory("template") as tmp:
-        initrd = build_initramfs(tmp / "initramfs.cpio", fs, mkfs, busybox)
+        initrd = build_initramfs(tmp / "initramfs.cpio", fs, mkfs)
         disk = VirtioBlkDisk(image, DiskConfig(capacity_mb=1))
         try:
             result = Vm(

@@ -5,7 +5,12 @@ the small Python-free boot archives. The names callers use are re-exported here.
 
 from __future__ import annotations
 
-from ktstr.initramfs.busybox import BUSYBOX_INIT_PREAMBLE, busybox_archive, default_busybox
+from ktstr.initramfs.busybox import (
+    BUSYBOX_INIT_PREAMBLE,
+    busybox_archive,
+    default_busybox,
+    write_busybox_initramfs,
+)
 from ktstr.initramfs.cache import BaseArchive, build_base, build_suffix
 from ktstr.initramfs.cpio import (
     COMPRESSIONS,
@@ -49,4 +54,5 @@ __all__ = [
     "pyc_bytes",
     "search_path",
     "write_archive",
+    "write_busybox_initramfs",
 ]
