@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ktstr import initramfs, reap
-from ktstr.cliargs import add_vm_arguments, console_stream
+from ktstr.cliargs import add_vm_arguments, console_stream, start_vm_command
 from ktstr.cpulist import parse_cpu_list
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
@@ -197,27 +197,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_boot)
 
 
-def _cmd_boot(args: argparse.Namespace) -> int:
-    topology = Topology.parse(args.topology)
-    if args.memory_mb < layout.MIN_MEMORY_BYTES // layout.MiB:
-        raise KtstrError(
-            f"--memory-mb {args.memory_mb} is too small: use at least "
-            f"{layout.MIN_MEMORY_BYTES // layout.MiB}"
-        )
-    topology.node_memory_mb(args.memory_mb)
+def _check_boot_args(args: argparse.Namespace) -> None:
     if not args.timeout > 0:
         raise KtstrError(f"--timeout must be positive, got {args.timeout}")
     if args.initramfs is not None and not args.initramfs.is_file():
         raise KtstrError(f"initramfs {args.initramfs} does not exist")
-    from ktstr.kernel import resolve_kernel
 
-    kernel = resolve_kernel(args.kernel).bzimage
 
-    from ktstr.sandbox.dispatch import dispatch, self_argv
-
-    code = dispatch(args.sandbox, self_argv())
-    if code is not None:
-        return code
+def _cmd_boot(args: argparse.Namespace) -> int:
+    start = start_vm_command(args, lambda: _check_boot_args(args))
+    if isinstance(start, int):
+        return start
+    kernel, topology = start.kernel, start.topology
 
     from ktstr.vmm.vm import Vm
 
