@@ -205,7 +205,7 @@ def _check_boot_args(args: argparse.Namespace) -> None:
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
-    start = start_vm_command(args, lambda: _check_boot_args(args))
+    start = start_vm_command(args, _check_boot_args)
     if isinstance(start, int):
         return start
     kernel, topology = start.kernel, start.topology

@@ -69,13 +69,14 @@ class VmCommand:
 
 
 def start_vm_command(args: argparse.Namespace,
-                     check: Callable[[], None] | None = None) -> VmCommand | int:
+                     check: Callable[[argparse.Namespace], None] | None = None,
+                     ) -> VmCommand | int:
     """The shared start of ``ktstr boot`` and ``ktstr shell``: topology and memory checks,
     the command's own ``check`` of its other options, kernel resolution (which may build
     it), then the sandbox. An int is the exit code of the command run in the sandbox."""
     topology = vm_topology(args)
     if check is not None:
-        check()
+        check(args)
     from ktstr.kernel import resolve_kernel
 
     kernel = resolve_kernel(args.kernel).bzimage

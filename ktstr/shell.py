@@ -46,7 +46,7 @@ def _check_shell_args(args: argparse.Namespace) -> None:
 
 
 def _cmd_shell(args: argparse.Namespace) -> int:
-    start = start_vm_command(args, lambda: _check_shell_args(args))
+    start = start_vm_command(args, _check_shell_args)
     if isinstance(start, int):
         return start
     kernel, topology = start.kernel, start.topology
