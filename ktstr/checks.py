@@ -29,7 +29,7 @@ from typing import Any
 
 from ktstr.cpulist import format_cpu_list
 from ktstr.errors import KtstrError
-from ktstr.scenario.telemetry import ScenarioResult, WorkerStats
+from ktstr.telemetry import ScenarioResult, WorkerStats
 
 
 @dataclass(frozen=True)

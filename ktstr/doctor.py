@@ -79,7 +79,7 @@ def check_tools() -> list[Finding]:
 
 
 def check_packages() -> list[Finding]:
-    from ktstr.sessions.system import PACKAGE_LIST, missing_packages, required_packages
+    from ktstr.tools import PACKAGE_LIST, missing_packages, required_packages
 
     if tools.which("dpkg-query") is None:
         return []  # check_tools names dpkg-query; without it there is no package database

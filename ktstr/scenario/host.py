@@ -31,7 +31,7 @@ from ktstr.scenario.cgroups import CgroupBackend, V2Backend, backend_for, cgroup
 from ktstr.scenario.cpuset import resolve_cpuset
 from ktstr.scenario.model import CpusetSpec
 from ktstr.scenario.runner import ScenarioContext, execute_steps
-from ktstr.scenario.telemetry import ScenarioResult
+from ktstr.telemetry import ScenarioResult
 from ktstr.topology import Topology
 
 _SYS_CPU = "/sys/devices/system/cpu"

@@ -17,6 +17,7 @@ IOAPIC and the local APIC.
 
 from __future__ import annotations
 
+from ktstr.bzimage import KERNEL_LOAD_ADDR as KERNEL_LOAD_ADDR
 from ktstr.errors import KtstrError
 from ktstr.wire.ports import BOOT_MAGIC as BOOT_MAGIC
 from ktstr.wire.ports import BOOT_PORT as BOOT_PORT
@@ -62,8 +63,8 @@ ACPI_MAX_SIZE = 0x20000
 """0xE0000..1 MiB: 128 KiB, ~12 KiB are needed for 256 vCPUs (x2APIC MADT + SRAT)."""
 
 HIGH_MEMORY_START = 0x100000
-KERNEL_LOAD_ADDR = 0x100000
-"""Where the bzImage payload goes; the 64-bit entry point is this + 0x200."""
+# KERNEL_LOAD_ADDR (the boot protocol's, from ktstr.bzimage) is where the bzImage payload
+# goes; the 64-bit entry point is it + KERNEL_ENTRY_64_OFFSET.
 KERNEL_ENTRY_64_OFFSET = 0x200
 
 LOW_RAM_END = 0xA0000

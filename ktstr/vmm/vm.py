@@ -141,7 +141,7 @@ class Vm:
         stall_timeout: float = DEFAULT_STALL_S,
         prefault: bool = False,
     ) -> None:
-        from ktstr.vmm import loader
+        from ktstr import bzimage
 
         self.prefault = prefault
         self.prefault_s: float | None = None
@@ -158,7 +158,7 @@ class Vm:
         self.stall_timeout = stall_timeout
         if not self.kernel.exists():
             raise KtstrError(f"kernel image {self.kernel} does not exist")
-        self.bzimage = loader.load_bzimage(self.kernel)
+        self.bzimage = bzimage.load_bzimage(self.kernel)
         self.initrd = _read_initramfs(initramfs)
         if memory_mb * layout.MiB < layout.MIN_MEMORY_BYTES:
             raise KtstrError(

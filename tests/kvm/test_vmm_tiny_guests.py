@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from ktstr.probe import measure_guest_mips
 from ktstr.vmm import kvm
 from ktstr.vmm.machine import Machine
-from ktstr.vmm.probe import measure_guest_mips
 from ktstr.vmm.vcpu import MAX_EXIT_SITES, SITE_OTHER, SITE_QUEUED_OUT
 
 pytestmark = [

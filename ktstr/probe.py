@@ -3,6 +3,9 @@
 A hardware KVM runs a ``dec ecx; jnz`` loop at thousands of M instructions/s;
 a KVM that emulates ordinary guests instruction by instruction (``kvm_pvm``)
 manages a few. The loop runs in real mode, so no page tables or GDT are needed.
+
+A client of the VMM (one :class:`~ktstr.vmm.machine.Machine`, one vCPU) beside it, not
+in it: :mod:`ktstr.sandbox.detect` loads it without importing the VMM itself.
 """
 
 from __future__ import annotations
