@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ktstr.boot import INIT_MARKER, build_initramfs
 from ktstr.topology import Topology
-from ktstr.vmm.cli import INIT_MARKER, build_initramfs
 from ktstr.vmm.vm import DEFAULT_CMDLINE, EXIT_FRUGAL_CMDLINE, QUIET_CMDLINE, Vm
 
 EXTRA_CMDLINE = "printk.time=1"

@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ktstr.boot import build_initramfs, parse_report, topology_mismatches, topology_seen
 from ktstr.topology import Topology
-from ktstr.vmm.cli import build_initramfs, parse_report, topology_mismatches, topology_seen
 from ktstr.vmm.vcpu import TRIPLE_FAULT
 from ktstr.vmm.vm import DEFAULT_CMDLINE, EXIT_FRUGAL_CMDLINE, QUIET_CMDLINE, Vm, VmResult
 

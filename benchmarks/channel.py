@@ -35,9 +35,9 @@ def send(ctx: Any) -> dict[str, Any]:
 
 def in_process(mb: int) -> dict[str, Any]:
     from ktstr.guest.channel import WindowWriter
-    from ktstr.guest.frame import encode_message
     from ktstr.vmm.devices.channel import DEFAULT_WINDOW, ResultChannel
     from ktstr.vmm.memory import GuestMemory
+    from ktstr.wire.frame import encode_message
 
     mem = GuestMemory([(0, 64 << 20)])
     try:

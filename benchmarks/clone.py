@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ktstr.vmm import disk_template as dt
+from ktstr.disks import template as dt
 
 
 def plain_copy(src: Path, dest: Path, chunk: int = 8 << 20) -> None:
@@ -74,7 +74,7 @@ def main() -> int:
                 clones, copies = [], []
                 for i in range(args.repeat):
                     dest = mnt / f"clone-{size}-{i}.img"
-                    clones.append(timed(dt.clone_to_per_test, template, dest))
+                    clones.append(timed(clones.clone_to_per_test, template, dest))
                     dest.unlink()
                     copy = mnt / f"copy-{size}-{i}.img"
                     copies.append(timed(plain_copy, template, copy))

@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ktstr import initramfs
 from ktstr.selftests.parse import parse_output
 from ktstr.topology import Topology
-from ktstr.vmm.cli import BUSYBOX
 from ktstr.vmm.vm import DEFAULT_CMDLINE, EXIT_FRUGAL_CMDLINE, QUIET_CMDLINE
 
 BEGIN = "KTSTR-SELFTESTS-BEGIN"
@@ -57,10 +56,10 @@ reboot -f
 """
 
 
-def build_initramfs(path: Path, runner: Path, busybox: Path = BUSYBOX) -> Path:
+def build_initramfs(path: Path, runner: Path) -> Path:
     """busybox + the runner and its libraries + an /init that runs it once and powers off."""
     init = INIT % {"runner": runner, "begin": BEGIN, "done": DONE}
-    return initramfs.write_archive(path, initramfs.busybox_archive(busybox, init, [runner]))
+    return initramfs.write_busybox_initramfs(path, init, [runner])
 
 
 def run_qemu(qemu: str, kernel: Path, initrd: Path, topo: Topology, memory_mb: int,

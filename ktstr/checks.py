@@ -27,9 +27,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from ktstr.cpulist import format_cpu_list
 from ktstr.errors import KtstrError
-from ktstr.scenario.model import format_cpu_list
-from ktstr.scenario.telemetry import ScenarioResult, WorkerStats
+from ktstr.telemetry import ScenarioResult, WorkerStats
 
 
 @dataclass(frozen=True)

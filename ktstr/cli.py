@@ -22,7 +22,7 @@ COMMANDS = {
     "kernel": "ktstr.kernel.cli",
     "stats": "ktstr.results.cli",
     "sandbox": "ktstr.sandbox.cli",
-    "boot": "ktstr.vmm.cli",
+    "boot": "ktstr.boot",
     "shell": "ktstr.shell",
     "selftests": "ktstr.selftests.cli",
     "list": "ktstr.scenario.cli",

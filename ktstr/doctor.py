@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ktstr import tools
 from ktstr.errors import KtstrError
+from ktstr.meminfo import meminfo_mb
 from ktstr.paths import cache_root
 
 GB = 1 << 30
@@ -78,7 +79,7 @@ def check_tools() -> list[Finding]:
 
 
 def check_packages() -> list[Finding]:
-    from ktstr.sessions.system import PACKAGE_LIST, missing_packages, required_packages
+    from ktstr.tools import PACKAGE_LIST, missing_packages, required_packages
 
     if tools.which("dpkg-query") is None:
         return []  # check_tools names dpkg-query; without it there is no package database
@@ -157,22 +158,11 @@ def check_kvm() -> tuple[list[Finding], bool]:
                                      f"sandbox ({qemu})")], True
 
 
-def _mem_available_mb() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def check_memory(sandbox: bool) -> list[Finding]:
     from ktstr.sandbox.run import MAX_DEFAULT_MEMORY_MB, MEMORY_ENV, default_memory_mb
     from ktstr.testing.run import DEFAULT_MEMORY_MB
 
-    available = _mem_available_mb()
+    available = meminfo_mb("MemAvailable")
     if available is None:
         return [Finding(Level.WARNING, "memory", "cannot read MemAvailable from /proc/meminfo")]
     if sandbox:
@@ -193,7 +183,7 @@ def check_memory(sandbox: bool) -> list[Finding]:
 
 def check_reflink() -> list[Finding]:
     """An explicit disk cache must clone (FICLONE): the per-test disks are reflink copies."""
-    from ktstr.vmm.disk_template import (
+    from ktstr.disks.template import (
         DISK_CACHE_ENV,
         fs_type,
         verify_cache_dir_supports_reflink,

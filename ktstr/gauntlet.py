@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ktstr.errors import KtstrError
+from ktstr.meminfo import host_memory_mb
 from ktstr.scheduler import Scheduler
 from ktstr.topology import PRESETS, Topology
 from ktstr.vmm.x86.cpuid import APIC_ID_REACH_8BIT
@@ -112,14 +113,7 @@ class HostCapacity:
 
     @classmethod
     def detect(cls) -> HostCapacity:
-        mem_kb = 0
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemTotal:"):
-                    mem_kb = int(line.split()[1])
-        except OSError:
-            pass
-        return cls(cpus=os.cpu_count() or 1, memory_mb=mem_kb // 1024)
+        return cls(cpus=os.cpu_count() or 1, memory_mb=host_memory_mb())
 
     def allows(self, topo: Topology, memory_mb: int | None) -> str | None:
         """``None`` when ``topo`` (with the test's requested memory) fits, else why not."""

@@ -18,13 +18,13 @@ from typing import Any
 
 from ktstr import hostfault, initramfs, reap
 from ktstr.errors import KtstrError
-from ktstr.guest.frame import decode_serial, note_error
-from ktstr.guest.messages import validate_message
-from ktstr.guest.request import MountSpec, RunRequest, SchedulerSpec
 from ktstr.guest.sched import CLEAN_REASON, disabled_events
 from ktstr.topology import Topology
 from ktstr.vmm.devices.channel import ResultChannel
 from ktstr.vmm.vcpu import TRIPLE_FAULT
+from ktstr.wire.frame import decode_serial, note_error
+from ktstr.wire.messages import validate_message
+from ktstr.wire.request import MountSpec, RunRequest, SchedulerSpec
 
 KERNEL_PROBLEM_RES = (
     ("panic", re.compile(r"Kernel panic - not syncing[^\n]*")),
@@ -73,7 +73,7 @@ class GuestRun:
     traceback: str | None
     exit_code: int | None
     messages: list[dict[str, Any]]
-    """Every message that passed :func:`~ktstr.guest.messages.validate_message`."""
+    """Every message that passed :func:`~ktstr.wire.messages.validate_message`."""
     channel_errors: list[str]
     """Transport errors and messages the host refused (at most ``frame.MAX_ERRORS``)."""
     timings: dict[str, float]
@@ -273,7 +273,7 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: A
             base: initramfs.BaseArchive, nbytes: int, *, scenario_mode: bool) -> GuestRun:
     """Turn channel messages and the VmResult into a classified :class:`GuestRun`.
 
-    A message that fails :func:`~ktstr.guest.messages.validate_message` is not used:
+    A message that fails :func:`~ktstr.wire.messages.validate_message` is not used:
     it becomes a channel error, and the rest are classified as usual.
     """
     by_type: dict[str, list[dict[str, Any]]] = {}

@@ -16,9 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ktstr.cliargs import add_vm_arguments
+from ktstr.cliargs import add_vm_arguments, start_vm_command
 from ktstr.errors import KtstrError
-from ktstr.topology import Topology
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,25 +36,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_shell)
 
 
-def _cmd_shell(args: argparse.Namespace) -> int:
-    topology = Topology.parse(args.topology)
-    topology.node_memory_mb(args.memory_mb)
-    interactive = args.command is None
-    if interactive and not sys.stdin.isatty():
+def _check_shell_args(args: argparse.Namespace) -> None:
+    if args.command is None and not sys.stdin.isatty():
         raise KtstrError("ktstr shell: give --exec CMD, or run it from a terminal for an "
                          "interactive shell")
     for b in args.binary:
         if not b.is_file():
             raise KtstrError(f"--binary {b}: no such file")
-    from ktstr.kernel import resolve_kernel
 
-    kernel = resolve_kernel(args.kernel).bzimage
 
-    from ktstr.sandbox.dispatch import dispatch, self_argv
-
-    code = dispatch(args.sandbox, self_argv())
-    if code is not None:
-        return code
+def _cmd_shell(args: argparse.Namespace) -> int:
+    start = start_vm_command(args, _check_shell_args)
+    if isinstance(start, int):
+        return start
+    kernel, topology = start.kernel, start.topology
+    interactive = args.command is None
 
     from ktstr.runner import run_guest
 

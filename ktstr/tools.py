@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from ktstr.errors import KtstrError
 
@@ -129,3 +131,28 @@ def require(name: str, *, why: str | None = None, path: str | None = None) -> st
 def required() -> list[Tool]:
     """Tools the host must have: every entry with a Debian package."""
     return [t for t in TOOLS.values() if t.package is not None]
+
+
+# --- the host's Debian packages ----------------------------------------------------------
+
+PACKAGE_LIST = Path(__file__).parent / "sessions" / "debian-packages.txt"
+"""The Debian packages a host needs (the nox sessions and CI install them)."""
+
+
+def required_packages() -> list[str]:
+    lines = PACKAGE_LIST.read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def missing_packages(packages: list[str]) -> list[str]:
+    """Packages dpkg does not report as installed."""
+    if not which("dpkg-query"):
+        return []
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *packages],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    installed = {line.split()[0] for line in out.splitlines() if line.endswith(" installed")}
+    return [p for p in packages if p not in installed]

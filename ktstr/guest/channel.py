@@ -27,7 +27,7 @@ import tty
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ktstr.guest.frame import HEADER_SIZE, encode_message, serial_line, split_frames
+from ktstr.wire.frame import HEADER_SIZE, encode_message, serial_line, split_frames
 
 FRAME_OFFSET = 64
 CONTROL = struct.Struct("<III")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ktstr.cpulist import parse_cpu_list
 from ktstr.guest.channel import Channel
 from ktstr.guest.sched import scx_state
 from ktstr.topology import Topology
@@ -20,17 +21,6 @@ def online_cpus() -> list[int]:
     except OSError:
         return list(range(os.cpu_count() or 1))
     return parse_cpu_list(text)
-
-
-def parse_cpu_list(text: str) -> list[int]:
-    cpus: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        cpus.extend(range(int(lo), int(hi or lo) + 1))
-    return cpus
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Guest side of disks: find each configured virtio disk and mount it. Standard library only.
 
-The host lists the disks to mount as mount specs (`ktstr.disk.mount_specs`:
+The host lists the disks to mount as mount specs (`ktstr.disks.config.mount_specs`:
 device, mountpoint, fstype, options). The device name is what the disk gets
 when virtio devices probe in declaration order; every ktstr disk also
 reports the serial `ktstr-disk<index>` (VIRTIO_BLK_T_GET_ID, visible in
@@ -17,21 +17,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ktstr.wire.disks import disk_index, disk_serial
+
 MS_RDONLY = 1
 DEVICE_WAIT_S = 10.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def disk_index(device: str) -> int:
-    """/dev/vda -> 0, /dev/vdz -> 25, /dev/vdaa -> 26 (the inverse of ktstr.disk.device_name)."""
-    name = os.path.basename(device)
-    if not name.startswith("vd") or len(name) < 3 or not name[2:].isalpha():
-        raise ValueError(f"{device} is not a virtio disk name")
-    n = 0
-    for ch in name[2:]:
-        n = n * 26 + (ord(ch) - ord("a") + 1)
-    return n - 1
 
 
 def serials(sys_block: Path = Path("/sys/block")) -> dict[str, str]:
@@ -54,7 +45,7 @@ def resolve_device(
     dev: Path = Path("/dev"),
 ) -> str:
     """The /dev path of the disk the host means by `device`, waiting for it to appear."""
-    want = f"ktstr-disk{disk_index(device)}"
+    want = disk_serial(disk_index(device))
     deadline = time.monotonic() + timeout
     while True:
         found = serials(sys_block).get(want)

@@ -3,14 +3,14 @@
 ``/init`` in the initramfs is a two-line Python script that puts the packed
 ``ktstr`` on ``sys.path`` and calls :func:`main`. Order of work:
 
-1. mount devtmpfs, mark boot time on ``layout.BOOT_PORT``, mount the rest
+1. mount devtmpfs, mark boot time on ``ports.BOOT_PORT``, mount the rest
    (proc, sysfs, cgroup2 with +cpuset +cpu, tmpfs, debugfs, tracefs, bpffs);
 2. open the result channel (``ktstr.channel=`` on the kernel command line);
 3. read the run request (``/ktstr/request.json``), apply sysctls, mount disks;
 4. start the scheduler and wait until sched_ext reports it attached;
 5. run the scenario with a :class:`~ktstr.guest.context.Context`, sampling
    sched_ext state; stop the scheduler with SIGINT and report how it went;
-6. send ``end`` with the exit code, write it to ``layout.EXIT_PORT``, power off.
+6. send ``end`` with the exit code, write it to ``ports.EXIT_PORT``, power off.
 
 Any exception is sent to the host as a full traceback; PID 1 never returns
 (the kernel would panic), it always powers off.
@@ -32,10 +32,11 @@ from typing import Any
 
 from ktstr.guest.channel import Channel, NullChannel, open_channel
 from ktstr.guest.context import Context, online_cpus
-from ktstr.guest.request import REQUEST_PATH, MountSpec, RunRequest
+from ktstr.guest.disks import mount_disks
 from ktstr.guest.sched import GuestFailure, Kmsg, Sampler, SchedulerProcess, read_text
 from ktstr.topology import Topology
-from ktstr.vmm import layout
+from ktstr.wire import ports
+from ktstr.wire.request import REQUEST_PATH, RunRequest
 
 RB_POWER_OFF = 0x4321FEDC
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
@@ -121,19 +122,6 @@ def set_sysctl(name: str, value: str) -> None:
         path.write_text(str(value))
     except OSError as err:
         raise GuestFailure("sysctl", f"cannot set {name}={value}: {err.strerror}") from err
-
-
-def mount_disks(mounts: list[MountSpec]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for spec in mounts:
-        deadline = time.monotonic() + 5
-        while not os.path.exists(spec.device) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not os.path.exists(spec.device):
-            raise GuestFailure("disk", f"disk {spec.device} did not appear in the guest")
-        mount(spec.device, spec.mountpoint, spec.fstype, 0, spec.options)
-        out[spec.device] = Path(spec.mountpoint)
-    return out
 
 
 def load_function(ref: str, test_file: str | None) -> Any:
@@ -251,7 +239,10 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
                     chan.send(poke)  # applied by the host before send() returns, in order
             except GuestFailure as err:  # the run is still meaningful with the default
                 chan.send({"type": "warning", "text": err.message})
-    disks = mount_disks(req.mounts)
+    try:
+        disks = mount_disks(req.mounts)
+    except (OSError, ValueError) as err:  # a disk that never appeared, or a failed mount
+        raise GuestFailure("disk", str(err)) from err
     func = load_function(req.scenario or "", req.test_file)
     topo = Topology.parse(req.topology) if req.topology else None
     ctx = Context(channel=chan, topology=topo, cpus=online_cpus(), duration_s=req.duration_s,
@@ -330,7 +321,7 @@ def run_shell(req: RunRequest, chan: Channel) -> int:
 
 def poweroff(code: int) -> None:
     os.sync()
-    port_write(layout.EXIT_PORT, code)
+    port_write(ports.EXIT_PORT, code)
     _libc.reboot(RB_POWER_OFF)
     while True:  # PID 1 must not exit
         time.sleep(1)
@@ -342,7 +333,7 @@ def main() -> None:
     kmsg: Kmsg | None = None
     try:
         early_mounts()
-        port_write(layout.BOOT_PORT, layout.BOOT_MAGIC)
+        port_write(ports.BOOT_PORT, ports.BOOT_MAGIC)
         os.environ.update({"PATH": PATH, "HOME": "/root"})
         late_mounts()
         chan = open_channel(read_text("/proc/cmdline"))

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ktstr.guest.request import SchedulerSpec
+from ktstr.wire.request import SchedulerSpec
 
 SCX = Path("/sys/kernel/sched_ext")
 LOG_PATH = "/tmp/ktstr-scheduler.log"

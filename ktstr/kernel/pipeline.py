@@ -274,9 +274,9 @@ def _build_schedulers_locked(entry: KernelEntry, root: Path) -> KernelEntry:
 
 def _validated_bzimage(path: Path) -> Path:
     """``path`` if it is a bootable bzImage (64-bit entry); else a one-line KtstrError."""
-    from ktstr.vmm import loader
+    from ktstr.bzimage import load_bzimage
 
-    loader.load_bzimage(path)
+    load_bzimage(path)
     return path.resolve()
 
 

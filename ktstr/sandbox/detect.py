@@ -8,7 +8,7 @@ from cheap to expensive and stop at the first failure:
 2. `KVM_GET_API_VERSION` answers 12 (the stable API);
 3. the paravirtual `kvm_pvm` module is not the provider (it emulates ordinary
    guests instruction by instruction, ~2 M instructions/s);
-4. a short throughput probe (`ktstr.vmm.probe.measure_guest_mips`), when that
+4. a short throughput probe (`ktstr.probe.measure_guest_mips`), when that
    module is available, runs faster than ``MIN_GUEST_MIPS``.
 """
 
@@ -56,7 +56,7 @@ def _open_error(err: OSError) -> str:
 
 def _load_probe() -> Callable[[], float] | None:
     try:
-        from ktstr.vmm import probe
+        from ktstr import probe
     except ImportError:
         return None
     fn = getattr(probe, "measure_guest_mips", None)

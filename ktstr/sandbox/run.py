@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from ktstr import reap
 from ktstr.errors import KtstrError
+from ktstr.meminfo import host_memory_mb
 from ktstr.paths import cache_root
 from ktstr.sandbox import guest_init
 from ktstr.sandbox.detect import in_sandbox
@@ -68,14 +69,6 @@ class _Signalled(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-def host_memory_mb() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    raise KtstrError("cannot read MemTotal from /proc/meminfo")
 
 
 def _int_env(name: str) -> int | None:

@@ -24,8 +24,8 @@ import signal
 import time
 from collections.abc import Mapping, Sequence
 
+from ktstr.cpulist import format_cpu_list, parse_cpu_list
 from ktstr.errors import KtstrError
-from ktstr.scenario.model import format_cpu_list, parse_cpu_list
 
 TASK_LEAF = "_w"
 

@@ -12,13 +12,13 @@ import math
 import random
 from collections.abc import Sequence
 
+from ktstr.cpulist import format_cpu_list
 from ktstr.errors import KtstrError
 from ktstr.scenario.model import (
     Affinity,
     AffinityKind,
     CpusetKind,
     CpusetSpec,
-    format_cpu_list,
 )
 from ktstr.topology import Topology
 

@@ -24,13 +24,14 @@ from typing import Any
 
 from ktstr import reap
 from ktstr.checks import Checks
+from ktstr.cpulist import format_cpu_list
 from ktstr.errors import KtstrError
 from ktstr.scenario import catalog
 from ktstr.scenario.cgroups import CgroupBackend, V2Backend, backend_for, cgroup_mounts
 from ktstr.scenario.cpuset import resolve_cpuset
-from ktstr.scenario.model import CpusetSpec, format_cpu_list
+from ktstr.scenario.model import CpusetSpec
 from ktstr.scenario.runner import ScenarioContext, execute_steps
-from ktstr.scenario.telemetry import ScenarioResult
+from ktstr.telemetry import ScenarioResult
 from ktstr.topology import Topology
 
 _SYS_CPU = "/sys/devices/system/cpu"

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ktstr.cpulist import format_cpu_list, parse_cpu_list
 from ktstr.errors import KtstrError
 from ktstr.scenario.work import CpuSpin, Work
 
@@ -25,41 +26,6 @@ def check_name(name: str) -> str:
             f"cgroup name {name!r}: use letters, digits, '_', '-', '.', and '/' for nesting"
         )
     return name
-
-
-def parse_cpu_list(text: str) -> tuple[int, ...]:
-    """``"0-3,8,10-11"`` -> (0, 1, 2, 3, 8, 10, 11): the kernel's cpu-list format."""
-    cpus: set[int] = set()
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError
-                cpus.update(range(lo, hi + 1))
-            else:
-                cpus.add(int(part))
-        except ValueError:
-            raise KtstrError(
-                f"cpu list {text!r}: expected comma-separated CPUs or ranges like 0-3,8"
-            ) from None
-    return tuple(sorted(cpus))
-
-
-def format_cpu_list(cpus: Sequence[int] | frozenset[int] | set[int]) -> str:
-    """The inverse of :func:`parse_cpu_list` (compact ranges)."""
-    out: list[str] = []
-    ordered = sorted(set(cpus))
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 class CpusetKind(enum.Enum):
@@ -117,7 +83,7 @@ class CpusetSpec:
 
     @classmethod
     def exact(cls, cpus: Sequence[int] | str) -> CpusetSpec:
-        cpus = parse_cpu_list(cpus) if isinstance(cpus, str) else tuple(sorted(set(cpus)))
+        cpus = tuple(parse_cpu_list(cpus) if isinstance(cpus, str) else sorted(set(cpus)))
         return cls(CpusetKind.EXACT, cpus=cpus)
 
     @classmethod
@@ -259,7 +225,7 @@ class Affinity:
 
     @classmethod
     def exact(cls, cpus: Sequence[int] | str) -> Affinity:
-        cpus = parse_cpu_list(cpus) if isinstance(cpus, str) else tuple(sorted(set(cpus)))
+        cpus = tuple(parse_cpu_list(cpus) if isinstance(cpus, str) else sorted(set(cpus)))
         return cls(AffinityKind.EXACT, cpus=cpus)
 
     def describe(self) -> str:

@@ -43,8 +43,8 @@ from ktstr.scenario.model import (
     SwapCpusets,
     format_cpu_list,
 )
-from ktstr.scenario.telemetry import CgroupStats, ScenarioResult, WorkerStats
 from ktstr.scenario.work import Work
+from ktstr.telemetry import CgroupStats, ScenarioResult, WorkerStats
 from ktstr.topology import Topology
 
 _POLICY = {

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ktstr.reap import die_with_parent
-from ktstr.scenario.telemetry import LatencySummary, WorkerStats, off_cpu_pct
+from ktstr.telemetry import LatencySummary, WorkerStats, off_cpu_pct
 
 if TYPE_CHECKING:
     from ktstr.scenario.work import Work

@@ -15,9 +15,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from ktstr.cliargs import add_vm_arguments, console_stream
+from ktstr.cliargs import add_vm_arguments, console_stream, sandbox_exit_code, vm_topology
 from ktstr.errors import KtstrError
-from ktstr.topology import Topology
 
 if TYPE_CHECKING:
     from ktstr.selftests.build import RunnerBuild
@@ -46,13 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_selftests(args: argparse.Namespace) -> int:
-    from ktstr.vmm import layout
-
-    topology = Topology.parse(args.topology)
-    if args.memory_mb < layout.MIN_MEMORY_BYTES // layout.MiB:
-        raise KtstrError(f"--memory-mb {args.memory_mb} is too small: use at least "
-                         f"{layout.MIN_MEMORY_BYTES // layout.MiB}")
-    topology.node_memory_mb(args.memory_mb)
+    topology = vm_topology(args)
     if not args.timeout_per_test > 0:
         raise KtstrError(f"--timeout-per-test must be positive, got {args.timeout_per_test:g}")
 
@@ -77,9 +70,7 @@ def _cmd_selftests(args: argparse.Namespace) -> int:
     if args.list:
         return _print_list(build, args.json)
 
-    from ktstr.sandbox.dispatch import dispatch, self_argv
-
-    code = dispatch(args.sandbox, self_argv())
+    code = sandbox_exit_code(args)
     if code is not None:
         return code
 

@@ -4,36 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ktstr import tools
 from ktstr.errors import KtstrError
+from ktstr.tools import missing_packages, required_packages
 
 if TYPE_CHECKING:
     import nox
-
-PACKAGE_LIST = Path(__file__).with_name("debian-packages.txt")
-
-
-def required_packages() -> list[str]:
-    lines = PACKAGE_LIST.read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-
-
-def missing_packages(packages: list[str]) -> list[str]:
-    """Packages dpkg does not report as installed."""
-    if not tools.which("dpkg-query"):
-        return []
-    out = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *packages],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    installed = {line.split()[0] for line in out.splitlines() if line.endswith(" installed")}
-    return [p for p in packages if p not in installed]
-
 
 def ensure_packages() -> None:
     """Install missing Debian packages (as root), or say exactly what to install."""

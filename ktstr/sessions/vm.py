@@ -26,6 +26,7 @@ from pathlib import Path
 import nox
 
 from ktstr.gauntlet import Shard
+from ktstr.meminfo import host_memory_mb
 from ktstr.scheduler import BUILTIN
 from ktstr.sessions import kernels, system
 
@@ -89,20 +90,10 @@ def parallel_jobs(cpus: int | None = None, memory_mb: int | None = None) -> int:
     """How many VMs at once: one per two host CPUs, bounded by memory (>= 1)."""
     cpus = cpus or os.cpu_count() or 1
     if memory_mb is None:
-        memory_mb = _host_memory_mb()
+        memory_mb = host_memory_mb()
     by_cpu = cpus // 2
     by_mem = (memory_mb // 2) // GUEST_MEMORY_MB
     return max(1, min(by_cpu, by_mem))
-
-
-def _host_memory_mb() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 4096
 
 
 def run_id(kernel: str, label: str) -> str:
@@ -289,8 +280,8 @@ def _ensure_disk_templates(specs_path: Path) -> None:
     disks = {(d["filesystem"], d["capacity_mb"]) for row in rows for d in row.get("disks", [])}
     if not disks:
         return
-    from ktstr.disk import DiskConfig, Filesystem
-    from ktstr.vmm.disk_template import ensure_template  # type: ignore[import-not-found,unused-ignore]
+    from ktstr.disks import DiskConfig, Filesystem
+    from ktstr.disks.template import ensure_template  # type: ignore[import-not-found,unused-ignore]
 
     for fs, capacity in sorted(disks):
         config = DiskConfig(capacity_mb=int(capacity), filesystem=Filesystem(fs))

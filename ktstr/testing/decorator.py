@@ -156,7 +156,7 @@ def _memory(value: Any, topo: Topology, where: str) -> int | None:
 def _disks(value: Any, where: str) -> tuple[Any, ...]:
     if value is None:
         return ()
-    from ktstr.disk import validate_disks
+    from ktstr.disks import validate_disks
 
     try:
         return tuple(validate_disks(value))

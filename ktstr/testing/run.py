@@ -388,8 +388,8 @@ def boot(plan: RunPlan) -> GuestOutcome:
         cmdline_extra=" ".join(plan.scheduler.kargs),
     )
     if plan.spec.disks:
-        from ktstr.guest.request import MountSpec
-        from ktstr.vmm.disk_template import per_test_disks
+        from ktstr.disks.clones import per_test_disks
+        from ktstr.wire.request import MountSpec
 
         t = time.monotonic()
         with per_test_disks(list(plan.spec.disks), kernel=plan.kernel_path) as prepared:

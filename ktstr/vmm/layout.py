@@ -17,7 +17,11 @@ IOAPIC and the local APIC.
 
 from __future__ import annotations
 
+from ktstr.bzimage import KERNEL_LOAD_ADDR as KERNEL_LOAD_ADDR
 from ktstr.errors import KtstrError
+from ktstr.wire.ports import BOOT_MAGIC as BOOT_MAGIC
+from ktstr.wire.ports import BOOT_PORT as BOOT_PORT
+from ktstr.wire.ports import EXIT_PORT as EXIT_PORT
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -59,8 +63,8 @@ ACPI_MAX_SIZE = 0x20000
 """0xE0000..1 MiB: 128 KiB, ~12 KiB are needed for 256 vCPUs (x2APIC MADT + SRAT)."""
 
 HIGH_MEMORY_START = 0x100000
-KERNEL_LOAD_ADDR = 0x100000
-"""Where the bzImage payload goes; the 64-bit entry point is this + 0x200."""
+# KERNEL_LOAD_ADDR (the boot protocol's, from ktstr.bzimage) is where the bzImage payload
+# goes; the 64-bit entry point is it + KERNEL_ENTRY_64_OFFSET.
 KERNEL_ENTRY_64_OFFSET = 0x200
 
 LOW_RAM_END = 0xA0000
@@ -107,12 +111,7 @@ I8042_COMMAND_PORT = 0x64
 I8042_RESET_COMMAND = 0xFE
 """Written to the command port by the kernel's keyboard-controller reboot."""
 
-BOOT_PORT = 0x3F0
-BOOT_MAGIC = 123
-"""The guest init writes BOOT_MAGIC (one byte) to BOOT_PORT when it starts (boot time)."""
-
-EXIT_PORT = 0x501
-"""The guest writes its exit status (one byte, or a 4-byte little-endian int) here."""
+# The boot-mark and exit-status ports are part of the host-guest contract (ktstr.wire).
 
 PM1A_EVT_PORT = 0x600
 PM1_EVT_LEN = 4

@@ -13,13 +13,76 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from ktstr.disk import DiskThrottle
+from ktstr.errors import KtstrError
 
 Clock = Callable[[], float]
 
 MAX_THROTTLE_WAIT = 1.0
 """Seconds one request waits at most; the rest of its debt paces the requests behind it."""
+
+
+@dataclass(frozen=True)
+class DiskThrottle:
+    """Token-bucket limits enforced by the virtio-blk device.
+
+    A rate of None or 0 means unthrottled. A burst capacity is the bucket
+    size; it defaults to one second of the rate and may not be smaller.
+    Exhausted tokens delay requests, they never fail them.
+    """
+
+    iops: int | None = None
+    bytes_per_sec: int | None = None
+    iops_burst_capacity: int | None = None
+    bytes_burst_capacity: int | None = None
+
+    def validate(self, where: str = "disk") -> None:
+        for rate_name, burst_name in (
+            ("iops", "iops_burst_capacity"),
+            ("bytes_per_sec", "bytes_burst_capacity"),
+        ):
+            rate = getattr(self, rate_name)
+            burst = getattr(self, burst_name)
+            for name, value in ((rate_name, rate), (burst_name, burst)):
+                if value is not None and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 0
+                ):
+                    raise KtstrError(
+                        f"{where}: throttle {name}={value!r} must be a non-negative integer or None"
+                    )
+            if not rate:
+                if burst:
+                    raise KtstrError(
+                        f"{where}: throttle {burst_name}={burst} is set without {rate_name}; "
+                        f"set {rate_name} too, or drop the burst"
+                    )
+                continue
+            if burst is not None and burst != 0 and burst < rate:
+                raise KtstrError(
+                    f"{where}: throttle {burst_name}={burst} is smaller than {rate_name}={rate}; "
+                    "the bucket must hold at least one second of tokens"
+                )
+
+    @property
+    def effective_iops(self) -> tuple[int, int] | None:
+        """(rate, burst) for the IOPS bucket, or None when unthrottled."""
+        return _effective(self.iops, self.iops_burst_capacity)
+
+    @property
+    def effective_bytes(self) -> tuple[int, int] | None:
+        """(rate, burst) for the bandwidth bucket, or None when unthrottled."""
+        return _effective(self.bytes_per_sec, self.bytes_burst_capacity)
+
+    @property
+    def active(self) -> bool:
+        return self.effective_iops is not None or self.effective_bytes is not None
+
+
+def _effective(rate: int | None, burst: int | None) -> tuple[int, int] | None:
+    if not rate:
+        return None
+    return rate, (burst or rate)
 
 
 class TokenBucket:

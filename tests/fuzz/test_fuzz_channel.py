@@ -20,7 +20,9 @@ from typing import Any
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from ktstr.guest.frame import (
+from ktstr.vmm.devices.channel import CONTROL, FRAME_OFFSET, ResultChannel
+from ktstr.vmm.memory import GuestMemory
+from ktstr.wire.frame import (
     DECODE_OVERHEAD,
     FIRST,
     HEADER_SIZE,
@@ -32,8 +34,6 @@ from ktstr.guest.frame import (
     decode_message,
     encode_frame,
 )
-from ktstr.vmm.devices.channel import CONTROL, FRAME_OFFSET, ResultChannel
-from ktstr.vmm.memory import GuestMemory
 
 Bound = Callable[[int], AbstractContextManager[None]]
 RAM = 1 << 20

@@ -13,7 +13,10 @@ from typing import Any
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from ktstr.guest.frame import (
+from ktstr.initramfs import BaseArchive
+from ktstr.runner import collect
+from ktstr.vmm.vm import VmResult
+from ktstr.wire.frame import (
     FIRST,
     LAST,
     MAX_ERRORS,
@@ -23,10 +26,7 @@ from ktstr.guest.frame import (
     serial_line,
     split_frames,
 )
-from ktstr.guest.messages import NULL, SCHEMAS, Field, validate_message
-from ktstr.initramfs import BaseArchive
-from ktstr.runner import collect
-from ktstr.vmm.vm import VmResult
+from ktstr.wire.messages import NULL, SCHEMAS, Field, validate_message
 
 Bound = Callable[[int], AbstractContextManager[None]]
 BASE = BaseArchive(Path("/nonexistent"), "k", 0, True, 0.0, 0, "/py", ())

@@ -61,7 +61,6 @@ from virtio_driver import (
     read_u32,
 )
 
-from ktstr.disk import DiskThrottle
 from ktstr.vmm.devices.virtio import mmio
 from ktstr.vmm.devices.virtio.blk import (
     ID_BYTES,
@@ -83,6 +82,7 @@ from ktstr.vmm.devices.virtio.queue import (
     Virtqueue,
 )
 from ktstr.vmm.memory import GuestMemory
+from ktstr.vmm.throttle import DiskThrottle
 
 EXAMPLES = int(os.environ.get("KTSTR_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from ktstr.probe import measure_guest_mips
 from ktstr.vmm import kvm
-from ktstr.vmm.probe import measure_guest_mips
+from ktstr.vmm.machine import Machine
 from ktstr.vmm.vcpu import MAX_EXIT_SITES, SITE_OTHER, SITE_QUEUED_OUT
-from ktstr.vmm.vm import Machine
 
 pytestmark = [
     pytest.mark.kvm,

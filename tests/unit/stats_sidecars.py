@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ktstr.results.sidecar import write_sidecar
-from ktstr.scenario.telemetry import LatencySummary, WorkerStats
 from ktstr.scheduler import BUILTIN
+from ktstr.telemetry import LatencySummary, WorkerStats
 from ktstr.testing import ktstr_test, spec_of
 from ktstr.testing.run import (
     Attempt,

@@ -12,7 +12,9 @@ import pytest
 
 from ktstr.guest.channel import FRAME_OFFSET as GUEST_FRAME_OFFSET
 from ktstr.guest.channel import ChannelError, WindowWriter, parse_spec
-from ktstr.guest.frame import (
+from ktstr.vmm.devices.channel import CONTROL, FRAME_OFFSET, ResultChannel
+from ktstr.vmm.memory import GuestMemory
+from ktstr.wire.frame import (
     DECODE_OVERHEAD,
     FIRST,
     HEADER_SIZE,
@@ -32,8 +34,6 @@ from ktstr.guest.frame import (
     serial_line,
     split_frames,
 )
-from ktstr.vmm.devices.channel import CONTROL, FRAME_OFFSET, ResultChannel
-from ktstr.vmm.memory import GuestMemory
 
 MiB = 1 << 20
 WINDOW_GPA = 16 * MiB

@@ -6,7 +6,7 @@ import pytest
 
 from ktstr.checks import AssertResult, Checks, evaluate, is_starved, scheduler_health
 from ktstr.errors import KtstrError
-from ktstr.scenario.telemetry import LatencySummary, ScenarioResult, WorkerStats
+from ktstr.telemetry import LatencySummary, ScenarioResult, WorkerStats
 
 S = 1_000_000_000
 
@@ -93,7 +93,7 @@ def test_max_gap_and_overrides() -> None:
 def test_optional_checks() -> None:
     c = Checks(wake_p99_us=100, throughput_cv=0.1, migration_ratio=0.01, min_work_rate=600)
     res = result(w(idx=0, p99=250, units=1000, migrations=50), w(idx=1, units=1000))
-    from ktstr.scenario.telemetry import CgroupStats
+    from ktstr.telemetry import CgroupStats
 
     res.cgroups = [CgroupStats.aggregate("cg", [0, 1], res.workers)]
     out = evaluate(res, c)

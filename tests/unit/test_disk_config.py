@@ -6,16 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from ktstr.disk import (
+from ktstr.disks.config import (
     DiskConfig,
     DiskThrottle,
     Filesystem,
-    device_name,
-    disk_serial,
     mount_specs,
     validate_disks,
 )
 from ktstr.errors import KtstrError
+from ktstr.wire.disks import device_name, disk_serial
 
 
 def test_defaults_match_reference() -> None:
@@ -128,7 +127,7 @@ def test_mount_specs() -> None:
 
 
 def test_guest_device_index_inverts_device_name() -> None:
-    from ktstr.guest.disks import disk_index
+    from ktstr.wire.disks import disk_index
 
     for i in range(0, 800, 7):
         assert disk_index(f"/dev/{device_name(i)}") == i

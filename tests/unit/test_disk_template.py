@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from owners import Child
 
-from ktstr.disk import DiskConfig, Filesystem
+from ktstr.disks import DiskConfig, Filesystem, clones
+from ktstr.disks import template as dt
 from ktstr.errors import KtstrError
-from ktstr.vmm import disk_template as dt
 
 BTRFS = DiskConfig(capacity_mb=128, filesystem=Filesystem.BTRFS)
 
@@ -72,13 +72,13 @@ def test_ficlone_shares_then_diverges(cache: Path) -> None:
     src, dest = cache / "src", cache / "dest"
     data = os.urandom(1 << 20)
     src.write_bytes(data)
-    dt.clone_to_per_test(src, dest)
+    clones.clone_to_per_test(src, dest)
     assert dest.read_bytes() == data
     with open(dest, "r+b") as f:
         f.write(b"changed")
     assert src.read_bytes() == data  # the template is untouched
     with pytest.raises(KtstrError, match="cannot reflink"):
-        dt.clone_to_per_test(src, dest)  # never overwrites
+        clones.clone_to_per_test(src, dest)  # never overwrites
 
 
 def test_locate_mkfs() -> None:
@@ -178,8 +178,9 @@ def test_ensure_without_kernel_on_miss(cache: Path) -> None:
 _CHILD = r"""
 import sys, time
 from pathlib import Path
-from ktstr.disk import DiskConfig, Filesystem
-from ktstr.vmm import disk_template as dt
+from ktstr.disks import DiskConfig, Filesystem
+from ktstr.disks import clones
+from ktstr.disks import template as dt
 import subprocess
 
 cache, log, delay = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
@@ -236,7 +237,7 @@ def test_killed_build_leaves_no_entry(cache: Path, tmp_path: Path) -> None:
 
 def test_per_test_disks(cache: Path) -> None:
     configs = [BTRFS, DiskConfig(capacity_mb=64, name="raw"), BTRFS]
-    with dt.per_test_disks(configs, cache_dir=cache, builder=host_mkfs) as prepared:
+    with clones.per_test_disks(configs, cache_dir=cache, builder=host_mkfs) as prepared:
         paths = prepared.paths
         assert [p.stat().st_size for p in paths] == [128 << 20, 64 << 20, 128 << 20]
         template = dt.cached_template(BTRFS, cache)
@@ -252,7 +253,7 @@ def test_per_test_disks(cache: Path) -> None:
 def test_per_test_disks_refuses_ext4_cache(tmp_path: Path) -> None:
     with (
         pytest.raises(KtstrError, match="cannot reflink"),
-        dt.per_test_disks([BTRFS], cache_dir=tmp_path, builder=host_mkfs),
+        clones.per_test_disks([BTRFS], cache_dir=tmp_path, builder=host_mkfs),
     ):
         pass
 
@@ -260,13 +261,14 @@ def test_per_test_disks_refuses_ext4_cache(tmp_path: Path) -> None:
 _CLONE_CHILD = r"""
 import subprocess, sys
 from pathlib import Path
-from ktstr.disk import DiskConfig, Filesystem
-from ktstr.vmm import disk_template as dt
+from ktstr.disks import DiskConfig, Filesystem
+from ktstr.disks import clones
+from ktstr.disks import template as dt
 
 def builder(image, fs, mkfs):
     subprocess.run([str(mkfs), "-f", "-q", str(image)], check=True, capture_output=True)
 
-cm = dt.per_test_disks([DiskConfig(capacity_mb=128, filesystem=Filesystem.BTRFS)],
+cm = clones.per_test_disks([DiskConfig(capacity_mb=128, filesystem=Filesystem.BTRFS)],
                        cache_dir=Path(sys.argv[1]), builder=builder)
 print(cm.__enter__().paths[0])
 """
@@ -278,7 +280,7 @@ def test_clones_of_a_killed_test_are_reaped(cache: Path, tmp_path: Path) -> None
         stale, kept = Path(killed.lines[0]), Path(alive.lines[0])
         killed.kill()
         assert stale.parent == cache / "clones" and stale.is_file()
-        with dt.per_test_disks([BTRFS], cache_dir=cache, builder=host_mkfs) as prepared:
+        with clones.per_test_disks([BTRFS], cache_dir=cache, builder=host_mkfs) as prepared:
             assert not stale.exists()
             assert kept.exists()  # its test is still running
             assert prepared.paths[0].exists()

@@ -126,7 +126,7 @@ def test_disk_free_space_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 @pytest.fixture
 def btrfs_dir(tmp_path: Path) -> Iterator[Path]:
-    from ktstr.vmm.disk_template import loop_btrfs
+    from ktstr.disks.template import loop_btrfs
 
     if os.geteuid() != 0:
         pytest.fail("needs root (losetup, mount)")
@@ -135,7 +135,7 @@ def btrfs_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_disk_cache_without_reflink_is_a_problem(tmp_path: Path) -> None:
-    from ktstr.vmm.disk_template import fs_type
+    from ktstr.disks.template import fs_type
 
     if fs_type(tmp_path) in ("btrfs", "xfs"):  # ext4 on our machines
         pytest.skip(f"{tmp_path} is on {fs_type(tmp_path)}, which can reflink")

@@ -297,6 +297,15 @@ def test_base_archive_contents_and_cache(base_env: Path) -> None:
     assert not build_base(spec).cached
 
 
+def test_guest_runtime_packs_the_wire_contract() -> None:
+    """The guest init imports the host-guest contract; the packer must find all of it."""
+    search = initramfs.search_path(BaseSpec())
+    modules = initramfs.find_modules([], search, (initramfs.GUEST_MODULE,))
+    wire = {m for m in modules if m.startswith("ktstr.wire")}
+    assert {"ktstr.wire", "ktstr.wire.frame", "ktstr.wire.request", "ktstr.wire.ports"} <= wire
+    assert not any(m.startswith("ktstr.vmm") for m in modules)
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("cpio"), reason="needs root, cpio")
 def test_packed_runtime_imports_in_a_chroot(base_env: Path, tmp_path: Path) -> None:
     """The archive alone is enough to import the guest init and the scenario module."""
@@ -321,11 +330,10 @@ def test_packed_runtime_imports_in_a_chroot(base_env: Path, tmp_path: Path) -> N
 
 
 def test_busybox_archive_has_init_console_and_a_binary_with_its_libraries() -> None:
-    from ktstr.vmm.cli import BUSYBOX
-
-    if not BUSYBOX.is_file():
+    busybox = initramfs.default_busybox()
+    if busybox is None:
         pytest.skip("busybox-static is not installed")
-    archive = initramfs.busybox_archive(BUSYBOX, "#!/bin/busybox sh\n", ["/usr/bin/env"])
+    archive = initramfs.busybox_archive(busybox, "#!/bin/busybox sh\n", ["/usr/bin/env"])
     names = {e.name for e in archive.entries}
     assert {"bin/busybox", "init", "dev/console", "proc", "tmp"} <= names
     assert "usr/bin/env" in names or any(n.endswith("bin/env") for n in names)
@@ -335,3 +343,28 @@ def test_busybox_archive_has_init_console_and_a_binary_with_its_libraries() -> N
 def test_busybox_archive_names_the_package_when_busybox_is_missing(tmp_path: Path) -> None:
     with pytest.raises(KtstrError, match="busybox-static"):
         initramfs.busybox_archive(tmp_path / "nope", "")
+
+
+def test_template_build_init_formats_the_disk_after_the_shared_preamble(tmp_path: Path) -> None:
+    """The mkfs guest's archive comes from the one busybox writer, with its mkfs packed."""
+    from ktstr.disks import template
+    from ktstr.disks.config import Filesystem
+
+    busybox = initramfs.default_busybox()
+    if busybox is None:
+        pytest.skip("busybox-static is not installed")
+    mkfs = Path("/usr/bin/env")  # any dynamic host binary stands in for mkfs here
+    path = template.build_initramfs(tmp_path / "t.cpio", Filesystem.EXT4, mkfs, busybox)
+    entries = {e.name: e for e in decode_newc(path.read_bytes())}
+    init = entries["init"].data.decode()
+    assert init.startswith(initramfs.BUSYBOX_INIT_PREAMBLE)
+    assert f"{mkfs} -F -q /dev/vda" in init
+    assert "usr/bin/env" in entries and any("libc.so" in n for n in entries)
+
+
+def test_busybox_archive_packs_a_dynamic_busybox_with_its_libraries() -> None:
+    """A non-static busybox works too: its own shared libraries are packed."""
+    env = "/usr/bin/env"  # dynamic; stands in for a busybox built against glibc
+    archive = initramfs.busybox_archive(Path(env), "#!/bin/busybox sh\n")
+    names = {e.name for e in archive.entries}
+    assert "bin/busybox" in names and any("libc.so" in n for n in names)

@@ -156,7 +156,7 @@ def test_decorator_validation() -> None:
 
 
 def test_disk_config_validated_at_decoration() -> None:
-    from ktstr.disk import DiskConfig, Filesystem
+    from ktstr.disks import DiskConfig, Filesystem
 
     with pytest.raises(KtstrError, match="too small"):
         ktstr_test(disk=DiskConfig(capacity_mb=10, filesystem=Filesystem.BTRFS))(scenario)

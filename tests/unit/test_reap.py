@@ -154,8 +154,8 @@ def test_a_mounted_tree_is_not_descended(tmp_path: Path, children: list[Child]) 
 def test_raw_disk_images_of_a_killed_test_are_reaped(tmp_path: Path,
                                                      children: list[Child]) -> None:
     script = r"""
-from ktstr.disk import DiskConfig
-from ktstr.vmm.disk_template import per_test_disks
+from ktstr.disks import DiskConfig
+from ktstr.disks.clones import per_test_disks
 cm = per_test_disks([DiskConfig(capacity_mb=8), DiskConfig(capacity_mb=4)])
 prepared = cm.__enter__()
 for p in prepared.paths:
@@ -280,7 +280,7 @@ def test_cgroup_of_a_killed_host_run_is_removed_despite_a_recycled_pid(
 _LOOP = r"""
 import sys
 from pathlib import Path
-from ktstr.vmm.disk_template import loop_btrfs
+from ktstr.disks.template import loop_btrfs
 cm = loop_btrfs(Path(sys.argv[1]), "128M")
 mnt = cm.__enter__()
 (mnt / "f").write_text("x")

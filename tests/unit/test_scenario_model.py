@@ -11,19 +11,9 @@ from ktstr.scenario.model import (
     CpusetSpec,
     SchedPolicy,
     Step,
-    format_cpu_list,
-    parse_cpu_list,
 )
 from ktstr.scenario.work import FutexPingPong, PipeIo
 from ktstr.topology import PRESETS
-
-
-def test_cpu_list_round_trip() -> None:
-    assert parse_cpu_list("0-3,8, 10-11") == (0, 1, 2, 3, 8, 10, 11)
-    assert format_cpu_list([11, 10, 8, 3, 2, 1, 0]) == "0-3,8,10-11"
-    assert format_cpu_list([]) == ""
-    with pytest.raises(KtstrError, match="cpu list"):
-        parse_cpu_list("3-1")
 
 
 @pytest.mark.parametrize(

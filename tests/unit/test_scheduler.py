@@ -182,8 +182,8 @@ def test_attach_policy_refuses_retries_without_a_reason() -> None:
 
 
 def test_attach_policy_survives_with_args_and_reaches_the_guest_request() -> None:
-    from ktstr.guest.request import RunRequest, SchedulerSpec
     from ktstr.scheduler import BUILTIN
+    from ktstr.wire.request import RunRequest, SchedulerSpec
 
     sched = BUILTIN["scx_central"].with_args("-v")
     assert sched.attach == BUILTIN["scx_central"].attach

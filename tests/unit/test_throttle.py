@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from ktstr.disk import DiskThrottle
-from ktstr.vmm.throttle import MAX_THROTTLE_WAIT, Throttle, TokenBucket
+from ktstr.vmm.throttle import MAX_THROTTLE_WAIT, DiskThrottle, Throttle, TokenBucket
 
 
 class Clock:

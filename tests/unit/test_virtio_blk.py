@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from virtio_driver import FEATURES, HOLE, SECTORS, Buf, Driver, Rig, read_u32
 
-from ktstr.disk import DiskThrottle
 from ktstr.vmm.devices.virtio import mmio
 from ktstr.vmm.devices.virtio.blk import (
     S_IOERR,
@@ -31,7 +30,7 @@ from ktstr.vmm.devices.virtio.blk import (
     VIRTIO_BLK_F_RO,
 )
 from ktstr.vmm.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from ktstr.vmm.throttle import MAX_THROTTLE_WAIT
+from ktstr.vmm.throttle import MAX_THROTTLE_WAIT, DiskThrottle
 
 
 @pytest.fixture

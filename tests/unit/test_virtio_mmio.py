@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from virtio_driver import DATA_BASE, Driver, Rig, read_u32
 
-from ktstr.disk import DiskThrottle
 from ktstr.vmm.devices.virtio import mmio
 from ktstr.vmm.devices.virtio.blk import S_OK, T_IN
 from ktstr.vmm.memory import GuestMemoryError
+from ktstr.vmm.throttle import DiskThrottle
 
 LAYOUT_REGISTERS = (
     mmio.QUEUE_NUM,

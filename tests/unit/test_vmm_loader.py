@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ktstr import bzimage
 from ktstr.errors import KtstrError
 from ktstr.vmm import layout, loader
 from ktstr.vmm.layout import GiB, MiB
@@ -26,7 +27,7 @@ REAL_BZIMAGE = _cached_bzimage()
 def synthetic_bzimage(
     *,
     protocol: int = 0x020F,
-    xloadflags: int = loader.XLF_KERNEL_64,
+    xloadflags: int = bzimage.XLF_KERNEL_64,
     setup_sects: int = 2,
     payload: bytes = b"\x90" * 4096,
 ) -> bytes:
@@ -53,7 +54,7 @@ def synthetic_bzimage(
 
 def test_parse_synthetic() -> None:
     payload = bytes(range(256)) * 32
-    bz = loader.parse_bzimage(synthetic_bzimage(payload=payload))
+    bz = bzimage.parse_bzimage(synthetic_bzimage(payload=payload))
     assert bz.setup_sects == 2
     assert bz.protocol == 0x020F and bz.protocol_text == "2.15"
     assert bz.pref_address == 0x1000000
@@ -69,40 +70,40 @@ def test_parse_synthetic() -> None:
 
 def test_setup_sects_zero_means_four() -> None:
     payload = b"\xcc" * 1024
-    bz = loader.parse_bzimage(synthetic_bzimage(setup_sects=0, payload=payload))
+    bz = bzimage.parse_bzimage(synthetic_bzimage(setup_sects=0, payload=payload))
     assert bz.setup_sects == 4
     assert bz.payload == payload
 
 
 def test_not_a_bzimage() -> None:
     with pytest.raises(KtstrError, match="not a bzImage"):
-        loader.parse_bzimage(b"\x7fELF" + bytes(4096))
+        bzimage.parse_bzimage(b"\x7fELF" + bytes(4096))
 
 
 def test_old_protocol() -> None:
     with pytest.raises(KtstrError, match=r"2\.11 is too old"):
-        loader.parse_bzimage(synthetic_bzimage(protocol=0x020B))
+        bzimage.parse_bzimage(synthetic_bzimage(protocol=0x020B))
 
 
 def test_no_64bit_entry() -> None:
     with pytest.raises(KtstrError, match="XLF_KERNEL_64"):
-        loader.parse_bzimage(synthetic_bzimage(xloadflags=0))
+        bzimage.parse_bzimage(synthetic_bzimage(xloadflags=0))
 
 
 @pytest.mark.parametrize("cut", [0x250, 3 * 512 + 100])
 def test_truncated(cut: int) -> None:
     with pytest.raises(KtstrError, match="truncated"):
-        loader.parse_bzimage(synthetic_bzimage()[:cut])
+        bzimage.parse_bzimage(synthetic_bzimage()[:cut])
 
 
 def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(KtstrError, match="does not exist"):
-        loader.load_bzimage(tmp_path / "nope")
+        bzimage.load_bzimage(tmp_path / "nope")
     with pytest.raises(KtstrError, match="is a directory"):
-        loader.load_bzimage(tmp_path)
+        bzimage.load_bzimage(tmp_path)
 
 
-def _check_zero_page(bz: loader.BzImage, image: bytes) -> None:
+def _check_zero_page(bz: bzimage.BzImage, image: bytes) -> None:
     regions = layout.ram_regions(2 * GiB)
     e820 = loader.build_e820(regions)
     cmdline = loader.encode_cmdline("console=ttyS0 nokaslr", bz.cmdline_size)
@@ -144,23 +145,23 @@ def _check_zero_page(bz: loader.BzImage, image: bytes) -> None:
 
 def test_boot_params_synthetic() -> None:
     image = synthetic_bzimage()
-    _check_zero_page(loader.parse_bzimage(image), image)
+    _check_zero_page(bzimage.parse_bzimage(image), image)
 
 
 @pytest.mark.skipif(REAL_BZIMAGE is None, reason="no kernel in the cache (ktstr kernel build)")
 def test_boot_params_real_bzimage() -> None:
     assert REAL_BZIMAGE is not None
     image = REAL_BZIMAGE.read_bytes()
-    bz = loader.load_bzimage(REAL_BZIMAGE)
+    bz = bzimage.load_bzimage(REAL_BZIMAGE)
     assert bz.protocol >= 0x020C
-    assert bz.xloadflags & loader.XLF_KERNEL_64
+    assert bz.xloadflags & bzimage.XLF_KERNEL_64
     assert bz.cmdline_size >= 255
     assert bz.payload[:16] == image[(bz.setup_sects + 1) * 512 :][:16]
     _check_zero_page(bz, image)
 
 
 def test_boot_params_high_addresses_use_ext_fields() -> None:
-    bz = loader.parse_bzimage(synthetic_bzimage())
+    bz = bzimage.parse_bzimage(synthetic_bzimage())
     bp = loader.build_boot_params(
         bz,
         cmdline_addr=0x1_2000_0000,
@@ -176,7 +177,7 @@ def test_boot_params_high_addresses_use_ext_fields() -> None:
 
 
 def test_boot_params_rejects_long_cmdline() -> None:
-    bz = loader.parse_bzimage(synthetic_bzimage())
+    bz = bzimage.parse_bzimage(synthetic_bzimage())
     with pytest.raises(KtstrError, match="command line"):
         loader.build_boot_params(bz, cmdline_addr=layout.CMDLINE_ADDR, cmdline_size=2049, e820=[])
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ktstr.disk import DiskThrottle
 from ktstr.vmm.devices.virtio.blk import SECTOR_SIZE, VIRTIO_BLK_F_FLUSH, VirtioBlk
 from ktstr.vmm.devices.virtio.mmio import (
     DRIVER_FEATURES,
@@ -48,6 +47,7 @@ from ktstr.vmm.devices.virtio.queue import (
 )
 from ktstr.vmm.irq import NullIrq
 from ktstr.vmm.memory import GuestMemory
+from ktstr.vmm.throttle import DiskThrottle
 
 MiB = 1 << 20
 # Two RAM regions with a hole between them, so "in the hole" is a testable address.

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ktstr.topology import Topology
-from ktstr.vmm.cli import (
+from ktstr.boot import (
     COM2_PROBE,
     INIT_MARKER,
     build_initramfs,
@@ -23,6 +22,7 @@ from ktstr.vmm.cli import (
     topology_expected,
     topology_seen,
 )
+from ktstr.topology import Topology
 
 pytestmark = pytest.mark.vm
 

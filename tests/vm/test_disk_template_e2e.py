@@ -154,7 +154,7 @@ def scenario_throttled_iops(ctx: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def cold_cache() -> Any:
     """A template cache of our own inside the reflink-capable disk cache: starts cold."""
-    from ktstr.vmm import disk_template as dt
+    from ktstr.disks import template as dt
 
     base = dt.verify_cache_dir_supports_reflink()
     path = base / f"e2e-{uuid.uuid4().hex[:8]}"
@@ -163,13 +163,13 @@ def cold_cache() -> Any:
 
 
 def _btrfs() -> Any:
-    from ktstr.disk import DiskConfig, Filesystem
+    from ktstr.disks import DiskConfig, Filesystem
 
     return DiskConfig(capacity_mb=256, filesystem=Filesystem.BTRFS)
 
 
 def _run(guest: Any, scenario: str, prepared: Any, **kw: Any) -> Any:
-    from ktstr.guest.request import MountSpec
+    from ktstr.wire.request import MountSpec
 
     run = guest(scenario=f"{MODULE}:{scenario}", test_file=THIS,
                     devices=prepared.devices, mounts=[MountSpec(**m) for m in prepared.mounts],
@@ -182,13 +182,14 @@ def _run(guest: Any, scenario: str, prepared: Any, **kw: Any) -> Any:
 def test_disk_template_e2e_btrfs_template_build(ktstr_kernel: Any, guest: Any,
                                                 cold_cache: Path) -> None:
     """Cold cache: one template-build VM runs mkfs.btrfs; the test VM sees btrfs at /mnt/disk0."""
-    from ktstr.vmm import disk_template as dt
+    from ktstr.disks import clones
+    from ktstr.disks import template as dt
 
     kernel = ktstr_kernel.bzimage
     assert dt.cached_template(_btrfs(), cold_cache) is None
     builds = dt.stats.builds
     start = time.monotonic()
-    with dt.per_test_disks(_btrfs(), kernel=kernel, cache_dir=cold_cache) as prepared:
+    with clones.per_test_disks(_btrfs(), kernel=kernel, cache_dir=cold_cache) as prepared:
         prepare_s = time.monotonic() - start
         assert dt.stats.builds == builds + 1
         run = _run(guest, "scenario_btrfs_filesystem_visible", prepared)
@@ -203,13 +204,14 @@ def test_disk_template_e2e_btrfs_template_build(ktstr_kernel: Any, guest: Any,
 def test_disk_template_e2e_ficlone_clone_isolated(ktstr_kernel: Any, guest: Any,
                                                   cold_cache: Path) -> None:
     """Warm cache: no template VM; the clone is fresh, writable and reads back intact."""
-    from ktstr.vmm import disk_template as dt
+    from ktstr.disks import clones
+    from ktstr.disks import template as dt
 
     kernel = ktstr_kernel.bzimage
     dt.ensure_template(_btrfs(), kernel=kernel, cache_dir=cold_cache)  # warm (built above)
     builds, hits = dt.stats.builds, dt.stats.hits
     start = time.monotonic()
-    with dt.per_test_disks(_btrfs(), kernel=kernel, cache_dir=cold_cache) as prepared:
+    with clones.per_test_disks(_btrfs(), kernel=kernel, cache_dir=cold_cache) as prepared:
         prepare_s = time.monotonic() - start
         assert dt.stats.builds == builds and dt.stats.hits == hits + 1  # no template VM
         run = _run(guest, "scenario_ficlone_clone_writable_and_fresh", prepared)
@@ -228,15 +230,14 @@ def test_disk_template_e2e_ficlone_clone_isolated(ktstr_kernel: Any, guest: Any,
 
 
 def test_read_only_disk_rejects_writes(ktstr_kernel: Any, guest: Any, cold_cache: Path) -> None:
-    from ktstr.disk import DiskConfig, Filesystem
-    from ktstr.vmm import disk_template as dt
+    from ktstr.disks import DiskConfig, Filesystem, clones
 
     kernel = ktstr_kernel.bzimage
     disks = [
         DiskConfig(capacity_mb=256, filesystem=Filesystem.BTRFS, read_only=True, name="ro"),
         DiskConfig(capacity_mb=16, read_only=True),
     ]
-    with dt.per_test_disks(disks, kernel=kernel, cache_dir=cold_cache) as prepared:
+    with clones.per_test_disks(disks, kernel=kernel, cache_dir=cold_cache) as prepared:
         before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in prepared.paths]
         run = _run(guest, "scenario_read_only", prepared)
         after = [hashlib.sha256(p.read_bytes()).hexdigest() for p in prepared.paths]
@@ -248,11 +249,10 @@ def test_read_only_disk_rejects_writes(ktstr_kernel: Any, guest: Any, cold_cache
 
 
 def test_throttled_disk_holds_its_iops(guest: Any) -> None:
-    from ktstr.disk import DiskConfig, DiskThrottle
-    from ktstr.vmm import disk_template as dt
+    from ktstr.disks import DiskConfig, DiskThrottle, clones
 
     disk = DiskConfig(capacity_mb=64, throttle=DiskThrottle(iops=THROTTLE_IOPS))
-    with dt.per_test_disks(disk) as prepared:
+    with clones.per_test_disks(disk) as prepared:
         run = _run(guest, "scenario_throttled_iops", prepared,
                    args={"rate": THROTTLE_IOPS, "burst": THROTTLE_IOPS, "max_warmup_s": 10.0,
                          "measure_s": 4.0})

@@ -71,8 +71,8 @@ def scenario_sched(ctx: Any) -> dict[str, Any]:
 
 def scenario_reload(ctx: Any) -> dict[str, Any]:
     """Attach and detach a scheduler many times in one boot; the runtime must keep working."""
-    from ktstr.guest.request import SchedulerSpec
     from ktstr.guest.sched import Kmsg, SchedulerProcess
+    from ktstr.wire.request import SchedulerSpec
 
     kmsg = Kmsg()
     cycles = []

@@ -2,7 +2,7 @@
 
 The device reserves a window of guest RAM (e820-reserved, so the guest may
 map it through ``/dev/mem`` even with ``STRICT_DEVMEM``) and one I/O port. The
-guest writes a frame (see :mod:`ktstr.guest.frame`) at ``FRAME_OFFSET`` and
+guest writes a frame (see :mod:`ktstr.wire.frame`) at ``FRAME_OFFSET`` and
 writes one byte to the port. That port write is a synchronous VM exit: the
 frame is validated and consumed before the vCPU resumes, so the guest may
 reuse the window at once and any amount of data streams through it.
@@ -17,9 +17,9 @@ Window layout::
 The guest tells us nothing we trust: header lengths are bounded by the
 window, every access goes through :class:`~ktstr.vmm.memory.GuestMemory`
 bounds checks, and each message and all the kept messages together are capped
-on the memory their parsed objects take (:func:`ktstr.guest.frame.message_cost`),
+on the memory their parsed objects take (:func:`ktstr.wire.frame.message_cost`),
 not on their byte count. Payloads are JSON objects with a string ``type``; their
-fields are checked by whoever uses them (:mod:`ktstr.guest.messages`).
+fields are checked by whoever uses them (:mod:`ktstr.wire.messages`).
 
 The guest learns the window from the kernel command line:
 ``ktstr.channel=mem,<gpa>,<size>,<port>`` (hex).
@@ -34,7 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ktstr.guest.frame import (
+from ktstr.vmm.bus import AttachContext
+from ktstr.vmm.memory import GuestMemoryError
+from ktstr.wire.frame import (
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_TOTAL,
     HEADER_SIZE,
@@ -45,8 +47,6 @@ from ktstr.guest.frame import (
     note_error,
     parse_header,
 )
-from ktstr.vmm.bus import AttachContext
-from ktstr.vmm.memory import GuestMemoryError
 
 CHANNEL_PORT = 0x5F0
 """Doorbell port (one byte). Kept clear of layout.py's ports (0x3F0, 0x501-0x504, 0x600)."""

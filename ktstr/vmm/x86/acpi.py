@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 from ktstr.vmm import layout
+from ktstr.vmm.x86.tables import checksum
 
 OEM_ID = b"KTSTR "
 OEM_TABLE_ID = b"KTSTRVM "
@@ -93,11 +94,6 @@ REMOTE_DISTANCE = 20
 
 DSDT_REVISION = 2
 XSDT_REVISION = 1
-
-
-def checksum(data: bytes) -> int:
-    """The byte that makes ``data`` (with it in place of a zero) sum to 0 mod 256."""
-    return (-sum(data)) & 0xFF
 
 
 def table(signature: bytes, revision: int, body: bytes) -> bytes:

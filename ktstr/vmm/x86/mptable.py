@@ -23,6 +23,7 @@ import struct
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 from ktstr.vmm import layout
+from ktstr.vmm.x86.tables import checksum
 
 FLOATING_SIGNATURE = b"_MP_"
 CONFIG_SIGNATURE = b"PCMP"
@@ -61,10 +62,6 @@ ALL_LAPICS = 0xFF
 MAX_APIC_ID = 254
 ISA_IRQS = 16
 IRQ0_PIN = 2
-
-
-def _checksum(data: bytes) -> int:
-    return (-sum(data)) & 0xFF
 
 
 def _isa_irq_pins() -> list[tuple[int, int]]:
@@ -116,12 +113,12 @@ def build_mptable(topology: Topology, base: int = layout.MPTABLE_ADDR) -> bytes:
         OEM_ID, PRODUCT_ID, 0, 0, count, layout.LAPIC_ADDR, 0, 0, 0,
     )  # fmt: skip
     config = bytearray(header + entries)
-    config[7] = _checksum(bytes(config))
+    config[7] = checksum(bytes(config))
 
     floating = bytearray(
         struct.pack("<4sIBBB5s", FLOATING_SIGNATURE, base + FLOATING_SIZE, 1, SPEC_REV, 0, bytes(5))
     )
-    floating[10] = _checksum(bytes(floating))
+    floating[10] = checksum(bytes(floating))
     data = bytes(floating + config)
     if len(data) > layout.MPTABLE_MAX_SIZE:
         raise KtstrError(f"MP table of {len(data)} bytes exceeds {layout.MPTABLE_MAX_SIZE}")

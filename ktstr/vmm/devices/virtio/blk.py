@@ -22,9 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ktstr.disk import DiskConfig, DiskThrottle, disk_serial
 from ktstr.vmm.devices.virtio.mmio import VirtioMmioTransport
 from ktstr.vmm.devices.virtio.queue import (
     MEMORY_ERRORS,
@@ -36,10 +34,7 @@ from ktstr.vmm.devices.virtio.queue import (
     QueueNotReady,
     Segment,
 )
-from ktstr.vmm.throttle import Throttle
-
-if TYPE_CHECKING:
-    from ktstr.vmm.bus import AttachContext
+from ktstr.vmm.throttle import DiskThrottle, Throttle
 
 log = logging.getLogger(__name__)
 
@@ -426,27 +421,3 @@ def _fail_partial(mem: Memory, segments: Sequence[Segment]) -> int:
     except MEMORY_ERRORS:
         return 0
     return 1
-
-
-class VirtioBlkDisk:
-    """A VmDevice: one virtio-blk disk at its own virtio-mmio slot (guest /dev/vdX)."""
-
-    def __init__(self, path: Path, config: DiskConfig, index: int = 0) -> None:
-        self.path = Path(path)
-        self.config = config
-        self.index = index
-        self.blk = VirtioBlk(
-            self.path,
-            read_only=config.read_only,
-            serial=disk_serial(index),
-            throttle=config.throttle,
-        )
-        self.transport: VirtioMmioTransport | None = None
-
-    def attach(self, ctx: AttachContext) -> None:
-        slot = ctx.alloc_virtio_mmio_slot()
-        self.transport = VirtioMmioTransport(self.blk, ctx.memory, slot.irq)
-        ctx.add_mmio(slot.base, slot.size, self.transport)
-
-    def close(self) -> None:
-        self.blk.close()

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 
 from ktstr import initramfs
-from ktstr.topology import Topology
-from ktstr.vmm.cli import (
+from ktstr.boot import (
     build_initramfs,
-    parse_cpulist,
     parse_report,
     topology_mismatches,
     topology_seen,
 )
+from ktstr.topology import Topology
 
 
 def run_boot(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,6 +45,27 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str) -> None:
     assert len(lines) == 1 and needle in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--kernel", __file__, "--memory-mb", "16"], "--memory-mb 16 is too small"),
+        (["--kernel", __file__, "--topology", "3n2l1c1t"], "multiple of numa_nodes"),
+        (["--kernel", "/nonexistent/bzImage"], "no such file"),
+    ],
+)
+def test_boot_and_shell_start_alike(args: list[str], needle: str) -> None:
+    """One body starts both commands: the same bad input gets the same one-line error."""
+    errors = []
+    for command, extra in (("boot", []), ("shell", ["--exec", "true"])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ktstr", command, "--sandbox", "never", *args, *extra],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert proc.returncode == 2, proc.stderr
+        errors.append(proc.stderr.strip())
+    assert errors[0] == errors[1] and needle in errors[0]
+
+
 def test_report_parsing_and_comparison() -> None:
     topo = Topology.parse("1n2l1c2t")
     lines = ['[    1.0] KTSTR-REPORT {"kernel":"6.12","online":"0-3","sched_ext":"yes"}']
@@ -66,7 +86,6 @@ def test_report_parsing_and_comparison() -> None:
     assert topology_mismatches(seen, Topology.parse("1n1l4c1t"))
     assert parse_report("\n".join(lines[:-1])) is None  # no END line: incomplete
     assert parse_report(b"garbage") is None
-    assert parse_cpulist("0-2,5,7-8") == [0, 1, 2, 5, 7, 8]
 
 
 def test_builtin_initramfs_has_init_and_busybox(tmp_path: Path) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ktstr.guest.context import parse_cpu_list
-from ktstr.guest.request import MountSpec, RunRequest, SchedulerSpec
 from ktstr.guest.sched import disabled_events
+from ktstr.wire.request import MountSpec, RunRequest, SchedulerSpec
 
 
 def test_request_json_roundtrip() -> None:
@@ -45,9 +44,3 @@ def test_disabled_events_clean_and_error() -> None:
     assert events[2]["name"] == "qmap" and "failed to run" in events[2]["message"]
 
 
-@pytest.mark.parametrize(
-    ("text", "cpus"),
-    [("0", [0]), ("0-3", [0, 1, 2, 3]), ("0-1,4,6-7", [0, 1, 4, 6, 7]), ("", [])],
-)
-def test_parse_cpu_list(text: str, cpus: list[int]) -> None:
-    assert parse_cpu_list(text) == cpus

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from ktstr.guest.frame import FIRST, LAST, encode_frame, serial_line
-from ktstr.guest.messages import SCHEMAS, validate_message
 from ktstr.guest.sched import ExitReport
 from ktstr.initramfs import BaseArchive
 from ktstr.runner import collect, decode_serial
 from ktstr.vmm.vm import VmResult
+from ktstr.wire.frame import FIRST, LAST, encode_frame, serial_line
+from ktstr.wire.messages import SCHEMAS, validate_message
 
 BASE = BaseArchive(Path("/nonexistent"), "k", 0, True, 0.0, 0, "/py", ())
 

@@ -3,12 +3,15 @@
 A hardware KVM runs a ``dec ecx; jnz`` loop at thousands of M instructions/s;
 a KVM that emulates ordinary guests instruction by instruction (``kvm_pvm``)
 manages a few. The loop runs in real mode, so no page tables or GDT are needed.
+
+A client of the VMM (one :class:`~ktstr.vmm.machine.Machine`, one vCPU) beside it, not
+in it: :mod:`ktstr.sandbox.detect` loads it without importing the VMM itself.
 """
 
 from __future__ import annotations
 
 from ktstr.vmm import kvm
-from ktstr.vmm.vm import Machine
+from ktstr.vmm.machine import Machine
 
 LOAD_ADDR = 0x1000
 LOOP_START = 0xFFFF_FFFF

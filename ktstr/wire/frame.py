@@ -332,7 +332,7 @@ def decode_serial(stream: bytes, max_message: int = DEFAULT_MAX_MESSAGE,
                   max_total: int = DEFAULT_MAX_TOTAL) -> tuple[list[Any], list[str]]:
     """Messages and errors from a serial-transport byte stream (other lines are ignored).
 
-    Messages are any JSON values, unchecked: see :mod:`ktstr.guest.messages`.
+    Messages are any JSON values, unchecked: see :mod:`ktstr.wire.messages`.
     """
     import base64
     import binascii

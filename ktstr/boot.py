@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from ktstr import initramfs, reap
-from ktstr.cliargs import add_vm_arguments, console_stream
+from ktstr.cliargs import add_vm_arguments, console_stream, start_vm_command
+from ktstr.cpulist import parse_cpu_list
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 from ktstr.vmm import layout
 
-BUSYBOX = Path("/bin/busybox")
 INIT_MARKER = "KTSTR-INIT-REACHED"
 """The built-in init prints this on the console first thing (benchmarks time it)."""
 REPORT_TAG = "KTSTR-REPORT"
@@ -82,24 +82,13 @@ def init_script() -> str:
     }
 
 
-def build_initramfs(path: Path, busybox: Path = BUSYBOX) -> Path:
-    """The built-in report init: busybox (static) plus the script above as /init."""
-    from ktstr import initramfs
-
-    return initramfs.write_archive(path, initramfs.busybox_archive(busybox, init_script()))
+def build_initramfs(path: Path, busybox: Path | None = None) -> Path:
+    """The built-in report init: busybox plus the script above as /init."""
+    return initramfs.write_busybox_initramfs(path, init_script(), busybox=busybox,
+                                             why="the ktstr boot report init is a busybox script")
 
 
 # --- what the guest saw ------------------------------------------------------------------------
-
-
-def parse_cpulist(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def parse_report(output: bytes | str) -> dict[str, Any] | None:
@@ -153,14 +142,14 @@ class TopologySeen:
 
 def topology_seen(report: dict[str, Any]) -> TopologySeen:
     cpus = report.get("cpus", [])
-    sib = sorted({tuple(parse_cpulist(c.get("siblings", ""))) for c in cpus})
-    llc = sorted({tuple(parse_cpulist(c.get("llc", ""))) for c in cpus})
+    sib = sorted({tuple(parse_cpu_list(c.get("siblings", ""))) for c in cpus})
+    llc = sorted({tuple(parse_cpu_list(c.get("llc", ""))) for c in cpus})
     nodes = [
-        parse_cpulist(v)
+        parse_cpu_list(v)
         for _, v in sorted(report.get("nodes", {}).items(), key=lambda kv: int(kv[0]))
     ]
     return TopologySeen(
-        cpus=len(parse_cpulist(report.get("online", ""))),
+        cpus=len(parse_cpu_list(report.get("online", ""))),
         siblings=[list(s) for s in sib if s],
         llcs=[list(s) for s in llc if s],
         nodes=[n for n in nodes if n],
@@ -208,27 +197,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_boot)
 
 
-def _cmd_boot(args: argparse.Namespace) -> int:
-    topology = Topology.parse(args.topology)
-    if args.memory_mb < layout.MIN_MEMORY_BYTES // layout.MiB:
-        raise KtstrError(
-            f"--memory-mb {args.memory_mb} is too small: use at least "
-            f"{layout.MIN_MEMORY_BYTES // layout.MiB}"
-        )
-    topology.node_memory_mb(args.memory_mb)
+def _check_boot_args(args: argparse.Namespace) -> None:
     if not args.timeout > 0:
         raise KtstrError(f"--timeout must be positive, got {args.timeout}")
     if args.initramfs is not None and not args.initramfs.is_file():
         raise KtstrError(f"initramfs {args.initramfs} does not exist")
-    from ktstr.kernel import resolve_kernel
 
-    kernel = resolve_kernel(args.kernel).bzimage
 
-    from ktstr.sandbox.dispatch import dispatch, self_argv
-
-    code = dispatch(args.sandbox, self_argv())
-    if code is not None:
-        return code
+def _cmd_boot(args: argparse.Namespace) -> int:
+    start = start_vm_command(args, _check_boot_args)
+    if isinstance(start, int):
+        return start
+    kernel, topology = start.kernel, start.topology
 
     from ktstr.vmm.vm import Vm
 

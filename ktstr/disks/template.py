@@ -1,5 +1,8 @@
 """Disk templates: formatted images built once in a VM, cached, and FICLONE'd per test.
 
+The per-test clones are :mod:`ktstr.disks.clones`; the reflink helpers they need
+(`ficlone`, `verify_cache_dir_supports_reflink`, the cache directory) live here.
+
 A template is keyed by (filesystem, capacity, mkfs version). On a miss a
 one-shot VM runs the host's own mkfs on its /dev/vda (so the image is made by
 the guest kernel's block layer, exactly as a test will see it), and the
@@ -23,19 +26,19 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ioctl_opt import IOW
 
-from ktstr import reap, tools
-from ktstr.disk import DiskConfig, Filesystem, mount_specs, validate_disks
+from ktstr import initramfs, reap, tools
+from ktstr.disks.config import DiskConfig, Filesystem
 from ktstr.errors import KtstrError
 from ktstr.paths import cache_root
+from ktstr.wire import ports
 
 log = logging.getLogger(__name__)
 
@@ -365,12 +368,7 @@ def ensure_template(
 
 # --- the template-build VM ------------------------------------------------------------------
 
-_BUILD_INIT = r"""#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp
-/bin/busybox mount -t devtmpfs devtmpfs /dev
-/bin/busybox mount -t proc proc /proc
-/bin/busybox mount -t sysfs sysfs /sys
-i=0
+_BUILD_INIT = initramfs.BUSYBOX_INIT_PREAMBLE + r"""i=0
 while [ ! -b /dev/vda ] && [ $i -lt 1000 ]; do /bin/busybox usleep 10000; i=$((i+1)); done
 %(mkfs)s %(args)s /dev/vda > /tmp/mkfs.log 2>&1
 rc=$?
@@ -384,29 +382,26 @@ printf "\\$(printf %%03o $rc)" | /bin/busybox dd of=/dev/port bs=1 seek=%(exit_p
 """
 
 
-def build_initramfs(path: Path, fs: Filesystem, mkfs: Path, busybox: Path) -> Path:
+def build_initramfs(path: Path, fs: Filesystem, mkfs: Path, busybox: Path | None = None) -> Path:
     """busybox + the host mkfs and its shared libraries + an /init that formats /dev/vda."""
-    from ktstr import initramfs
-    from ktstr.vmm import layout
-
     init = _BUILD_INIT % {
         "mkfs": mkfs,
         "args": " ".join(_MKFS_ARGS[fs]),
         "marker": MKFS_MARKER,
-        "exit_port": layout.EXIT_PORT,
+        "exit_port": ports.EXIT_PORT,
     }
-    return initramfs.write_archive(path, initramfs.busybox_archive(busybox, init, [mkfs]))
+    return initramfs.write_busybox_initramfs(path, init, [mkfs], busybox,
+                                             why="the template-build VM needs it")
 
 
 def build_template_via_vm(image: Path, fs: Filesystem, mkfs: Path, kernel: Path) -> None:
     """Boot `kernel` with `image` as /dev/vda and run `mkfs` on it in the guest."""
+    from ktstr.disks.device import VirtioBlkDisk
     from ktstr.topology import Topology
-    from ktstr.vmm.devices.virtio.blk import VirtioBlkDisk
     from ktstr.vmm.vm import Vm
 
-    busybox = Path(tools.require("busybox", why="the template-build VM needs it"))
     with reap.temporary_directory("template") as tmp:
-        initrd = build_initramfs(tmp / "initramfs.cpio", fs, mkfs, busybox)
+        initrd = build_initramfs(tmp / "initramfs.cpio", fs, mkfs)
         disk = VirtioBlkDisk(image, DiskConfig(capacity_mb=1))
         try:
             result = Vm(
@@ -467,93 +462,3 @@ def loop_btrfs(base: Path, size: str = "1G") -> Iterator[Path]:
 def _parse_size(size: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
-
-
-# --- per-test disks -------------------------------------------------------------------------
-
-
-def clone_to_per_test(template: Path, dest: Path) -> Path:
-    """A FICLONE reflink copy of `template` at `dest` (same filesystem)."""
-    try:
-        ficlone(template, dest)
-    except OSError as err:
-        raise KtstrError(
-            f"cannot reflink {template} to {dest}: {err.strerror}; both must be on one btrfs/xfs "
-            f"filesystem ({DISK_CACHE_ENV})"
-        ) from None
-    return dest
-
-
-def create_raw(dest: Path, capacity_bytes: int) -> Path:
-    """A RAW disk: a sparse file of the declared size."""
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        os.ftruncate(fd, capacity_bytes)
-    finally:
-        os.close(fd)
-    return dest
-
-
-@dataclass
-class PreparedDisks:
-    """Backing files and devices for one test's disks; see `per_test_disks`."""
-
-    configs: list[DiskConfig]
-    paths: list[Path]
-    devices: list[object]  # VirtioBlkDisk (a VmDevice)
-
-    @property
-    def mounts(self) -> list[dict[str, str]]:
-        """Mount specs for the guest init (`ktstr.guest.disks.mount_disks`)."""
-        return mount_specs(self.configs)
-
-
-@contextlib.contextmanager
-def per_test_disks(
-    disks: DiskConfig | Sequence[DiskConfig] | None,
-    *,
-    kernel: Path | None = None,
-    cache_dir: Path | None = None,
-    builder: TemplateBuilder | None = None,
-) -> Iterator[PreparedDisks]:
-    """Validate, ensure templates, clone (or create RAW files), yield the devices; delete after.
-
-    Pass `prepared.devices` to `Vm(devices=...)` and `prepared.mounts` to the
-    guest. Clones live in `<disk cache>/clones` (a reflink needs the same
-    filesystem); RAW files in a temporary directory. Both are named after
-    this process, so what a killed test leaves is removed by the next one.
-    """
-    from ktstr.vmm.devices.virtio.blk import VirtioBlkDisk
-
-    configs = validate_disks(disks)
-    paths: list[Path] = []
-    devices: list[VirtioBlkDisk] = []
-    raw_dir: Path | None = None
-    try:
-        templates = {
-            i: ensure_template(c, kernel=kernel, cache_dir=cache_dir, builder=builder)
-            for i, c in enumerate(configs)
-            if c.filesystem is not Filesystem.RAW
-        }
-        clone_dir = (cache_dir or disk_cache_dir()) / "clones"
-        if templates:
-            clone_dir.mkdir(parents=True, exist_ok=True)
-            reap.reap_stale(clone_dir)
-        for i, config in enumerate(configs):
-            if i in templates:
-                dest = clone_dir / reap.owned_name("clone", f"-{i}.img")
-                paths.append(clone_to_per_test(templates[i], dest))
-            else:
-                if raw_dir is None:
-                    raw_dir = reap.mkdtemp("disks")
-                paths.append(create_raw(raw_dir / f"disk{i}.img", config.capacity_bytes))
-            devices.append(VirtioBlkDisk(paths[-1], config, i))
-        yield PreparedDisks(configs, list(paths), list(devices))
-    finally:
-        for dev in devices:
-            dev.close()
-        for p in paths:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        if raw_dir is not None:
-            shutil.rmtree(raw_dir, ignore_errors=True)

@@ -1,5 +1,8 @@
 """What a test declares about its disks: size, filesystem, throttle, access mode.
 
+The throttle type is the virtio-blk device's own (:class:`ktstr.vmm.throttle.DiskThrottle`),
+re-exported here with the rest of the declaration.
+
 Everything here is validated before any VM starts (`DiskConfig.validate`,
 `validate_disks`) so a bad declaration is one clear KtstrError, not a guest
 that fails to mount. The guest side imports nothing from here (it gets plain
@@ -14,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ktstr.errors import KtstrError
+from ktstr.vmm.throttle import DiskThrottle
+from ktstr.wire.disks import device_name
 
 MIB = 1 << 20
 # mkfs.btrfs refuses devices below 109 MiB (114294784 bytes in btrfs-progs 6.x).
@@ -36,68 +41,6 @@ class Filesystem(enum.Enum):
     def mkfs(self) -> str | None:
         """The mkfs program that builds this filesystem's template, None for RAW."""
         return None if self is Filesystem.RAW else f"mkfs.{self.value}"
-
-
-@dataclass(frozen=True)
-class DiskThrottle:
-    """Token-bucket limits enforced by the virtio-blk device.
-
-    A rate of None or 0 means unthrottled. A burst capacity is the bucket
-    size; it defaults to one second of the rate and may not be smaller.
-    Exhausted tokens delay requests, they never fail them.
-    """
-
-    iops: int | None = None
-    bytes_per_sec: int | None = None
-    iops_burst_capacity: int | None = None
-    bytes_burst_capacity: int | None = None
-
-    def validate(self, where: str = "disk") -> None:
-        for rate_name, burst_name in (
-            ("iops", "iops_burst_capacity"),
-            ("bytes_per_sec", "bytes_burst_capacity"),
-        ):
-            rate = getattr(self, rate_name)
-            burst = getattr(self, burst_name)
-            for name, value in ((rate_name, rate), (burst_name, burst)):
-                if value is not None and (
-                    not isinstance(value, int) or isinstance(value, bool) or value < 0
-                ):
-                    raise KtstrError(
-                        f"{where}: throttle {name}={value!r} must be a non-negative integer or None"
-                    )
-            if not rate:
-                if burst:
-                    raise KtstrError(
-                        f"{where}: throttle {burst_name}={burst} is set without {rate_name}; "
-                        f"set {rate_name} too, or drop the burst"
-                    )
-                continue
-            if burst is not None and burst != 0 and burst < rate:
-                raise KtstrError(
-                    f"{where}: throttle {burst_name}={burst} is smaller than {rate_name}={rate}; "
-                    "the bucket must hold at least one second of tokens"
-                )
-
-    @property
-    def effective_iops(self) -> tuple[int, int] | None:
-        """(rate, burst) for the IOPS bucket, or None when unthrottled."""
-        return _effective(self.iops, self.iops_burst_capacity)
-
-    @property
-    def effective_bytes(self) -> tuple[int, int] | None:
-        """(rate, burst) for the bandwidth bucket, or None when unthrottled."""
-        return _effective(self.bytes_per_sec, self.bytes_burst_capacity)
-
-    @property
-    def active(self) -> bool:
-        return self.effective_iops is not None or self.effective_bytes is not None
-
-
-def _effective(rate: int | None, burst: int | None) -> tuple[int, int] | None:
-    if not rate:
-        return None
-    return rate, (burst or rate)
 
 
 @dataclass(frozen=True)
@@ -196,19 +139,8 @@ def validate_disks(disk: DiskConfig | Sequence[DiskConfig] | None) -> list[DiskC
     return disks
 
 
-def device_name(index: int) -> str:
-    """The guest block device name for the index'th virtio disk: vda, vdb, ..., vdz, vdaa."""
-    letters = ""
-    n = index
-    while True:
-        letters = chr(ord("a") + n % 26) + letters
-        n = n // 26 - 1
-        if n < 0:
-            return "vd" + letters
-
-
 def mount_specs(disks: Sequence[DiskConfig]) -> list[dict[str, str]]:
-    """What the guest init mounts, as `ktstr.guest.request.MountSpec` fields (JSON-ready).
+    """What the guest init mounts, as `ktstr.wire.request.MountSpec` fields (JSON-ready).
 
     Only disks that auto-mount are listed. `device` is the name the disk gets
     when devices probe in order; the guest confirms it by serial
@@ -228,11 +160,3 @@ def mount_specs(disks: Sequence[DiskConfig]) -> list[dict[str, str]]:
             }
         )
     return specs
-
-
-def disk_serial(index: int) -> str:
-    """The VIRTIO_BLK_T_GET_ID serial (<= 20 bytes): how the guest matches a device to a spec.
-
-    Keyed by index, not name, so it is unique and short whatever the names are.
-    """
-    return f"ktstr-disk{index}"

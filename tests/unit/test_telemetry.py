@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ktstr.scenario.telemetry import (
+from ktstr.telemetry import (
     CgroupStats,
     LatencySummary,
     ScenarioResult,

@@ -1,0 +1,319 @@
+"""The KVM plumbing under every guest: :class:`Machine` and how its run ended (:class:`RunOutcome`).
+
+Shared by everything that runs guest code (the Linux boot in :mod:`ktstr.vmm.vm`, the
+throughput probe, tiny test guests): the fds, RAM, buses, vCPU threads, the hard
+timeout and a teardown that always releases every fd, mapping and thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ktstr.vmm import kvm, layout
+from ktstr.vmm.bus import AttachContext, DeviceErrors, MmioBus, PioBus, VmDevice
+from ktstr.vmm.irq import IrqLine
+from ktstr.vmm.memory import GuestMemory
+from ktstr.vmm.stats import VcpuStats
+from ktstr.vmm.vcpu import (
+    REASON_SIGNAL,
+    CoalescedRing,
+    RunControl,
+    StopReason,
+    Vcpu,
+)
+from ktstr.vmm.watchdog import POLL_S, ProgressWatch
+
+STOP_GRACE_S = 1.5
+"""How long teardown waits for vCPU threads after kicking them (the hard bound is +2 s)."""
+
+
+@dataclass
+class RunOutcome:
+    """How :meth:`Machine.run` ended."""
+
+    reason: str
+    detail: str
+    error: str | None
+    timed_out: bool
+    duration_s: float
+    exit_counts: list[dict[str, int]]
+    site_counts: list[dict[int, int]] = field(default_factory=list)
+    """Per vCPU, exits by site key (see :func:`ktstr.vmm.vcpu.site_name`)."""
+    queued_sites: dict[int, int] = field(default_factory=dict)
+    """Writes KVM queued in the coalesced ring instead of exiting, by site."""
+    vcpu_states: list[str] = field(default_factory=list)
+    """For a hung or timed-out run (or stuck threads): one line per vCPU (see
+    :meth:`ktstr.vmm.vcpu.Vcpu.state`)."""
+    device_errors: dict[str, int] = field(default_factory=dict)
+    """Guest accesses dropped because the device raised, by device and address."""
+    device_error_messages: list[str] = field(default_factory=list)
+    """The first few of those errors' messages."""
+
+
+class Machine:
+    """A KVM VM fd with RAM, buses and vCPUs; runs them under a hard timeout.
+
+    With ``irqchip`` the VM gets the in-kernel PIC/IOAPIC/LAPIC and a PIT (HLT is
+    then handled inside KVM); without it, HLT exits to userspace, which tiny
+    test guests use to finish.
+    """
+
+    def __init__(self, regions: list[tuple[int, int]], *, irqchip: bool = True) -> None:
+        self._closed = False
+        self.kvm: kvm.Kvm | None = None
+        self.vm: kvm.VmFd | None = None
+        self.memory: GuestMemory | None = None
+        self.vcpus: list[Vcpu] = []
+        self.irq_lines: dict[int, IrqLine] = {}
+        self.devices: list[VmDevice] = []
+        self.device_errors = DeviceErrors()
+        self.pio = PioBus(self.device_errors)
+        self.mmio = MmioBus(self.device_errors)
+        self.control = RunControl()
+        self.irqchip = irqchip
+        self.ring = CoalescedRing(self.pio, self.mmio)
+        try:
+            self.kvm = kvm.Kvm()
+            self.mmap_size = self.kvm.vcpu_mmap_size()
+            self.vm = self.kvm.create_vm()
+            if irqchip:
+                self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+                self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
+            self.memory = GuestMemory(regions)
+            self.memory.register(self.vm)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- assembly ---
+
+    def irq(self, gsi: int) -> IrqLine:
+        assert self.vm is not None
+        line = self.irq_lines.get(gsi)
+        if line is None:
+            line = self.irq_lines[gsi] = IrqLine(self.vm, gsi)
+        return line
+
+    def add_vcpu(self, vcpu_id: int) -> Vcpu:
+        assert self.vm is not None
+        fd = self.vm.create_vcpu(vcpu_id)
+        try:
+            vcpu = Vcpu(
+                len(self.vcpus),
+                vcpu_id,
+                fd,
+                self.mmap_size,
+                self.pio,
+                self.mmio,
+                self.control,
+                on_halt=self._on_halt,
+                ring=self.ring,
+            )
+        except BaseException:
+            fd.close()
+            raise
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def attach(self, device: VmDevice, ctx: AttachContext) -> None:
+        self.devices.append(device)
+        device.attach(ctx)
+
+    def context(self, **kwargs: object) -> AttachContext:
+        assert self.memory is not None
+        return AttachContext(
+            self.memory,
+            self.pio,
+            self.mmio,
+            coalesce_pio=self.coalesce_pio,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def coalesce_pio(self, port: int, length: int) -> bool:
+        """Queue guest writes to ``port..port+length`` in KVM's coalesced ring (see
+        :meth:`AttachContext.coalesce_pio_writes`); before the vCPUs exist only."""
+        assert self.kvm is not None and self.vm is not None
+        if self.vcpus:
+            return False  # vCPU loops decide at start whether to look at the ring
+        if self.mmap_size < (kvm.KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * mmap.PAGESIZE:
+            return False
+        if not self.kvm.check_extension(kvm.KVM_CAP_COALESCED_PIO):
+            return False
+        self.vm.register_coalesced(port, length, pio=True)
+        self.ring.active = True
+        return True
+
+    def prefault(self) -> float | None:
+        """Map all guest RAM in KVM's stage-2 tables (NPT/EPT) now, through the first vCPU;
+        seconds taken, or None where KVM cannot (no KVM_CAP_PRE_FAULT_MEMORY, no TDP).
+
+        The guest then never takes a nested page fault while the CPU delivers an interrupt
+        or exception (on a fresh per-CPU stack, say): the emulated hosts our sandbox runs
+        on get that case wrong now and then (a triple fault, or a host CPU that stops
+        taking interrupts). Costs host memory for all of guest RAM up front."""
+        assert self.kvm is not None and self.memory is not None
+        if not self.vcpus or not self.kvm.check_extension(kvm.KVM_CAP_PRE_FAULT_MEMORY):
+            return None
+        start = time.monotonic()
+        try:
+            for region in self.memory.regions:
+                self.vcpus[0].fd.pre_fault_memory(region.gpa, region.size)
+        except kvm.KvmIoctlError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.ENOENT, errno.EINVAL):
+                return None
+            raise
+        return time.monotonic() - start
+
+    def _on_halt(self, vcpu: Vcpu) -> None:
+        if all(v.halted for v in self.vcpus):
+            self.control.stop(StopReason.HALTED, "all vCPUs halted")
+
+    # --- running ---
+
+    def stop(self, reason: str = StopReason.STOPPED, detail: str = "") -> None:
+        """End the run from any thread (device callbacks, another thread)."""
+        if self.control.stop(reason, detail):
+            self.kick_all()
+
+    def kick_all(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.kick()
+
+    def run(self, timeout: float, *, stall_s: float = 0.0,
+            progress: Callable[[], int] | None = None) -> RunOutcome:
+        """Start every vCPU, wait for the end or ``timeout`` seconds, stop and join all.
+
+        With ``stall_s`` > 0 the run also ends, as ``hung``, once no vCPU has shown any
+        progress (:mod:`ktstr.vmm.watchdog`; ``progress`` adds a counter of its own, e.g.
+        console bytes) for that long. A hung or timed-out run records every vCPU's state.
+        Returns within ``timeout`` + ~2 s whatever the guest does, even with a vCPU
+        thread stuck inside KVM_RUN. Ctrl-C stops the VM, tears it down and re-raises
+        KeyboardInterrupt.
+        """
+        start = time.monotonic()
+        interrupted = False
+        timed_out = False
+        stats = [VcpuStats.open(v.fd) for v in self.vcpus] if stall_s > 0 else []
+        watch = ProgressWatch(stats, stall_s, extra=lambda: self._exits_seen(progress))
+        try:
+            for vcpu in self.vcpus:
+                vcpu.start()
+            deadline = start + timeout
+            while not self.control.done.wait(max(0.0, min(POLL_S, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    timed_out = self.control.stop(StopReason.TIMEOUT,
+                                                  f"timeout after {timeout:g} s")
+                    break
+                if watch.hung():
+                    self.control.stop(
+                        StopReason.HUNG,
+                        f"no guest progress for {stall_s:g} s (no port/MMIO access, "
+                        "interrupt, wake-up or console output on any vCPU)\n"
+                        + "\n".join(watch.describe()))
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            self.control.stop(StopReason.STOPPED, "interrupted")
+        finally:
+            self.control.done.set()
+            deadline = time.monotonic() + STOP_GRACE_S
+            stuck = [v.index for v in self.vcpus if not v.join(deadline)]
+        drain_error = None
+        if self.vcpus and not stuck:
+            # Writes queued after the last exit (e.g. console bytes before a poweroff).
+            try:
+                self.vcpus[0].drain_coalesced()
+            except Exception as exc:  # a device failing here must not lose the outcome
+                drain_error = f"coalesced writes: {type(exc).__name__}: {exc}"
+        duration = time.monotonic() - start
+        if interrupted:
+            self.close()
+            raise KeyboardInterrupt
+        error = self.control.error
+        if drain_error:
+            error = (error + "\n" if error else "") + drain_error
+        if stuck:
+            error = (error + "\n" if error else "") + f"vCPU threads {stuck} did not stop"
+        states: list[str] = []
+        if self.control.reason in (StopReason.HUNG, StopReason.TIMEOUT) or stuck:
+            states = [v.state() for v in self.vcpus]
+        for st in stats:
+            if st is not None:
+                st.close()
+        return RunOutcome(
+            vcpu_states=states,
+            reason=self.control.reason or StopReason.STOPPED,
+            detail=self.control.detail,
+            error=error,
+            timed_out=timed_out,
+            duration_s=duration,
+            exit_counts=[dict(v.exit_counts) for v in self.vcpus],
+            site_counts=[dict(v.site_counts) for v in self.vcpus],
+            queued_sites=dict(self.ring.sites),
+            device_errors=self.device_errors.counts,
+            device_error_messages=list(self.device_errors.messages),
+        )
+
+    def _exits_seen(self, progress: Callable[[], int] | None) -> int:
+        """Userspace exits of every vCPU (not signals) plus ``progress``; for the watchdog.
+
+        KVM's own ``io_exits`` stat does not count every exit that reaches us on every KVM
+        (the paravirtual one), so the vCPU loops' counts are part of the signature.
+        """
+        total = progress() if progress is not None else 0
+        for v in self.vcpus:
+            try:
+                total += sum(n for r, n in list(v.reason_counts.items()) if r != REASON_SIGNAL)
+            except RuntimeError:  # resized by its vCPU thread mid-read: that is progress
+                return -1
+        return total
+
+    # --- teardown ---
+
+    def close(self) -> None:
+        """Release devices, vCPUs, irq lines, RAM and fds. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.control.stop(StopReason.STOPPED, "closed")
+        self.control.done.set()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for vcpu in self.vcpus:
+            vcpu.join(deadline)
+        for device in self.devices:
+            with contextlib.suppress(Exception):
+                device.close()
+        for line in self.irq_lines.values():
+            line.close()
+        for vcpu in self.vcpus:
+            vcpu.close()
+        if self.memory is not None:
+            self.memory.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self.kvm is not None:
+            self.kvm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fd_count() -> int:
+    """Open fds of this process (tests check teardown with it)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def vcpu_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ktstr-vcpu")]
