@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from ktstr.console import disabled_events
 from ktstr.guest.context import parse_cpu_list
 from ktstr.guest.request import MountSpec, RunRequest, SchedulerSpec
-from ktstr.guest.sched import disabled_events
 
 
 def test_request_json_roundtrip() -> None:
