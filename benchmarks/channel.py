@@ -59,10 +59,11 @@ def in_process(mb: int) -> dict[str, Any]:
 
 
 def in_vm(kernel: Path, mb: int, channel: str) -> dict[str, Any]:
-    from ktstr.runner import run_guest
+    from ktstr.runner import GuestRequest, run_guest
 
-    run = run_guest(kernel, scenario="bench_channel:send", test_file=Path(__file__).resolve(),
-                    args={"mb": mb}, channel=channel, timeout=600, memory_mb=1024)
+    run = run_guest(GuestRequest(kernel, scenario="bench_channel:send",
+                                 test_file=Path(__file__).resolve(), args={"mb": mb},
+                                 channel=channel, timeout=600, memory_mb=1024))
     if not run.ok:
         raise SystemExit(f"{channel}: {run.summary()}")
     assert run.result is not None

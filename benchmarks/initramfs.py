@@ -86,11 +86,11 @@ def main() -> int:
 
 
 def boot(kernel: Path, compression: str, runs: int) -> float:
-    from ktstr.runner import run_guest
+    from ktstr.runner import GuestRequest, run_guest
 
     times = []
     for _ in range(runs):
-        run = run_guest(kernel, shell="true", compression=compression, timeout=120)
+        run = run_guest(GuestRequest(kernel, shell="true", compression=compression, timeout=120))
         if not run.ok:
             raise SystemExit(f"boot with {compression} failed: {run.summary()}")
         times.append(run.timings.get("end", float("nan")))

@@ -17,19 +17,24 @@ Defaults (all fields of :class:`Checks`, overridable per scheduler and per test)
 - optional (None = off): p99 wake latency (us), throughput CV within a
   cgroup, migrations per work unit, minimum work units per second.
 - **health**: in a console/kernel log, sched_ext ejecting the scheduler,
-  or a kernel BUG/WARNING/Oops/panic/RCU stall/hung task.
+  or any kernel problem :mod:`ktstr.console` knows (panic, BUG, Oops, WARNING,
+  RCU stall, hung task).
+
+Where each check is evaluated: the telemetry checks by :func:`evaluate` where the
+scenario ran (``execute_steps`` in the guest, with the thresholds it was given), the
+health checks on the host from the console; :func:`run_checks` puts one run's together.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from ktstr import console
 from ktstr.cpulist import format_cpu_list
 from ktstr.errors import KtstrError
-from ktstr.telemetry import ScenarioResult, WorkerStats
+from ktstr.telemetry import ScenarioResult, WorkerStats, telemetry_of
 
 
 @dataclass(frozen=True)
@@ -85,11 +90,13 @@ class Checks:
 
 @dataclass
 class CheckResult:
+    """One check's result: the one type from the guest's evaluation to the sidecar."""
+
     name: str
     passed: bool
-    value: float | None
-    threshold: float | None
-    message: str
+    value: float | None = None
+    threshold: float | None = None
+    message: str = ""
     cgroup: str | None = None
     worker: str | None = None
 
@@ -98,18 +105,28 @@ class CheckResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CheckResult:
+        """From a guest's (or an older sidecar's: ``detail``, ``check``) check dict."""
+        worker, cgroup = data.get("worker"), data.get("cgroup")
         return cls(
-            name=str(data.get("name")),
-            passed=bool(data.get("passed")),
+            name=str(data.get("name") or data.get("check") or "check"),
+            passed=data.get("passed") is True,
             value=data.get("value"),
             threshold=data.get("threshold"),
-            message=str(data.get("message", "")),
-            cgroup=data.get("cgroup"),
-            worker=data.get("worker"),
+            message=str(data.get("message") or data.get("detail") or ""),
+            cgroup=cgroup if isinstance(cgroup, str) else None,
+            worker=worker if isinstance(worker, str) else None,
         )
 
     def line(self) -> str:
         return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.message}"
+
+    def reason(self) -> str:
+        """How a verdict names this check: ``check NAME WORKER: value V (threshold T) TEXT``."""
+        who = f" {self.worker}:" if self.worker else ""
+        nums = ""
+        if self.value is not None or self.threshold is not None:
+            nums = f" value {self.value} (threshold {self.threshold})"
+        return f"check {self.name}{who}{nums} {self.message}".rstrip()
 
 
 @dataclass
@@ -268,6 +285,48 @@ def _worst(
     )
 
 
+def reported_checks(value: object) -> list[CheckResult] | None:
+    """The check results a scenario's return value carries, or None when it carries none.
+
+    A ScenarioResult's ``checks`` (evaluated where the scenario ran); an AssertResult's
+    ``results`` (a failed one without any: one ``scenario`` check with its details); a
+    bare ``{"passed": bool}``.
+    """
+    if not isinstance(value, Mapping):
+        return None
+    raw = value.get("checks")
+    if raw is None and (value.get("kind") == "assert_result" or "results" in value):
+        raw = value.get("results") or []
+        if not raw and value.get("passed") is not True:
+            details = value.get("details")
+            text = "; ".join(map(str, details)) if isinstance(details, list) else ""
+            return [CheckResult("scenario", False, message=text or "scenario failed")]
+    if isinstance(raw, list):
+        return [CheckResult.from_dict(item) if isinstance(item, Mapping)
+                else CheckResult("check", False, message=str(item)) for item in raw]
+    if isinstance(value.get("passed"), bool):
+        text = value.get("message") or value.get("reason") or ""
+        return [CheckResult("scenario", value["passed"], message=str(text))]
+    return None
+
+
+def run_checks(value: object, checks: Checks, console_text: str) -> list[CheckResult]:
+    """Every check of one guest run, each evaluated once.
+
+    What the scenario's return value carries is kept as it is (``execute_steps`` evaluated
+    it in the guest, honouring a ``checks=`` given there); telemetry nobody judged is
+    evaluated here with ``checks``; health comes from the console when there is one.
+    """
+    telemetry = telemetry_of(value)
+    if telemetry and not isinstance(telemetry.get("passed"), bool):  # nobody judged it
+        out = evaluate(telemetry, checks)
+    else:
+        out = reported_checks(telemetry or value) or []
+    if checks.health and console_text:
+        out.extend(scheduler_health(console_text))
+    return out
+
+
 def evaluate(
     result: ScenarioResult | Mapping[str, Any],
     checks: Checks | Mapping[str, Any] | None = None,
@@ -275,21 +334,16 @@ def evaluate(
 ) -> list[CheckResult]:
     """Every enabled check over ``result`` (and ``log_text`` for scheduler health).
 
-    ``result`` may be a ScenarioResult or its dict; an AssertResult dict (what a
-    scenario function may return instead) contributes its own results, and any
-    other mapping only the health checks.
+    ``result`` may be a ScenarioResult or its dict; any other mapping contributes the
+    checks it carries (:func:`reported_checks`, e.g. an AssertResult dict) and the health
+    checks.
     """
     if not isinstance(checks, Checks):
         checks = Checks().override(checks)
     if not isinstance(result, ScenarioResult):
         data = dict(result or {})
         if "workers" not in data:
-            found: list[CheckResult] = []
-            if "results" in data or data.get("kind") == "assert_result":
-                found = AssertResult.from_dict(data).results
-                if not found and not data.get("passed", True):
-                    found = [CheckResult("scenario", False, None, None,
-                                       "; ".join(data.get("details", [])) or "scenario failed")]
+            found = reported_checks(data) or []
             if log_text is not None and checks.health:
                 found.extend(scheduler_health(log_text))
             return found
@@ -353,37 +407,22 @@ def evaluate(
 
 # ---- scheduler health from a console / kernel log ------------------------------------
 
-_CLEAN_SCX_EXIT = re.compile(r"unregistered from (user space|BPF)|\(done\)")
-_SCX_EXIT = re.compile(r"sched_ext: BPF scheduler \"?([^\" ]*)\"? (?:disabled|errored)(.*)")
-_KERNEL_PROBLEMS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("kernel_bug", re.compile(r"\bBUG:|kernel BUG at")),
-    ("kernel_warning", re.compile(r"\bWARNING: CPU: \d+|------------\[ cut here \]")),
-    ("kernel_oops", re.compile(r"\bOops: |\bKernel panic\b|general protection fault")),
-    ("rcu_stall", re.compile(r"rcu: INFO: \S+ detected stalls|rcu_\w+ detected stalls|"
-                             r"rcu: INFO: \S+ self-detected stall")),
-    ("hung_task", re.compile(r"INFO: task \S+ blocked for more than \d+ seconds")),
-)
-
 
 def scheduler_health(log_text: str) -> list[CheckResult]:
-    """One result per health category, failing with the first offending log line."""
+    """One result per health category (:mod:`ktstr.console`), failing with the first
+    offending log line."""
     lines = log_text.splitlines()
-    out: list[CheckResult] = []
-    ejected = None
-    for line in lines:
-        m = _SCX_EXIT.search(line)
-        if m and not _CLEAN_SCX_EXIT.search(line):
-            ejected = line.strip()
-            break
-    out.append(CheckResult(
+    ejected = console.first_ejection(lines)
+    out = [CheckResult(
         "sched_ext_ejected", ejected is None, 1 if ejected else 0, 0,
         f"the kernel ejected the BPF scheduler: {ejected}" if ejected
         else "no sched_ext ejection in the log",
-    ))
-    for name, pattern in _KERNEL_PROBLEMS:
-        hits = [line.strip() for line in lines if pattern.search(line)]
+    )]
+    found = console.problems(lines)
+    for kind in console.PROBLEMS:
+        hits = found[kind.name]
         out.append(CheckResult(
-            name, not hits, len(hits), 0,
-            f"{len(hits)} line(s), first: {hits[0]}" if hits else f"no {name.replace('_', ' ')}",
+            kind.name, not hits, len(hits), 0,
+            f"{len(hits)} line(s), first: {hits[0]}" if hits else f"no {kind.what}",
         ))
     return out

@@ -78,7 +78,8 @@ class GauntletTest:
 
     name: str
     duration_s: float = 2.0
-    memory_mb: int = 512
+    memory_mb: int | None = None
+    """The test's request; None: the topology's default (``Topology.default_memory_mb``)."""
     constraints: Constraints = field(default_factory=Constraints)
     scheduler: str | None = None
     """Set when the test pins its own scheduler: it runs only under that one."""
@@ -88,7 +89,7 @@ class GauntletTest:
         return cls(
             name=str(data["name"]),
             duration_s=float(data.get("duration_s", 2.0)),
-            memory_mb=int(data.get("memory_mb", 512)),
+            memory_mb=None if data.get("memory_mb") is None else int(data["memory_mb"]),
             constraints=Constraints(**(data.get("constraints") or {})),
             scheduler=data.get("scheduler"),
         )

@@ -14,12 +14,16 @@ import itertools
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ktstr.errors import KtstrError
+from ktstr.wire.request import SchedulerSpec
+
+if TYPE_CHECKING:
+    from ktstr.checks import Checks
 
 DEFAULT_WATCHDOG_TIMEOUT = 4.0
 """Seconds the kernel's sched_ext watchdog waits for a runnable task before ejecting."""
@@ -141,7 +145,7 @@ class Scheduler:
     flags: Mapping[str, FlagSpec] = field(default_factory=dict)
     sysctls: Mapping[str, str] = field(default_factory=dict)
     kargs: tuple[str, ...] = ()
-    checks: Any = None
+    checks: Checks | Mapping[str, Any] | None = None
     watchdog_timeout: float = DEFAULT_WATCHDOG_TIMEOUT
     attach: AttachPolicy = field(default_factory=AttachPolicy)
 
@@ -248,6 +252,22 @@ class Scheduler:
             checks=self.checks,
             watchdog_timeout=self.watchdog_timeout,
             attach=self.attach,
+        )
+
+    def guest_spec(self, binary: Path, profile: FlagProfile, *, extra_args: Sequence[str] = (),
+                   watchdog_timeout: float | None = None) -> SchedulerSpec:
+        """What the guest starts: the one conversion to the run request's scheduler.
+
+        ``binary`` is :meth:`resolve_binary`'s; ``watchdog_timeout`` (seconds) is a test's
+        own, which wins over this scheduler's.
+        """
+        watchdog = watchdog_timeout or self.watchdog_timeout
+        return SchedulerSpec(
+            binary=str(binary),
+            args=[*self.command_args(profile), *extra_args],
+            watchdog_timeout_ms=int(watchdog * 1000),
+            attach_retries=self.attach.retries,
+            attach_transient=list(self.attach.transient),
         )
 
     def resolve_binary(self, kernel: _HasSchedulers | None = None) -> Path | None:

@@ -52,7 +52,7 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     kernel, topology = start.kernel, start.topology
     interactive = args.command is None
 
-    from ktstr.runner import run_guest
+    from ktstr.runner import GuestRequest, run_guest
 
     timeout = args.timeout or (3600.0 if interactive else 120.0)
     stream = None
@@ -63,9 +63,10 @@ def _cmd_shell(args: argparse.Namespace) -> int:
             out.buffer.flush()
 
     hook = _interactive_hook if interactive else None
-    run = run_guest(kernel, shell=args.command, interactive=interactive, topology=topology,
-                    memory_mb=args.memory_mb, timeout=timeout, binaries=args.binary,
-                    on_console=stream, quiet=True, vm_hook=hook)
+    run = run_guest(GuestRequest(
+        kernel, shell=args.command, interactive=interactive, topology=topology,
+        memory_mb=args.memory_mb, timeout=timeout, binaries=args.binary,
+        on_console=stream, quiet=True, vm_hook=hook))
     if run.shell is not None:
         sys.stdout.write(run.shell.get("stdout", ""))
         sys.stdout.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -229,3 +229,15 @@ class ScenarioResult:
             checks=list(data.get("checks", [])),
             passed=data.get("passed"),
         )
+
+
+def telemetry_of(value: object) -> dict[str, Any]:
+    """The ScenarioResult dict inside what a scenario returned: the value itself, or one
+    under ``telemetry``/``scenario``/``result`` (a wrapper); empty when there is none."""
+    if not isinstance(value, Mapping):
+        return {}
+    for key in ("telemetry", "scenario", "result"):
+        inner = value.get(key)
+        if isinstance(inner, Mapping) and ("workers" in inner or "cgroups" in inner):
+            return dict(inner)
+    return dict(value) if ("workers" in value or "cgroups" in value) else {}

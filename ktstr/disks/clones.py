@@ -25,6 +25,7 @@ from ktstr.disks.template import (
     ficlone,
 )
 from ktstr.errors import KtstrError
+from ktstr.vmm.bus import VmDevice
 
 
 def clone_to_per_test(template: Path, dest: Path) -> Path:
@@ -55,7 +56,7 @@ class PreparedDisks:
 
     configs: list[DiskConfig]
     paths: list[Path]
-    devices: list[object]  # VirtioBlkDisk (a VmDevice)
+    devices: list[VmDevice]  # VirtioBlkDisk
 
     @property
     def mounts(self) -> list[dict[str, str]]:

@@ -5,7 +5,7 @@ sched_ext exposes its state in sysfs: ``/sys/kernel/sched_ext/state``
 attached scheduler's name), and counters. When the kernel ejects a scheduler
 it logs ``sched_ext: BPF scheduler "NAME" disabled (REASON)`` and, for an
 ``scx_bpf_error()``, a second line ``sched_ext: NAME: MESSAGE``; we read those
-from ``/dev/kmsg``.
+from ``/dev/kmsg`` and parse them with :mod:`ktstr.console`, as the host does.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ktstr.console import UNREGISTERED, disabled_events, exit_text
 from ktstr.wire.request import SchedulerSpec
 
 SCX = Path("/sys/kernel/sched_ext")
 LOG_PATH = "/tmp/ktstr-scheduler.log"
-DISABLED_RE = re.compile(r'sched_ext: BPF scheduler "([^"]*)" disabled \((.*)\)')
-CLEAN_REASON = "unregistered from user space"
 MAX_SAMPLES = 4000
 
 
@@ -97,23 +96,6 @@ class Kmsg:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def disabled_events(lines: list[str]) -> list[dict[str, str]]:
-    """Every 'BPF scheduler disabled' record with its reason and the follow-up message."""
-    events: list[dict[str, str]] = []
-    for i, line in enumerate(lines):
-        m = DISABLED_RE.search(line)
-        if not m:
-            continue
-        event = {"name": m.group(1), "reason": m.group(2), "message": ""}
-        prefix = f"sched_ext: {m.group(1)}: "
-        for follow in lines[i + 1:i + 4]:
-            if prefix in follow:
-                event["message"] = follow.split(prefix, 1)[1]
-                break
-        events.append(event)
-    return events
 
 
 def tail(path: str, limit: int = 8192) -> str:
@@ -222,11 +204,7 @@ class SchedulerProcess:
             if rc is not None:
                 lines = self.kmsg.sched_ext_lines(self._mark)
                 events = disabled_events(lines)
-                why = ""
-                if events:
-                    ev = events[-1]
-                    why = f" (sched_ext: {ev['reason']}" + (
-                        f": {ev['message']})" if ev["message"] else ")")
+                why = f" (sched_ext: {exit_text(events[-1])})" if events else ""
                 raise GuestFailure(
                     "scheduler_crashed",
                     f"scheduler {self.spec.binary} exited with status {rc} before attaching"
@@ -262,7 +240,7 @@ class SchedulerProcess:
         last = events[-1] if events else None
         clean = (stopped_by == "sigint" and self.proc.returncode == 0
                  and state_after == "disabled" and last is not None
-                 and last["reason"] == CLEAN_REASON)
+                 and last["reason"] == UNREGISTERED)
         return ExitReport(self.proc.returncode, stopped_by, state_after, clean, events,
                           lines[-50:], tail(LOG_PATH))
 

@@ -1,16 +1,19 @@
 """JSON sidecars: one file per VM test, grouped by run under ``ktstr-results/<run-id>/``.
 
 A sidecar is a plain dict (schema below) so that other tools can read it
-without importing ktstr. Keys:
+without importing ktstr. This module holds the schema, the builder
+(:func:`sidecar_record`, :func:`repeated_record`), the writer and the readers. Keys:
 
-``schema``, ``run_id``, ``test`` (pytest node id), ``kernel`` {id, version, key},
-``scheduler`` {name, profile, flags, args}, ``topology`` (label), ``nr_cpus``,
-``memory_mb``, ``duration_s``, ``expect_err``, ``verdict`` (pass | fail | error |
-skip), ``reason``, ``checks`` [{name, passed, value, threshold, detail}],
-``metrics`` {cgroups: {name: {...}}, workers: [{cgroup, worker, ...}]},
-``summary`` {metric: number} (what ``stats compare`` diffs), ``timeline``
-(optional samples for the report), ``console_tail`` (on failure),
-``timings`` {started, finished, wall_s, boot_ms, vm_s}, ``host`` {cpu_model,
+``schema``, ``run_id``, ``test`` (pytest node id), ``kernel`` {spec, bzimage, id,
+version, key, sched_ext}, ``scheduler`` {name, profile, flags, args, binary,
+watchdog_timeout_s, attach_attempts}, ``topology`` (label), ``nr_cpus``,
+``memory_mb`` (what the guest booted with), ``duration_s``, ``expect_err``,
+``verdict`` (pass | fail | error | skip), ``reason``, ``failure_kind``, ``checks``
+[{name, passed, value, threshold, detail, worker}], ``metrics`` {cgroups: {name:
+{...}}, workers: [{cgroup, worker, ...}]}, ``summary`` {metric: number} (what
+``stats compare`` diffs), ``timeline`` (optional samples for the report),
+``scheduler_exit``, ``console_tail`` (on failure), ``timings`` {started, finished,
+wall_s, boot_ms, vm_s, disks_s, prep_s, vm_run_s, resolve_s}, ``host`` {cpu_model,
 nr_cpus, loadavg, kernel_release, ktstr_version, sandbox} (where it ran).
 
 A test run N > 1 times (``--ktstr-repeat``) adds ``repeats`` [{repeat, verdict,
@@ -32,11 +35,16 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ktstr.errors import KtstrError
+
+if TYPE_CHECKING:
+    from ktstr.checks import CheckResult
+    from ktstr.runner import GuestRun
+    from ktstr.testing.run import Attempt, RunPlan, Verdict
 
 SCHEMA_VERSION = 1
 RUN_ID_ENV = "KTSTR_RUN_ID"
@@ -136,6 +144,103 @@ def _json_default(value: Any) -> Any:
 
         return dataclasses.asdict(value)
     return str(value)
+
+
+def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: float,
+                   finished: float) -> Record:
+    """The sidecar of one run of ``plan`` (before :func:`write_sidecar` adds the schema)."""
+    from ktstr.console import tail_lines
+    from ktstr.telemetry import telemetry_of
+
+    telemetry = telemetry_of(run.result)
+    workers = telemetry.get("workers") or []
+    cgroups = telemetry.get("cgroups") or []
+    spec = plan.scheduler_spec
+    kernel = plan.kernel
+    return {
+        "test": plan.test_id,
+        "kernel": {
+            "spec": plan.kernel_spec, "bzimage": str(kernel.bzimage),
+            **({"id": kernel.entry.id, "version": kernel.entry.version, "key": kernel.entry.key,
+                "sched_ext": kernel.entry.sched_ext} if kernel.entry is not None else {}),
+        },
+        "scheduler": {
+            "name": plan.scheduler.name,
+            "profile": plan.profile.name,
+            "flags": list(plan.profile.flags),
+            "args": plan.scheduler.command_args(plan.profile),
+            "binary": str(plan.scheduler_binary) if plan.scheduler_binary else None,
+            "watchdog_timeout_s": spec.watchdog_timeout_ms / 1000
+            if spec is not None and spec.watchdog_timeout_ms else None,
+            "attach_attempts": run.attach_attempts,
+        },
+        "topology": plan.topology.label,
+        "nr_cpus": plan.topology.nr_cpus,
+        "memory_mb": run.memory_mb,
+        "duration_s": plan.spec.duration,
+        "expect_err": plan.spec.expect_err,
+        "verdict": verdict.status,
+        "reason": verdict.reason,
+        "failure_kind": run.failure,
+        "checks": [check_row(c) for c in verdict.checks],
+        "metrics": {
+            "cgroups": {str(c.get("name", i)): c for i, c in enumerate(cgroups)
+                        if isinstance(c, Mapping)},
+            "workers": workers,
+        },
+        "summary": summarize_workers(w for w in workers if isinstance(w, Mapping)),
+        "timeline": telemetry.get("timeline"),
+        "scheduler_exit": run.sched_exit,
+        "console_tail": tail_lines(run.vm.console)
+        if not verdict.passed or plan.spec.expect_err else None,
+        "timings": {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
+            "wall_s": round(finished - started, 3),
+            "boot_ms": run.timings.get("boot_ms"),
+            "vm_s": run.vm.duration_s,
+            **{k: round(run.timings[k], 3) for k in ("disks_s", "prep_s", "vm_run_s")
+               if k in run.timings},
+            **plan.phases,
+        },
+        "host": host_context(),
+    }
+
+
+def check_row(check: CheckResult) -> dict[str, Any]:
+    """A check as the sidecar keeps it (``detail`` is the check's message)."""
+    return {"name": check.name, "passed": check.passed, "value": check.value,
+            "threshold": check.threshold, "detail": check.message, "worker": check.worker}
+
+
+def combined_record(plan: RunPlan, attempts: Sequence[Attempt], verdict: Verdict,
+                    shown: int) -> Record:
+    """The sidecar of a test run ``len(attempts)`` times: one run's shape at the top
+    level (the representative repeat ``shown``), every run's numbers under ``repeats``;
+    ``verdict`` is the combined one (``testing.run.combined_verdict``)."""
+    # Imported here: metrics reads sidecars and testing.run writes them (both import this).
+    from ktstr.results.metrics import repeat_summary
+
+    records = [sidecar_record(plan, a.verdict, a.run, a.started, a.finished) for a in attempts]
+    if len(records) == 1:
+        return records[0]
+    record = dict(records[shown])
+    record.update(
+        verdict=verdict.status,
+        reason=verdict.reason,
+        repeat_shown=shown + 1,
+        repeats=[
+            {"repeat": i, "verdict": r["verdict"], "reason": r["reason"],
+             "failure_kind": r["failure_kind"], "summary": r["summary"], "timings": r["timings"]}
+            for i, r in enumerate(records, 1)
+        ],
+        repeat_summary=repeat_summary(records),
+    )
+    record["timings"] = {
+        **record["timings"],
+        "total_wall_s": round(sum(a.finished - a.started for a in attempts), 3),
+    }
+    return record
 
 
 def host_context() -> dict[str, Any]:

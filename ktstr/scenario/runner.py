@@ -435,11 +435,10 @@ def execute_steps(
 
     Holds are fractions of ``duration`` (default ``ctx.duration``) unless a step
     gives fixed seconds. The result carries per-worker and per-cgroup
-    telemetry plus ``checks``/``passed`` from :func:`ktstr.checks.evaluate`.
-    Cgroups created here are removed and workers reaped, whatever happens.
+    telemetry plus ``checks``/``passed`` (:func:`apply_checks`, with ``checks`` if given, else
+    ``ctx.checks``): the host keeps that verdict. Cgroups created here are removed and
+    workers reaped, whatever happens.
     """
-    from ktstr.checks import AssertResult, evaluate
-
     ctx = ScenarioContext.of(ctx)
     if duration is None:
         duration = ctx.duration or None
@@ -460,9 +459,16 @@ def execute_steps(
         result = runner.finish()
     finally:
         runner.close()
-    verdict = AssertResult.from_checks(
-        evaluate(result, checks if checks is not None else ctx.checks)
-    )
+    return apply_checks(result, checks if checks is not None else ctx.checks)
+
+
+def apply_checks(result: ScenarioResult, checks: Any) -> ScenarioResult:
+    """Evaluate ``checks`` (a :class:`ktstr.checks.Checks`, a dict of overrides, or None for
+    the defaults) over ``result`` into its ``checks``/``passed``: the one evaluation of its
+    telemetry, which the host keeps as it is (:func:`ktstr.checks.run_checks`)."""
+    from ktstr.checks import AssertResult, evaluate
+
+    verdict = AssertResult.from_checks(evaluate(result, checks))
     result.checks = [c.to_dict() for c in verdict.results]
     result.passed = verdict.passed
     return result

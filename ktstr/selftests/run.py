@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ktstr.console import run_failure
 from ktstr.kernel.cache import KernelEntry
-from ktstr.runner import KERNEL_PROBLEM_RES, GuestRun
+from ktstr.runner import GuestRun
 from ktstr.selftests.build import SUITE, RunnerBuild
 from ktstr.selftests.guest import OUTPUT_LIMIT, SETTLE_S, GuestArgs
 from ktstr.selftests.parse import Status
@@ -78,11 +79,8 @@ class Outcome:
 
     def kernel_problem(self) -> str | None:
         """The first panic/BUG/Oops/WARNING line in this test's kernel log."""
-        text = "\n".join(self.kernel)
-        for _kind, rx in KERNEL_PROBLEM_RES:
-            if m := rx.search(text):
-                return m.group(0).strip()
-        return None
+        problem = run_failure(self.kernel)
+        return problem.line if problem is not None else None
 
     def line(self) -> str:
         took = f"{self.duration_s:6.1f} s" if self.duration_s is not None else " " * 8
@@ -217,7 +215,7 @@ def run_selftests(kernel: Path, build: RunnerBuild, names: Sequence[str], *,
     With ``on_line``, each test's line is passed to it as the test ends (names in
     ``printed``).
     """
-    from ktstr.runner import run_guest
+    from ktstr.runner import GuestRequest, run_guest
     from ktstr.vmm.devices.channel import ResultChannel
 
     args = GuestArgs(runner=str(build.runner.resolve()), tests=tuple(names),
@@ -232,10 +230,11 @@ def run_selftests(kernel: Path, build: RunnerBuild, names: Sequence[str], *,
                     on_line, printed if printed is not None else set())
 
     start = time.monotonic()
-    guest = run_guest(kernel, scenario=SCENARIO, modules=(GUEST_MODULE,), args=args.to_dict(),
-                      binaries=[build.runner], topology=topology, memory_mb=memory_mb,
-                      timeout=vm_timeout(len(names), timeout_per_test), scheduler=None,
-                      quiet=True, on_console=on_console, vm_hook=hook)
+    guest = run_guest(GuestRequest(
+        kernel, scenario=SCENARIO, modules=(GUEST_MODULE,), args=args.to_dict(),
+        binaries=[build.runner], topology=topology, memory_mb=memory_mb,
+        timeout=vm_timeout(len(names), timeout_per_test), scheduler=None,
+        quiet=True, on_console=on_console, vm_hook=hook))
     wall = time.monotonic() - start
     results, running = collect(names, guest.reports, guest.failure, guest.message)
     return SelftestsRun(results, guest.failure, guest.message, running, wall, guest)
@@ -261,7 +260,8 @@ def sidecar_records(run: SelftestsRun, entry: KernelEntry, topology: Topology, m
             "selftest": {"suite": SUITE, "status": r.status.value, "exit_code": r.exit_code,
                          "output": r.output, "stderr": r.stderr, "kernel": r.kernel},
             "vm_failure": {"kind": run.failure, "running": run.running} if run.failure else None,
-            "console_tail": run.guest.console_tail if failed and run.guest is not None else None,
+            "console_tail": run.guest.vm.console_tail if failed and run.guest is not None
+            else None,
             "timings": {"started": stamp, "wall_s": r.duration_s or 0.0,
                         "run_wall_s": round(run.wall_s, 3)},
         })

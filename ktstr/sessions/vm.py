@@ -35,7 +35,9 @@ SCHEDULERS = tuple(BUILTIN)
 SUITE = "tests/vm"
 VM_KERNELS_ENV = "KTSTR_VM_KERNELS"
 GUEST_MEMORY_MB = 1024
-"""Typical memory of one test VM, for the parallelism budget."""
+"""Host memory budgeted per parallel VM test, for the parallelism budget: its guest's RAM
+(``Topology.default_memory_mb``, 256 MB for the suite's small topologies) plus the pytest
+process running its VMM, with room to spare. A budget, not what guests boot with."""
 SCHED_EXT_SINCE = (6, 12)
 
 

@@ -13,14 +13,18 @@ import functools
 import inspect
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ktstr.errors import KtstrError
 from ktstr.gauntlet import Constraints
 from ktstr.scheduler import FlagProfile, Scheduler, get_scheduler
 from ktstr.topology import Topology
+
+if TYPE_CHECKING:
+    from ktstr.checks import Checks
+    from ktstr.disks import DiskConfig
 
 SPEC_ATTR = "__ktstr_test__"
 
@@ -47,10 +51,12 @@ class KtstrTestSpec:
     duration: float
     watchdog_timeout: float | None
     memory_mb: int | None
-    disks: tuple[Any, ...] = ()
+    """As declared; None: the topology's default (what booted is in the sidecar)."""
+    disks: tuple[DiskConfig, ...] = ()
     expect_err: bool | str = False
-    checks: Any = None
+    checks: Checks | Mapping[str, Any] | None = None
     timeout: float | None = None
+    """As declared; None: ``ktstr.topology.run_timeout_s``."""
     constraints: Constraints = field(default_factory=Constraints)
     gauntlet: bool = True
     repeat: int = 1
@@ -68,7 +74,7 @@ class KtstrTestSpec:
             "name": self.qualname,
             "target": self.target,
             "duration_s": self.duration,
-            "memory_mb": self.memory_mb or 512,
+            "memory_mb": self.memory_mb,
             "scheduler": self.scheduler.name if self.scheduler else None,
             "topology": self.topology.label,
             "expect_err": self.expect_err,
@@ -153,7 +159,7 @@ def _memory(value: Any, topo: Topology, where: str) -> int | None:
     return value
 
 
-def _disks(value: Any, where: str) -> tuple[Any, ...]:
+def _disks(value: Any, where: str) -> tuple[DiskConfig, ...]:
     if value is None:
         return ()
     from ktstr.disks import validate_disks
@@ -343,9 +349,9 @@ def spec_of(obj: Any) -> KtstrTestSpec | None:
     return spec if isinstance(spec, KtstrTestSpec) else None
 
 
-def disk_templates(specs: Sequence[KtstrTestSpec]) -> list[Any]:
+def disk_templates(specs: Sequence[KtstrTestSpec]) -> list[DiskConfig]:
     """Distinct disk configs a suite declares (the session pre-builds their templates)."""
-    seen: list[Any] = []
+    seen: list[DiskConfig] = []
     for spec in specs:
         for disk in spec.disks:
             if disk not in seen:

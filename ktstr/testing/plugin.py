@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -30,6 +30,11 @@ from ktstr.results.sidecar import results_root, run_id
 from ktstr.scheduler import BUILTIN, FlagProfile, Scheduler, parse_scheduler_option
 from ktstr.testing.decorator import MAX_REPEAT, KtstrTestSpec, check_repeat, spec_of
 from ktstr.topology import Topology
+
+if TYPE_CHECKING:
+    from ktstr.disks import DiskConfig
+    from ktstr.gauntlet import Variant
+    from ktstr.kernel.pipeline import ResolvedKernel
 
 KERNEL_ENV = "KTSTR_KERNEL"
 SCHEDULER_ENV = "KTSTR_SCHEDULER"
@@ -76,9 +81,10 @@ class SessionState:
     config: pytest.Config
     kernel_spec: str
     sched_spec: str
-    _kernel: Any = None
-    _kvm: Any = None
-    plan: list[Any] | None = None
+    _kernel: ResolvedKernel | None = None
+    _kvm: str | None = None
+    """None: not checked yet; "": VMs can boot here; else why not."""
+    plan: list[Variant] | None = None
     repeat: int | None = None
     """``--ktstr-repeat``: runs per VM test, over what each test declares."""
     specs: dict[str, KtstrTestSpec] = field(default_factory=dict)
@@ -108,7 +114,7 @@ class SessionState:
                 )
         return self._kvm or None
 
-    def kernel(self) -> Any:
+    def kernel(self) -> ResolvedKernel:
         """The resolved kernel under test (``ktstr.kernel.resolve_kernel``), once."""
         if self._kernel is None:
             from ktstr.kernel import resolve_kernel
@@ -119,11 +125,11 @@ class SessionState:
     def base_binaries(self) -> tuple[Path, ...]:
         """The kernel entry's scheduler binaries: packed into every run's base initramfs,
         so runs under different schedulers share one cached base."""
-        entry = getattr(self.kernel(), "entry", None)
-        built = dict(getattr(entry, "schedulers", None) or {})
+        entry = self.kernel().entry
+        built = dict(entry.schedulers) if entry is not None else {}
         return tuple(Path(built[n]).resolve() for n in sorted(built) if Path(built[n]).is_file())
 
-    def vm_kernel(self) -> Any:
+    def vm_kernel(self) -> ResolvedKernel:
         """:meth:`kernel` for a test about to boot a VM; :class:`KtstrTestFailure` with
         the way out when VMs cannot boot here (the same for every kind of VM test)."""
         error = self.kvm_error()
@@ -234,17 +240,15 @@ def vm_test_files(items: list[pytest.Item]) -> tuple[Path, ...]:
     return tuple(sorted(f.resolve() for d in dirs for f in d.glob("test_*.py")))
 
 
-def _disk_dict(disk: Any) -> dict[str, Any]:
-    return {
-        "capacity_mb": disk.capacity_mb,
-        "filesystem": getattr(disk.filesystem, "value", str(disk.filesystem)),
-    }
+def _disk_dict(disk: DiskConfig) -> dict[str, Any]:
+    return {"capacity_mb": disk.capacity_mb, "filesystem": disk.filesystem.value}
 
 
 class KtstrItem(pytest.Item):
     """One VM test run (optionally one gauntlet variant of it)."""
 
-    def __init__(self, *, spec: KtstrTestSpec, variant: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *, spec: KtstrTestSpec, variant: Variant | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec = spec
         self.variant = variant
@@ -273,8 +277,8 @@ class KtstrItem(pytest.Item):
         started = time.time()
         host_faults: list[hostfault.HostFault] = []
         try:
-            resolved = state.vm_kernel()
-            entry = getattr(resolved, "entry", None)
+            kernel = state.vm_kernel()
+            entry = kernel.entry
             if sched.sched_ext and entry is not None and not entry.sched_ext:
                 pytest.skip(
                     f"{sched.name} is a sched_ext scheduler; kernel {entry.id} "
@@ -284,9 +288,8 @@ class KtstrItem(pytest.Item):
                 test_id=self.nodeid,
                 spec=self.spec,
                 test_file=Path(str(self.path)),
-                kernel_path=Path(resolved.bzimage),
-                kernel_info=_kernel_info(resolved, self.config),
-                kernel_entry=entry,
+                kernel=kernel,
+                kernel_spec=state.kernel_spec,
                 scheduler=sched,
                 profile=profile,
                 scheduler_binary=sched.resolve_binary(entry),
@@ -298,21 +301,16 @@ class KtstrItem(pytest.Item):
             attempts: list[run.Attempt] = []
             for _ in range(state.repeat or self.spec.repeat):
                 while True:
-                    # Each repeat's wall time starts at its boot: resolving (kernel,
-                    # scheduler) happens once and is timings.resolve_s.
-                    boot_started = time.time()
-                    outcome = run.boot(plan)
-                    checks = run.evaluate_checks(plan, outcome)
-                    verdict = run.judge(outcome, checks, self.spec.expect_err)
-                    fault = None if verdict.passed else hostfault.host_fault(
-                        outcome.failure_kind, outcome.failure_message, outcome.console)
+                    attempt = run.run_once(plan)
+                    fault = None if attempt.verdict.passed else hostfault.host_fault(
+                        attempt.run.failure, attempt.run.message, attempt.run.vm.console)
                     if not hostfault.should_retry(fault, len(host_faults)):
                         break
                     assert fault is not None
                     host_faults.append(fault)
-                attempts.append(run.Attempt(verdict, outcome, boot_started, time.time()))
+                attempts.append(attempt)
             verdict, shown, sidecar = run.write_results(plan, attempts, host_faults)
-            outcome = attempts[shown].outcome
+            guest = attempts[shown].run
         except KtstrError as err:
             raise KtstrTestFailure(f"{self.nodeid}: {err}") from None
         finally:
@@ -323,11 +321,9 @@ class KtstrItem(pytest.Item):
                            "host_faults": [f.line() for f in host_faults]})
             )
         if not verdict.passed:
-            title = (
-                f"{self.name} [{sched.name}@{profile.name} {plan.topology.label}, "
-                f"kernel {plan.kernel_info.get('version') or plan.kernel_info.get('id')}]"
-            )
-            raise KtstrTestFailure(run.format_failure(title, verdict, outcome, sidecar))
+            title = (f"{self.name} [{sched.name}@{profile.name} {plan.topology.label}, "
+                     f"kernel {plan.kernel_label}]")
+            raise KtstrTestFailure(run.format_failure(title, verdict, guest, sidecar))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, KtstrTestFailure | KtstrError):
@@ -336,16 +332,6 @@ class KtstrItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
         return self.path, None, f"ktstr vm test: {self.name}"
-
-
-def _kernel_info(resolved: Any, config: pytest.Config) -> dict[str, Any]:
-    entry = getattr(resolved, "entry", None)
-    info: dict[str, Any] = {"spec": config.stash[STATE].kernel_spec,
-                            "bzimage": str(resolved.bzimage)}
-    if entry is not None:
-        info.update(id=entry.id, version=entry.version, key=entry.key,
-                    sched_ext=bool(entry.sched_ext))
-    return info
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

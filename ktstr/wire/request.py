@@ -16,6 +16,9 @@ REQUEST_PATH = "/ktstr/request.json"
 
 @dataclass
 class SchedulerSpec:
+    """The scheduler as the guest starts it: the one scheduler type from host to guest
+    (``ktstr.scheduler.Scheduler.guest_spec`` builds it; ``run_guest`` sends it as is)."""
+
     binary: str
     """Guest path of the scheduler binary (packed at its host path)."""
     args: list[str] = field(default_factory=list)

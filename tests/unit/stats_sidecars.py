@@ -14,21 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ktstr.initramfs import BaseArchive
+from ktstr.kernel.cache import KernelEntry
+from ktstr.kernel.pipeline import ResolvedKernel
 from ktstr.results.sidecar import write_sidecar
+from ktstr.runner import GuestRun
 from ktstr.scheduler import BUILTIN
 from ktstr.telemetry import LatencySummary, WorkerStats
 from ktstr.testing import ktstr_test, spec_of
-from ktstr.testing.run import (
-    Attempt,
-    GuestOutcome,
-    RunPlan,
-    evaluate_checks,
-    judge,
-    repeated_record,
-)
+from ktstr.testing.run import Attempt, RunPlan, evaluate_checks, judge, repeated_record
 from ktstr.topology import Topology
+from ktstr.vmm.vm import VmResult
 
 WALL_NS = 2_000_000_000
+BASE = BaseArchive(Path("/nonexistent"), "k", 0, True, 0.0, 0, "/py", ())
 
 
 @ktstr_test(topology="1n2l2c1t", duration=2.0)
@@ -55,10 +54,13 @@ def plan(test: str = "tests/vm/test_x.py::test_a", topology: str | None = None,
     spec = spec_of(scenario_under_test)
     assert spec is not None
     sched = BUILTIN[scheduler]
+    tree = Path("/nonexistent")
+    entry = KernelEntry(id="6.12", flavour="test", key=key, version="6.12.117", path=tree,
+                        bzimage=tree / "bzImage", vmlinux=tree / "vmlinux",
+                        config=tree / ".config", system_map=tree / "System.map")
     return RunPlan(
         test_id=test, spec=spec, test_file=Path(__file__),
-        kernel_path=Path("/nonexistent/bzImage"),
-        kernel_info={"id": "6.12", "version": "6.12.117", "key": key}, kernel_entry=None,
+        kernel=ResolvedKernel(entry.bzimage, entry), kernel_spec="6.12",
         scheduler=sched, profile=sched.profile(""), scheduler_binary=None,
         topology=Topology.parse(topology) if topology else spec.topology,
     )
@@ -84,15 +86,21 @@ def workers(rng: random.Random, dist: Dist, n: int = 4) -> list[dict[str, Any]]:
     return out
 
 
-def outcome(rows: list[dict[str, Any]] | None, **kw: Any) -> GuestOutcome:
+def outcome(rows: list[dict[str, Any]] | None, *, ok: bool = True,
+            failure_kind: str | None = None, failure_message: str = "", console: str = "",
+            boot_ms: float | None = 900.0) -> GuestRun:
     """What the guest sent back: a ScenarioResult dict (``rows`` None: no result at all)."""
     result = None if rows is None else {"name": "s", "topology": "1n2l2c1t",
                                         "duration_s": 2.0, "workers": rows, "cgroups": []}
-    return GuestOutcome(ok=kw.pop("ok", True), result=result, console=kw.pop("console", ""),
-                        boot_ms=kw.pop("boot_ms", 900.0), vm_s=3.0, **kw)
+    vm = VmResult(exit_code=0 if ok else None, console=console, channel2=b"", timed_out=False,
+                  panicked=False, boot_ms=boot_ms, exit_counts=[], duration_s=3.0,
+                  reason="poweroff")
+    return GuestRun(vm, BASE, failure=None if ok else failure_kind or "error",
+                    message=failure_message, result=result,
+                    timings={} if boot_ms is None else {"boot_ms": boot_ms})
 
 
-def attempt(p: RunPlan, out: GuestOutcome, started: float = 1000.0,
+def attempt(p: RunPlan, out: GuestRun, started: float = 1000.0,
             wall_s: float = 5.0) -> Attempt:
     verdict = judge(out, evaluate_checks(p, out), p.spec.expect_err)
     return Attempt(verdict, out, started, started + wall_s)

@@ -86,19 +86,19 @@ def test_shell_nonzero_exit_is_not_a_failure() -> None:
 
 
 def test_ejection_on_the_console_names_the_cause_when_the_guest_did_not_finish() -> None:
-    from ktstr.runner import _unclean_ejection
+    from ktstr.console import last_ejection
 
     console = (
         'sched_ext: BPF scheduler "qmap" disabled (runnable task stall)\n'
         "sched_ext: qmap: init[1] failed to run for 2.056s\n"
         "   update_curr_scx+0x11/0x36\n"
     )
-    assert _unclean_ejection(console) == (
+    assert last_ejection(console) == (
         "scheduler 'qmap' was ejected (runnable task stall: init[1] failed to run for 2.056s)"
     )
     clean = 'sched_ext: BPF scheduler "simple" disabled (unregistered from user space)\n'
-    assert _unclean_ejection(clean) is None
-    assert _unclean_ejection("no scheduler messages\n") is None
+    assert last_ejection(clean) is None
+    assert last_ejection("no scheduler messages\n") is None
 
 
 def test_a_triple_fault_is_its_own_failure_kind() -> None:

@@ -17,10 +17,10 @@ from ktstr.checks import Checks, evaluate
 from ktstr.errors import KtstrError
 from ktstr.results.cli import register
 from ktstr.results.metrics import METRICS, REGISTRY, TELEMETRY_CHECKS, Direction, get_metric
-from ktstr.results.sidecar import load_run, summarize_workers
+from ktstr.results.sidecar import load_run, sidecar_record, summarize_workers
 from ktstr.testing import ktstr_test
 from ktstr.testing.decorator import check_repeat
-from ktstr.testing.run import repeated_record, sidecar_record, write_results
+from ktstr.testing.run import repeated_record, write_results
 
 pytest_plugins = ["pytester"]
 _INSTALLED = any(ep.name == "ktstr" for ep in entry_points(group="pytest11"))

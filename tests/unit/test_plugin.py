@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from ktstr.checks import CheckResult, reported_checks
 from ktstr.errors import KtstrError
 from ktstr.gauntlet import Variant, write_plan
+from ktstr.initramfs import BaseArchive
+from ktstr.runner import GuestRun
 from ktstr.sandbox.detect import detect_kvm
 from ktstr.testing import ktstr_test, spec_of
-from ktstr.testing.run import CheckOutcome, GuestOutcome, checks_from_result, judge
+from ktstr.testing.run import judge
+from ktstr.vmm.vm import VmResult
 
 pytest_plugins = ["pytester"]
 
@@ -34,6 +38,11 @@ def test_pinned(ctx):
 def test_plain():
     assert True
 '''
+
+
+VM = VmResult(exit_code=0, console="", channel2=b"", timed_out=False, panicked=False,
+              boot_ms=1.0, exit_counts=[], duration_s=1.0, reason="poweroff")
+BASE = BaseArchive(Path("/nonexistent"), "k", 0, True, 0.0, 0, "/py", ())
 
 
 def scenario(ctx: object) -> dict[str, int]:
@@ -167,9 +176,9 @@ def test_disk_config_validated_at_decoration() -> None:
 
 
 def test_judge_and_expect_err() -> None:
-    good = GuestOutcome(ok=True)
-    bad_check = [CheckOutcome("starvation", False, value=0, threshold=1, worker="cg0[1]")]
-    crashed = GuestOutcome(ok=False, failure_kind="watchdog", failure_message="stall 5s")
+    good = GuestRun(VM, BASE)
+    bad_check = [CheckResult("starvation", False, value=0, threshold=1, worker="cg0[1]")]
+    crashed = GuestRun(VM, BASE, failure="watchdog", message="stall 5s")
     assert judge(good, [], expect_err=False).passed
     v = judge(good, bad_check, expect_err=False)
     assert not v.passed and "starvation cg0[1]: value 0 (threshold 1)" in v.reason
@@ -182,17 +191,17 @@ def test_judge_and_expect_err() -> None:
 
 
 def test_checks_from_assert_result_dict() -> None:
-    parsed = checks_from_result(
+    parsed = reported_checks(
         {"passed": False, "checks": [{"name": "gap", "passed": False, "value": 2500,
                                       "threshold": 2000, "worker": "cg0[0]"}]}
     )
     assert parsed is not None and parsed[0].name == "gap" and not parsed[0].passed
-    assert checks_from_result({"workers": []}) is None
+    assert reported_checks({"workers": []}) is None
 
 
 def test_expect_err_regex() -> None:
-    stall = GuestOutcome(ok=False, failure_kind="scheduler_ejected",
-                         failure_message="scheduler 'qmap' was ejected (runnable task stall)")
+    stall = GuestRun(VM, BASE, failure="scheduler_ejected",
+                     message="scheduler 'qmap' was ejected (runnable task stall)")
     assert judge(stall, [], expect_err="stall").passed
     v = judge(stall, [], expect_err="scx_bpf_error")
     assert not v.passed and "not as expected" in v.reason
@@ -220,5 +229,5 @@ def test_guest_entry_adapts_ctx_and_result() -> None:
     assert seen["duration"] == 3.0
     assert isinstance(seen["checks"], Checks) and seen["checks"].max_gap_ms == 100.0
     assert out["kind"] == "assert_result" and out["passed"] is False
-    parsed = checks_from_result(out)
-    assert parsed and not parsed[0].passed and "no progress" in parsed[0].detail
+    parsed = reported_checks(out)
+    assert parsed and not parsed[0].passed and "no progress" in parsed[0].message

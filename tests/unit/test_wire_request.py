@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ktstr.guest.sched import disabled_events
+from ktstr.console import disabled_events
 from ktstr.wire.request import MountSpec, RunRequest, SchedulerSpec
 
 

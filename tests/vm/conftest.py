@@ -66,10 +66,12 @@ def scheduler_binary(ktstr_kernel: Any) -> Callable[[str], Path]:
 
 @pytest.fixture(scope="session")
 def guest(ktstr_kernel: Any, pytestconfig: pytest.Config) -> Callable[..., Any]:
-    """``ktstr.runner.run_guest`` bound to the kernel under test and the session's shared
-    base initramfs (every VM test module and the kernel's schedulers, packed once)."""
-    from ktstr.runner import run_guest
+    """``ktstr.runner.run_guest`` of a ``GuestRequest(**fields)`` for the kernel under test
+    and the session's shared base initramfs (every VM test module and the kernel's
+    schedulers, packed once)."""
+    from ktstr.runner import GuestRequest, run_guest
 
     state = session_state(pytestconfig)
-    return functools.partial(run_guest, ktstr_kernel.bzimage, test_files=state.test_files,
-                             binaries=state.base_binaries())
+    bound = functools.partial(GuestRequest, ktstr_kernel.bzimage, test_files=state.test_files,
+                              binaries=state.base_binaries())
+    return lambda **fields: run_guest(bound(**fields))

@@ -93,8 +93,10 @@ def scenario_reload(ctx: Any) -> dict[str, Any]:
 @pytest.mark.smoke
 def test_scenario_result_reaches_host_intact(guest: Any) -> None:
     args = {"k": "v", "n": [1, 2, 3]}
+    from ktstr.topology import Topology
+
     run = guest(scenario=f"{MODULE}:scenario_roundtrip", test_file=THIS, args=args,
-                    topology="1n1l2c1t", memory_mb=1024, timeout=120,
+                    topology=Topology.parse("1n1l2c1t"), memory_mb=1024, timeout=120,
                     sysctls={"kernel.sched_rt_runtime_us": -1})
     assert run.ok, run.summary()
     assert run.result is not None
@@ -151,12 +153,12 @@ def test_shell_exec_prints_and_exits(ktstr_kernel: Any) -> None:
 
 @pytest.mark.smoke
 def test_scx_simple_attaches_and_unregisters_cleanly(guest: Any, scheduler_binary: Any) -> None:
-    from ktstr.runner import Scheduler
+    from ktstr.wire.request import SchedulerSpec
 
     binary = scheduler_binary("scx_simple")
     run = guest(scenario=f"{MODULE}:scenario_sched", test_file=THIS,
                     duration_s=1.0, memory_mb=1024, timeout=180,
-                    scheduler=Scheduler(binary, ops_name="simple"))
+                    scheduler=SchedulerSpec(str(binary), ops_name="simple"))
     assert run.ok, run.summary()
     assert run.result == {"states": ["enabled"], "ops": ["simple"], "scheduler": "simple"}
     assert run.sched_samples and all(s["state"] == "enabled" for s in run.sched_samples[:-1])
@@ -168,12 +170,12 @@ def test_scx_simple_attaches_and_unregisters_cleanly(guest: Any, scheduler_binar
 
 @pytest.mark.smoke
 def test_scx_qmap_error_fails_with_scheduler_text(guest: Any, scheduler_binary: Any) -> None:
-    from ktstr.runner import Scheduler
+    from ktstr.wire.request import SchedulerSpec
 
     binary = scheduler_binary("scx_qmap")
     run = guest(scenario=f"{MODULE}:scenario_sched", test_file=THIS,
                     duration_s=3.0, memory_mb=1024, timeout=180,
-                    scheduler=Scheduler(binary, args=("-e", "100"), ops_name="qmap"))
+                    scheduler=SchedulerSpec(str(binary), args=["-e", "100"], ops_name="qmap"))
     assert not run.ok
     assert run.failure in ("scheduler_ejected", "scheduler_crashed"), run.summary()
     assert "scx_bpf_error" in run.message, run.message  # the kernel's exit reason

@@ -1,0 +1,145 @@
+"""One VM test's pipeline without the VM: spec -> plan -> request -> run -> verdict -> sidecar.
+
+Each stage is the real code; only the guest is stood in for, by the dicts and the
+VmResult it would have produced.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from stats_sidecars import BASE, plan
+
+from ktstr.checks import Checks, scheduler_health
+from ktstr.results.sidecar import sidecar_record
+from ktstr.runner import GuestRun, collect
+from ktstr.scenario.runner import apply_checks
+from ktstr.scheduler import BUILTIN
+from ktstr.telemetry import ScenarioResult, WorkerStats
+from ktstr.testing.decorator import to_result_dict
+from ktstr.testing.run import RunPlan, evaluate_checks, judge
+from ktstr.topology import Topology, run_timeout_s
+from ktstr.vmm.vm import VmResult
+from ktstr.wire.request import RunRequest
+
+
+def vm(console: str = "", *, timed_out: bool = False, error: str | None = None,
+       reason: str = "poweroff") -> VmResult:
+    return VmResult(exit_code=None if timed_out else 0, console=console, channel2=b"",
+                    timed_out=timed_out, panicked=False, boot_ms=10.0, exit_counts=[],
+                    duration_s=1.0, error=error, reason=reason)
+
+
+def gappy_result() -> ScenarioResult:
+    """What Runner.finish() returns for two workers with a 2.5 s gap each."""
+    workers = [WorkerStats(cgroup="cg0", index=i, pid=100 + i, work="spin", work_units=2000,
+                           wall_ns=2_000_000_000, cpu_ns=1_800_000_000, max_gap_ms=2500.0,
+                           off_cpu_pct=10.0) for i in range(2)]
+    return ScenarioResult("s", "1n2l2c1t", 2.0, workers=workers)
+
+
+def test_a_check_override_given_to_execute_steps_in_the_guest_is_honoured() -> None:
+    # In the guest: execute_steps(ctx, steps, checks=Checks(max_gap_ms=5000)) ends with this.
+    returned = to_result_dict(apply_checks(gappy_result(), Checks(max_gap_ms=5000.0)))
+    # On the host, under the plan's own thresholds (the default 2000 ms gap).
+    p = plan()
+    assert p.checks.max_gap_ms == 2000.0
+    run = GuestRun(vm(), BASE, result=returned)
+    checks = evaluate_checks(p, run)
+    gap = next(c for c in checks if c.name == "max_gap")
+    assert gap.passed and gap.threshold == 5000.0, gap
+    assert judge(run, checks, False).passed
+    # Telemetry nobody judged is evaluated on the host, with the plan's thresholds.
+    unjudged = GuestRun(vm(), BASE, result=gappy_result().to_dict())
+    gap = next(c for c in evaluate_checks(p, unjudged) if c.name == "max_gap")
+    assert not gap.passed and gap.threshold == 2000.0
+
+
+@pytest.mark.parametrize(("line", "kind"), [
+    ("[    3.1] WARNING: possible circular locking dependency detected", "kernel_warning"),
+    ("[    3.1] kernel BUG at mm/slub.c:441!", "kernel_bug"),
+    ("[    3.1] general protection fault, probably for non-canonical address 0xdead: 0000",
+     "kernel_oops"),
+])
+def test_the_run_and_the_health_check_read_a_kernel_problem_alike(line: str, kind: str) -> None:
+    text = f"boot\n{line}\n"
+    run = collect([(0.0, {"type": "result", "value": None}), (1.0, {"type": "end",
+                   "exit_code": 0})], [], vm(text), BASE, 0, scenario_mode=True)
+    assert run.failure == kind
+    health = {c.name: c for c in scheduler_health(text)}
+    assert not health[kind].passed and line.strip() in health[kind].message
+
+
+@pytest.mark.parametrize(("reason", "ejected"), [
+    ("unregistered from BPF", False),
+    ("unregistered from user space", False),
+    ("runtime error", True),
+])
+def test_the_run_and_the_health_check_agree_on_what_an_ejection_is(reason: str,
+                                                                   ejected: bool) -> None:
+    text = f'sched_ext: BPF scheduler "qmap" disabled ({reason})\n'
+    # The guest never finished: an ejection is the cause, anything else is not.
+    run = collect([(0.0, {"type": "hello"})], [], vm(text), BASE, 0, scenario_mode=True)
+    assert (run.failure == "scheduler_ejected") is ejected, run.summary()
+    health = {c.name: c for c in scheduler_health(text)}
+    assert health["sched_ext_ejected"].passed is not ejected
+
+
+def test_the_console_tail_travels_as_a_field_not_inside_the_message() -> None:
+    noise = "".join(f"[ {i}.0] sched_ext: noise line {i}\n" for i in range(200))
+    run = collect([(0.0, {"type": "hello"})], [],
+                  vm(noise, timed_out=True, error="no poweroff in 5 s", reason="timeout"),
+                  BASE, 0, scenario_mode=True)
+    assert run.failure == "timeout"
+    assert "noise" not in run.message and "console tail" not in run.message
+    assert run.console_tail and run.console_tail == run.vm.console_tail
+    assert run.summary().endswith(run.console_tail)
+    # expect_err matches the failure, never the console that came with it.
+    assert not judge(run, [], "noise line").passed
+    assert judge(run, [], "poweroff").passed
+
+
+def test_guest_memory_and_timeout_are_resolved_once_and_recorded_as_booted() -> None:
+    p = plan()
+    assert p.spec.memory_mb is None and p.spec.timeout is None
+    request = p.request()
+    assert request.memory_mb is None
+    assert request.guest_memory_mb == p.topology.default_memory_mb() == 256
+    assert request.timeout_s == run_timeout_s(p.topology, p.spec.duration)
+    assert request.topology is p.topology
+    # What run_guest booted with is what the sidecar says, not the declaration (None).
+    run = GuestRun(vm(), BASE, result=None, memory_mb=request.guest_memory_mb,
+                   timeout_s=request.timeout_s)
+    record = sidecar_record(p, judge(run, [], False), run, 1.0, 2.0)
+    assert record["memory_mb"] == 256
+    # The gauntlet plans with the same rule: a test that asks for nothing gets the default.
+    from ktstr.gauntlet import GauntletTest
+
+    assert GauntletTest.from_dict(p.spec.to_dict()).memory_mb is None
+    big = Topology.parse("1n4l8c2t")
+    assert big.default_memory_mb(p.spec.memory_mb) == 64 * big.nr_cpus
+
+
+def test_the_scheduler_reaches_the_guest_as_one_spec_built_in_one_place() -> None:
+    base = plan()
+    sched = BUILTIN["scx_central"]
+    p = RunPlan(test_id="t", spec=base.spec, test_file=base.test_file, kernel=base.kernel,
+                kernel_spec=base.kernel_spec, scheduler=sched, profile=sched.profile("slice"),
+                scheduler_binary=Path(sys.executable), topology=base.topology,
+                extra_args=("-v",))
+    spec = p.scheduler_spec
+    assert spec is not None
+    assert spec.binary == sys.executable
+    assert spec.args == [*sched.command_args(sched.profile("slice")), "-v"] == ["-s", "5000", "-v"]
+    assert spec.watchdog_timeout_ms == int(sched.watchdog_timeout * 1000)
+    assert (spec.attach_retries, spec.attach_transient) == (4, list(sched.attach.transient))
+    request = p.request()
+    assert request.scheduler == spec
+    wire = RunRequest(scheduler=request.scheduler)
+    assert RunRequest.from_json(wire.to_json()).scheduler == spec
+    record = sidecar_record(p, judge(GuestRun(vm(), BASE), [], False), GuestRun(vm(), BASE),
+                            1.0, 2.0)
+    assert record["scheduler"]["watchdog_timeout_s"] == sched.watchdog_timeout
+    assert plan().scheduler_spec is None  # EEVDF: nothing to start
