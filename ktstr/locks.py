@@ -22,9 +22,7 @@ def show(*, as_json: bool = False, lock_dir: Path | None = None,
     now = time.time()
     held = held_reservations(lock_dir)
     if as_json:
-        entries = [{"cpus": list(h.cpus), "pid": h.pid,
-                    "mode": h.mode.value if h.mode else None, "vcpus": h.vcpus,
-                    "test": h.test, "since": h.since, "held_s": h.held_s(now)} for h in held]
+        entries = [h.to_json(now) for h in held]
         print(json.dumps(entries), file=out)
         return 0
     if not held:

@@ -77,9 +77,9 @@ class ReservationError(KtstrError):
 class ReservationTimeout(ReservationError):
     """The CPUs stayed busy for the whole wait."""
 
-    def __init__(self, message: str, holders: list[Holder]) -> None:
-        super().__init__(message)
-        self.holders = holders
+    def __init__(self, message: str, holders: Iterable[Holder] = ()) -> None:
+        super().__init__(message)  # only the message in args: it pickles (xdist)
+        self.holders = tuple(holders)
 
 
 class ReservationTooLarge(ReservationError):
@@ -166,7 +166,8 @@ class HostTopology:
         raise KtstrError(f"host CPU {cpu} is not one of {format_cpu_list(self.cpus)}")
 
     def describe(self) -> str:
-        return f"{self.nr_cpus} CPUs in {len(self.llcs)} LLCs"
+        n = len(self.llcs)
+        return f"{self.nr_cpus} CPUs in {n} LLC{'' if n == 1 else 's'}"
 
 
 def _pick(vcpus: int, mode: Mode, host: HostTopology, free: set[int]) -> tuple[int, ...] | None:
@@ -224,6 +225,18 @@ class HolderRecord(TypedDict):
     vcpus: int
 
 
+class HolderJson(TypedDict):
+    """A held reservation in ``ktstr locks --json``."""
+
+    cpus: list[int]
+    pid: int
+    mode: str | None
+    vcpus: int
+    test: str
+    since: float | None
+    held_s: float | None
+
+
 @dataclass(frozen=True)
 class Holder:
     """A held reservation as ``ktstr locks`` shows it: the CPUs whose lock is held now."""
@@ -239,6 +252,13 @@ class Holder:
         if self.since is None:
             return None
         return max(0.0, (time.time() if now is None else now) - self.since)
+
+    def to_json(self, now: float | None = None) -> HolderJson:
+        held = self.held_s(now)
+        return HolderJson(cpus=list(self.cpus), pid=self.pid,
+                          mode=self.mode.value if self.mode else None, vcpus=self.vcpus,
+                          test=self.test, since=self.since,
+                          held_s=None if held is None else round(held, 3))
 
     def describe(self) -> str:
         held = self.held_s()
@@ -396,7 +416,10 @@ class Reservation:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        # A reservation dropped without release() must not block every later run.
+        if self._fds:
+            with contextlib.suppress(Exception):  # at shutdown: the exit drops the locks
+                self.release()
 
 
 def _forget_after_fork() -> None:
@@ -479,11 +502,11 @@ def _hold(directory: Path, fds: list[int], cpus: tuple[int, ...], mode: Mode, vc
     r = Reservation(cpus, tuple(sorted({host.llc_of(c) for c in cpus})), mode, vcpus, test,
                     waited_s, host, fds)
     _live.add(r)
-    me = reap.me()
-    record = HolderRecord(pid=me.pid, start=me.start, space=me.space, since=time.time(),
-                          test=test, mode=mode.value, vcpus=vcpus)
-    data = (json.dumps(record) + "\n").encode()
     try:
+        me = reap.me()
+        record = HolderRecord(pid=me.pid, start=me.start, space=me.space, since=time.time(),
+                              test=test, mode=mode.value, vcpus=vcpus)
+        data = (json.dumps(record) + "\n").encode()
         for fd in fds:
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)

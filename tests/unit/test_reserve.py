@@ -28,6 +28,7 @@ from ktstr import locks as locks_cli
 from ktstr.reserve import (
     HostTopology,
     Mode,
+    Reservation,
     ReservationTimeout,
     ReservationTooLarge,
     held_reservations,
@@ -107,20 +108,17 @@ if float(hold_s) >= 0:
 
 
 @pytest.fixture
-def children() -> Iterator[list[Child]]:
-    made: list[Child] = []
-    yield made
-    for c in made:
-        c.kill(group=True)
+def children() -> Iterator[contextlib.ExitStack]:
+    """Where the test's child processes go: each is killed (with its group) at the end."""
+    with contextlib.ExitStack() as stack:
+        yield stack
 
 
-def _holder(children: list[Child], tmp_path: Path, vcpus: int, test: str, host: Path,
+def _holder(children: contextlib.ExitStack, tmp_path: Path, vcpus: int, test: str, host: Path,
             lock_dir: Path, *, llc: bool = False, hold_s: float = -1) -> Child:
     """A process holding a reservation (until killed, or for `hold_s` seconds)."""
-    child = Child(HOLDER, tmp_path, str(vcpus), test, str(host), str(lock_dir),
-                  "1" if llc else "0", str(hold_s))
-    children.append(child)
-    return child
+    return children.enter_context(Child(HOLDER, tmp_path, str(vcpus), test, str(host),
+                                        str(lock_dir), "1" if llc else "0", str(hold_s)))
 
 
 def _held_by_someone(path: Path) -> bool:
@@ -178,11 +176,13 @@ def test_budget_takes_min_of_vcpus_and_host_cpus(two_llcs: HostTopology,
     with reserve(20, test="t", topology=two_llcs, lock_dir=lock_dir, wait_s=0) as big:
         assert big.cpus == tuple(range(8))
     assert not big.held
+    reserve(8, test="dropped", topology=two_llcs, lock_dir=lock_dir, wait_s=0)  # never released
+    assert held_reservations(lock_dir) == []
 
 
 def test_budget_run_on_two_cpu_host_blocks_the_second_until_the_first_releases(
         tmp_path: Path, two_cpus: HostTopology, lock_dir: Path,
-        children: list[Child]) -> None:
+        children: contextlib.ExitStack) -> None:
     assert max_concurrent(2, two_cpus) == 1  # the default topologies: one VM at a time
     first = _holder(children, tmp_path, 2, "first", tmp_path / "sys2", lock_dir, hold_s=1.0)
     assert first.lines == ["0,1"]
@@ -194,17 +194,16 @@ def test_budget_run_on_two_cpu_host_blocks_the_second_until_the_first_releases(
         assert r.waited_s > 0.5 and r.cpus == (0, 1)
 
 
-def test_waiting_never_holds_a_partial_set(tmp_path: Path, lock_dir: Path,
-                                           children: list[Child]) -> None:
-    """A CPU that is free stays free while a bigger reservation waits for the busy one."""
-    sysfs = fake_sysfs(tmp_path / "sys", [[0], [1]])
-    host = HostTopology.read(sysfs)
-    _holder(children, tmp_path, 1, "holder", sysfs, lock_dir, llc=True)
+def test_waiting_never_holds_a_partial_set(tmp_path: Path, two_cpus: HostTopology,
+                                           lock_dir: Path, children: contextlib.ExitStack) -> None:
+    """CPU 0 is free and stays free while a run that also needs CPU 1 waits for it."""
+    only_cpu1 = fake_sysfs(tmp_path / "cpu1", [[1]])
+    _holder(children, tmp_path, 1, "holder", only_cpu1, lock_dir)
     outcome: list[BaseException] = []
 
     def waiter() -> None:
         try:
-            reserve(2, test="waiter", topology=host, lock_dir=lock_dir, wait_s=1.5)
+            reserve(2, test="waiter", topology=two_cpus, lock_dir=lock_dir, wait_s=1.5)
         except BaseException as err:
             outcome.append(err)
 
@@ -212,12 +211,22 @@ def test_waiting_never_holds_a_partial_set(tmp_path: Path, lock_dir: Path,
     thread.start()
     samples = 0
     while thread.is_alive():
-        assert not _held_by_someone(lock_dir / "cpu1.lock")
+        assert not _held_by_someone(lock_dir / "cpu0.lock")
         samples += 1
         time.sleep(0.005)
     thread.join()
     assert samples > 50
     assert len(outcome) == 1 and isinstance(outcome[0], ReservationTimeout)
+
+
+def test_a_holder_that_has_not_written_its_record_yet_still_excludes(
+        two_cpus: HostTopology, lock_dir: Path) -> None:
+    with reserve(2, test="a", topology=two_cpus, lock_dir=lock_dir, wait_s=0):
+        for cpu in (0, 1):  # as between taking the locks and writing the record
+            (lock_dir / f"cpu{cpu}.lock").write_text("")
+        assert held_reservations(lock_dir) == []
+        with pytest.raises(ReservationTimeout):
+            reserve(1, test="b", topology=two_cpus, lock_dir=lock_dir, wait_s=0.2)
 
 
 def _hammer(sysfs: str, lock_dir: str, marks: str, vcpus: int, llc: bool, rounds: int,
@@ -259,15 +268,19 @@ def test_concurrent_processes_never_share_a_cpu(tmp_path: Path, lock_dir: Path) 
 
 def test_timeout_error_says_what_was_wanted_and_who_holds_it(
         tmp_path: Path, two_cpus: HostTopology, lock_dir: Path,
-        children: list[Child]) -> None:
+        children: contextlib.ExitStack) -> None:
     holder = _holder(children, tmp_path, 2, "tests/vm/test_a.py::holder", tmp_path / "sys2",
                      lock_dir)
+    told: list[str] = []
     start = time.monotonic()
     with pytest.raises(ReservationTimeout) as info:
         reserve(2, test="tests/vm/test_b.py::waiter", topology=two_cpus, lock_dir=lock_dir,
-                wait_s=0.4)
+                wait_s=0.4, on_wait=told.append)
     elapsed = time.monotonic() - start
     assert 0.4 <= elapsed < 3.0
+    assert [h.pid for h in info.value.holders] == [holder.pid]
+    [line] = told
+    assert "waiting up to 0.4 s" in line and f"pid {holder.pid}" in line
     text = str(info.value)
     assert "\n" not in text
     for part in ("2 host CPUs", "budget", "tests/vm/test_b.py::waiter", "0.4 s",
@@ -297,12 +310,19 @@ def test_llc_aligned_takes_whole_llcs(two_llcs: HostTopology, lock_dir: Path) ->
 
 def test_budget_leaves_whole_llcs_free_for_aligned_runs(two_llcs: HostTopology,
                                                         lock_dir: Path) -> None:
-    with reserve(1, test="a", topology=two_llcs, lock_dir=lock_dir, wait_s=0), \
-            reserve(2, test="b", topology=two_llcs, lock_dir=lock_dir, wait_s=0) as b:
-        assert b.llcs == (0,)  # into the LLC already in use, not a free one
-        with reserve(4, test="c", topology=two_llcs, lock_dir=lock_dir, llc_aligned=True,
-                     wait_s=0) as c:
-            assert c.cpus == (4, 5, 6, 7)
+    def take(vcpus: int, *, llc: bool = False) -> Reservation:
+        return reserve(vcpus, test="t", topology=two_llcs, lock_dir=lock_dir, llc_aligned=llc,
+                       wait_s=0)
+
+    first = take(4, llc=True)
+    assert first.cpus == (0, 1, 2, 3)
+    with take(1) as one:
+        assert one.cpus == (4,)
+        first.release()
+        with take(2) as two:
+            assert two.cpus == (5, 6)  # into the LLC already in use, not the free one
+            with take(4, llc=True) as aligned:
+                assert aligned.cpus == (0, 1, 2, 3)
 
 
 def test_topology_too_big_to_pin_fails_at_once(two_llcs: HostTopology, lock_dir: Path) -> None:
@@ -358,34 +378,41 @@ def test_forked_child_does_not_keep_the_reservation(tmp_path: Path, two_cpus: Ho
                                                     lock_dir: Path) -> None:
     """A child forked while a reservation is held (a worker, a helper) does not hold it:
     neither after the parent releases nor after the parent is killed."""
-    script = HOLDER + (
-        "import os\n"
-        "if os.fork() == 0:\n"
-        "    time.sleep(600)\n"
-        "    os._exit(0)\n"
-    )
-    child = Child(script, tmp_path, "2", "parent", str(tmp_path / "sys2"), str(lock_dir),
-                  "0", "-1")
+    script = """
+import os, sys, time
+from pathlib import Path
+from ktstr.reserve import HostTopology, reserve
+r = reserve(2, test="parent", topology=HostTopology.read(Path(sys.argv[1])),
+            lock_dir=Path(sys.argv[2]), wait_s=30)
+rfd, wfd = os.pipe()
+if os.fork() == 0:  # past os.fork(): the fork hooks have run
+    os.write(wfd, str(os.getpid()).encode())
+    time.sleep(600)
+    os._exit(0)
+print(os.read(rfd, 32).decode(), flush=True)
+"""
+    child = Child(script, tmp_path, str(tmp_path / "sys2"), str(lock_dir))
     try:
+        [grandchild] = map(int, child.lines)
         assert [h.test for h in held_reservations(lock_dir)] == ["parent"]
-        child.kill(group=False)  # the grandchild lives on, with copies of the lock fds
+        child.kill(group=False)  # the grandchild lives on, forked while the CPUs were held
+        assert not wait_gone(grandchild, timeout=0.1)
         assert held_reservations(lock_dir) == []
         with reserve(2, test="t", topology=two_cpus, lock_dir=lock_dir, wait_s=0):
             pass
     finally:
         child.kill(group=True)
+    # A child that got the fds some other way (pass_fds, a fork that runs no Python hooks)
+    # still has them open: releasing must unlock, not only close.
     with reserve(2, test="parent", topology=two_cpus, lock_dir=lock_dir, wait_s=0) as r:
-        pid = os.fork()
-        if pid == 0:
-            time.sleep(600)
-            os._exit(0)
+        helper = subprocess.Popen(["sleep", "600"], pass_fds=r._fds)
         try:
             r.release()
             with reserve(2, test="t", topology=two_cpus, lock_dir=lock_dir, wait_s=0):
                 pass
         finally:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            helper.kill()
+            helper.wait()
 
 
 # --- ktstr locks ----------------------------------------------------------------------------
@@ -398,7 +425,7 @@ def _show(lock_dir: Path, *, as_json: bool = False) -> tuple[int, str]:
 
 
 def test_locks_lists_held_reservations(tmp_path: Path, two_llcs: HostTopology, lock_dir: Path,
-                                       children: list[Child]) -> None:
+                                       children: contextlib.ExitStack) -> None:
     assert _show(lock_dir) == (0, "no reservations held\n")
     assert _show(lock_dir, as_json=True) == (0, "[]\n")
     child = _holder(children, tmp_path, 4, "tests/vm/test_x.py::aligned", tmp_path / "sys8",
