@@ -28,6 +28,7 @@ COMMANDS = {
     "list": "ktstr.scenario.cli",
     "run": "ktstr.scenario.cli",
     "doctor": "ktstr.doctor",
+    "locks": "ktstr.locks",
 }
 
 
