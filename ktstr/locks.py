@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from ktstr.cpulist import format_cpu_list
 from ktstr.reserve import held_reservations
-from ktstr.scenario.model import format_cpu_list
 
 NONE_HELD = "no reservations held"
 

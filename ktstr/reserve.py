@@ -43,9 +43,9 @@ from types import TracebackType
 from typing import TypedDict
 
 from ktstr import reap
+from ktstr.cpulist import format_cpu_list, parse_cpu_list
 from ktstr.errors import KtstrError
 from ktstr.paths import cache_root
-from ktstr.scenario.model import format_cpu_list, parse_cpu_list
 
 SYS_CPU = Path("/sys/devices/system/cpu")
 DEFAULT_WAIT_S = 600.0
@@ -57,8 +57,13 @@ BACKOFF_MAX_S = 1.0
 RECORD_MAX = 1 << 16
 
 
+LOCK_DIR_ENV = "KTSTR_LOCK_DIR"
+"""Where the lock files live. The sandbox points it into its guest's own tmpfs: there the
+cache is a 9p share whose server grants every lock; the sandbox holds its CPUs on the host."""
+
+
 def default_lock_dir() -> Path:
-    return cache_root() / "locks"
+    return Path(os.environ.get(LOCK_DIR_ENV) or cache_root() / "locks")
 
 
 def lock_path(directory: Path, cpu: int) -> Path:
@@ -107,7 +112,7 @@ def _llc_key(root: Path, cpu: int) -> str:
                 or not shared:
             continue
         with contextlib.suppress(KtstrError):
-            cpus = parse_cpu_list(shared)
+            cpus = tuple(parse_cpu_list(shared))
             if best is None or int(level) > best[0]:
                 best = (int(level), cpus)
     if best is not None:

@@ -118,6 +118,8 @@ class GuestRun:
     messages: list[dict[str, Any]] = field(default_factory=list)
     """Every message that passed :func:`~ktstr.wire.messages.validate_message`."""
     channel_errors: list[str] = field(default_factory=list)
+    reservation: dict[str, Any] = field(default_factory=dict)
+    """The host CPUs this run held (``ktstr.reserve.Reservation.to_record``), if any."""
     """Transport errors and messages the host refused (at most ``frame.MAX_ERRORS``)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds since VM start on the host clock: ``hello`` (init running),

@@ -177,6 +177,7 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
         "topology": plan.topology.label,
         "nr_cpus": plan.topology.nr_cpus,
         "memory_mb": run.memory_mb,
+        "reservation": run.reservation or None,
         "duration_s": plan.spec.duration,
         "expect_err": plan.spec.expect_err,
         "verdict": verdict.status,

@@ -19,9 +19,12 @@ DROP_NAMES = frozenset({
     "XDG_RUNTIME_DIR", "GPG_AGENT_INFO", "TMUX", "TMUX_PANE", "STY", "WINDOWID",
     "INVOCATION_ID", "JOURNAL_STREAM", "NOTIFY_SOCKET", "MANAGERPID", "SYSTEMD_EXEC_PID",
     "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "OLDPWD", "SHLVL", "_",
-    "KTSTR_IN_SANDBOX", "KTSTR_DISK_CACHE_DIR",
+    "KTSTR_IN_SANDBOX", "KTSTR_DISK_CACHE_DIR", "KTSTR_LOCK_DIR",
 })
 DROP_PREFIXES = ("SSH_", "XDG_SESSION_", "XDG_SEAT", "XDG_VTNR", "BASH_FUNC_")
+SANDBOX_LOCK_DIR = "/run/ktstr-locks"
+"""Host CPU reservations of the processes inside one sandbox (``ktstr.reserve``): the guest's
+tmpfs, since the 9p cache share grants every lock."""
 # Temporary-directory variables survive only when they point into a writable share.
 TMP_NAMES = ("TMPDIR", "TMP", "TEMP")
 
@@ -53,6 +56,7 @@ def guest_environment(host_env: Mapping[str, str], *, cwd: str,
         env[name] = value
     env["PWD"] = cwd
     env["KTSTR_IN_SANDBOX"] = "1"
+    env["KTSTR_LOCK_DIR"] = SANDBOX_LOCK_DIR
     env.update(extra or {})
     return env
 

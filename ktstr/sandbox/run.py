@@ -29,6 +29,7 @@ from ktstr import reap
 from ktstr.errors import KtstrError
 from ktstr.meminfo import host_memory_mb
 from ktstr.paths import cache_root
+from ktstr.reserve import reserve
 from ktstr.sandbox import guest_init
 from ktstr.sandbox.detect import in_sandbox
 from ktstr.sandbox.diskcache import disk_cache
@@ -297,7 +298,11 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
     console_log = rundir / "console.log"
     qemu_log = rundir / "qemu.log"
 
-    with disk_cache(cache / "sandbox", rundir) as disk:
+    def waiting(line: str) -> None:
+        print(f"ktstr: {line}", file=sys.stderr, flush=True)
+
+    with reserve(cpus, test=f"sandbox: {shlex.join(argv)[:120]}", on_wait=waiting), \
+            disk_cache(cache / "sandbox", rundir) as disk:
         guest_env = guest_environment(
             host_env, cwd=str(work), writable=[s.guest_path for s in shares],
             extra={"KTSTR_CACHE_DIR": str(cache.resolve()),

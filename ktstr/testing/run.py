@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ktstr.checks import CheckResult, Checks, run_checks
 from ktstr.console import TAIL_LINES, tail_lines
 from ktstr.hostfault import HostFault
+from ktstr.reserve import reserve
 from ktstr.results.sidecar import combined_record, write_sidecar
 from ktstr.runner import GuestRequest, GuestRun
 from ktstr.scheduler import FlagProfile, Scheduler
@@ -109,18 +110,22 @@ def boot(plan: RunPlan) -> GuestRun:
     from ktstr.runner import run_guest
 
     request = plan.request()
-    if plan.spec.disks:
-        from ktstr.disks.clones import per_test_disks
+    # Host CPUs for the vCPUs first (ktstr.reserve): concurrent runs never overcommit.
+    with reserve(plan.topology.nr_cpus, test=plan.test_id) as held:
+        if plan.spec.disks:
+            from ktstr.disks.clones import per_test_disks
 
-        t = time.monotonic()
-        with per_test_disks(list(plan.spec.disks), kernel=plan.kernel.bzimage) as prepared:
-            disks_s = time.monotonic() - t
-            run = run_guest(replace(request, devices=prepared.devices,
-                                    mounts=[MountSpec(**m) for m in prepared.mounts]))
-    else:
-        disks_s = 0.0
-        run = run_guest(request)
+            t = time.monotonic()
+            with per_test_disks(list(plan.spec.disks), kernel=plan.kernel.bzimage) as prepared:
+                disks_s = time.monotonic() - t
+                run = run_guest(replace(request, devices=prepared.devices,
+                                        mounts=[MountSpec(**m) for m in prepared.mounts]))
+        else:
+            disks_s = 0.0
+            run = run_guest(request)
     run.timings["disks_s"] = disks_s
+    run.timings["reserve_wait_s"] = round(held.waited_s, 3)
+    run.reservation = dict(held.to_record())
     return run
 
 
