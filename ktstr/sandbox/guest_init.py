@@ -21,6 +21,8 @@ DISK_DEVICE = "/dev/vda"
 DISK_MOUNT = "/run/ktstr/disk-cache"
 STATUS_FILE = "status"     # in the scratch dir: the command's exit status
 KVM_FILE = "kvm"           # in the scratch dir: "ok" or why /dev/kvm is unusable
+HEARTBEAT_FILE = "heartbeat"  # in the scratch dir: the guest's uptime, rewritten every few s
+HEARTBEAT_S = 5
 ENV_FILE = "env.sh"
 INIT_FILE = "init"
 
@@ -92,6 +94,9 @@ for p in /sys/class/virtio-ports/*; do
     [ "$name" = "$OUT_PORT" ] && out=/dev/${p##*/}
     [ "$name" = "$ERR_PORT" ] && err=/dev/${p##*/}
 done
+# Proof of life for the host (sandbox.watch.HeartbeatWatch): an emulated host that stops
+# running at all (both CPUs stuck) prints nothing, so silence is the only sign of it.
+( while :; do cat /proc/uptime > "$S/heartbeat"; sleep "$HEARTBEAT_S"; done ) &
 log "running the command"
 cd "$CWD" || { log "working directory $CWD is missing inside"; echo 126 > "$S/status"; halt; }
 # A clean environment: only what the host passed through env.sh.
@@ -115,7 +120,7 @@ def render_init(plan: GuestPlan) -> str:
     """The init script for one run (pure: same plan, same bytes)."""
     shell = f"{plan.busybox} sh" if plan.busybox else "/bin/sh"
     lines = [f"#!{shell}\nBB={_q(plan.busybox or '')}", _PROLOGUE]
-    lines.append(f"S={_q(plan.scratch)}\nCWD={_q(plan.cwd)}\n"
+    lines.append(f"S={_q(plan.scratch)}\nCWD={_q(plan.cwd)}\nHEARTBEAT_S={HEARTBEAT_S}\n"
                  f"OUT_PORT={_q(STDOUT_PORT)}\nERR_PORT={_q(STDERR_PORT)}\n")
     for share in plan.shares:
         lines.append(f"share {_q(share.tag)} {_q(share.mount_options())} "

@@ -38,7 +38,7 @@ from ktstr.sandbox.kernel import kernel_hz, sandbox_kernel
 from ktstr.sandbox.qemu import ROOT_TAG, Machine, Share, find_qemu, kernel_cmdline, qemu_command
 from ktstr.sandbox.shims import resolve_shim
 from ktstr.sandbox.tsc import host_tsc_khz
-from ktstr.sandbox.watch import ConsoleWatch
+from ktstr.sandbox.watch import ConsoleWatch, HeartbeatWatch
 
 MEMORY_ENV = "KTSTR_SANDBOX_MEMORY_MB"
 CPUS_ENV = "KTSTR_SANDBOX_CPUS"
@@ -350,9 +350,10 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
         status = scratch / guest_init.STATUS_FILE
         reported: float | None = None
         host_watch = ConsoleWatch(console_log)
+        heartbeat = HeartbeatWatch(scratch / guest_init.HEARTBEAT_FILE, time.monotonic())
         while proc.poll() is None:
             now = time.monotonic()
-            if (problem := host_watch.poll()) is not None:
+            if (problem := host_watch.poll() or heartbeat.poll(now)) is not None:
                 _stop(proc)
                 raise SandboxCrashed(f"{problem.message} (console: {console_log.name}; set "
                                      f"{DEBUG_ENV}=1 to keep the full console)")

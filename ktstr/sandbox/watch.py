@@ -1,10 +1,13 @@
-"""Watch the emulated host's console: a soft lockup or panic in it ends the sandbox run.
+"""Watch the emulated host: a soft lockup or panic on its console, or its heartbeat going
+silent, ends the sandbox run.
 
 The sandbox kernel prints emergencies (``loglevel=1`` keeps exactly those) to a log
 file. A VMM thread stuck inside ``KVM_RUN`` in that kernel shows up as repeated
 soft-lockup reports; nothing inside the sandbox can end such a run, since the
 stuck thread's process cannot exit. So the host side reads the log as it grows and
-stops the sandbox with a clear reason instead of waiting for its timeout.
+stops the sandbox with a clear reason instead of waiting for its timeout. An emulated
+host whose CPUs all stop prints nothing at all: the sandbox's init rewrites a heartbeat
+file every few seconds, and a heartbeat that stops changing means the host is gone.
 """
 
 from __future__ import annotations
@@ -23,11 +26,51 @@ MAX_READ = 1 << 20
 """Bytes read per poll at most (the log is the guest's: never read it whole)."""
 
 
+HEARTBEAT_SILENCE_S = 120.0
+"""Host seconds without a new heartbeat (written every 5 s) after which the emulated host is
+declared hung: far above what a loaded sandbox delays a 5 s sleep by."""
+FIRST_HEARTBEAT_S = 300.0
+"""Host seconds from start to the first heartbeat (the sandbox kernel's boot, 9p mounts)."""
+
+
 @dataclass(frozen=True)
 class HostProblem:
     kind: str
-    """``soft_lockup`` or ``panic``."""
+    """``soft_lockup``, ``panic`` or ``hung``."""
     message: str
+
+
+class HeartbeatWatch:
+    """Tells when the sandbox's heartbeat file stopped changing (see the module docstring)."""
+
+    def __init__(self, path: Path, started: float, *, silence_s: float = HEARTBEAT_SILENCE_S,
+                 first_s: float = FIRST_HEARTBEAT_S) -> None:
+        self.path = path
+        self.silence_s = silence_s
+        self.first_s = first_s
+        self._started = started
+        self._last: bytes | None = None
+        self._changed = started
+
+    def poll(self, now: float) -> HostProblem | None:
+        try:
+            beat: bytes | None = self.path.read_bytes()[:64]
+        except OSError:
+            beat = None
+        if beat is not None and beat != self._last:
+            self._last, self._changed = beat, now
+            return None
+        if self._last is None:
+            if now - self._started >= self.first_s:
+                return HostProblem("hung", f"the sandbox never started its command's heartbeat "
+                                           f"within {self.first_s:g} s; sandbox stopped")
+            return None
+        if now - self._changed >= self.silence_s:
+            return HostProblem(
+                "hung", f"the emulated host stopped: no heartbeat for {now - self._changed:.0f} "
+                        f"s (last guest uptime {self._last.decode(errors='replace').split()[0]} "
+                        f"s); sandbox stopped")
+        return None
 
 
 class ConsoleWatch:

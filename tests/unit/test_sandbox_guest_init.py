@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from ktstr.sandbox.guest_init import DISK_MOUNT, GuestPlan, render_init
+from ktstr.sandbox.guest_init import DISK_MOUNT, HEARTBEAT_S, GuestPlan, render_init
 from ktstr.sandbox.qemu import Share
 
 SHARES = [Share("kt0", Path("/work/co"), "/work/co"),
@@ -55,3 +55,10 @@ def test_no_disk_no_btrfs_mount() -> None:
 
 def test_same_plan_same_script() -> None:
     assert render_init(plan()) == render_init(plan())
+
+
+def test_the_init_beats_a_heartbeat_while_the_command_runs() -> None:
+    script = render_init(plan())
+    beat = script.index('cat /proc/uptime > "$S/heartbeat"')
+    assert f"HEARTBEAT_S={HEARTBEAT_S}\n" in script
+    assert beat < script.index('log "running the command"')

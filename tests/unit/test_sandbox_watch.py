@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ktstr.sandbox.watch import ConsoleWatch, classify_line
+from ktstr.sandbox.watch import ConsoleWatch, HeartbeatWatch, classify_line
 
 LOCKUP = "[  123.4] watchdog: BUG: soft lockup - CPU#1 stuck for {}s! [python3:150]"
 
@@ -36,3 +36,24 @@ def test_watch_reads_incrementally_and_across_split_lines(tmp_path: Path) -> Non
 
 def test_missing_log_is_no_problem(tmp_path: Path) -> None:
     assert ConsoleWatch(tmp_path / "absent").poll() is None
+
+
+def test_a_heartbeat_that_stops_changing_means_the_host_is_gone(tmp_path: Path) -> None:
+    beat = tmp_path / "heartbeat"
+    watch = HeartbeatWatch(beat, started=0.0, silence_s=120, first_s=300)
+    assert watch.poll(100.0) is None  # still booting: no heartbeat yet
+    beat.write_text("12.50 20.00\n")
+    assert watch.poll(110.0) is None
+    beat.write_text("17.51 30.00\n")
+    assert watch.poll(200.0) is None  # a new beat, however late, restarts the clock
+    assert watch.poll(319.0) is None
+    problem = watch.poll(321.0)
+    assert problem is not None and problem.kind == "hung"
+    assert "no heartbeat for 121 s" in problem.message and "17.51" in problem.message
+
+
+def test_a_sandbox_that_never_beats_is_hung_after_the_boot_allowance(tmp_path: Path) -> None:
+    watch = HeartbeatWatch(tmp_path / "heartbeat", started=10.0, silence_s=120, first_s=300)
+    assert watch.poll(309.0) is None
+    problem = watch.poll(310.0)
+    assert problem is not None and "never started" in problem.message
