@@ -385,6 +385,20 @@ def load_run(run_dir: Path) -> list[Record]:
     return sorted(records, key=result_key)
 
 
+def passed_tests(run_dir: Path) -> set[str]:
+    """Test ids with a passing sidecar in ``run_dir`` (none when it does not exist yet);
+    unreadable files are skipped: a resumed run must not stop on a half-lost one."""
+    passed: set[str] = set()
+    for path in sorted(run_dir.glob("*.json")) if run_dir.is_dir() else ():
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if record_problem(data) is None and data.get("verdict") == "pass":
+            passed.add(data["test"])
+    return passed
+
+
 NEUTRAL = frozenset({"workers", "nr_workers", "cpus", "nr_cpus"})
 
 

@@ -105,6 +105,12 @@ def detect_kvm(*, probe: bool = True,
     return KvmStatus(True, f"{device} is usable (API {version}; throughput not measured)")
 
 
+RESUME_ENV = "KTSTR_RESUME"
+"""Set by ``ktstr sandbox run`` when it runs a command again after losing the sandbox: VM
+tests that already passed under this run id (a passing sidecar) are not run again, so one
+lost sandbox costs the tests it lost, not the whole session."""
+
+
 def in_sandbox() -> bool:
     """True inside the sandbox VM, where nothing should start another one."""
     return os.environ.get("KTSTR_IN_SANDBOX") == "1"

@@ -26,7 +26,8 @@ import pytest
 from ktstr import hostfault
 from ktstr.errors import KtstrError
 from ktstr.reap import reap_stale_all
-from ktstr.results.sidecar import results_root, run_id
+from ktstr.results.sidecar import passed_tests, results_root, run_id
+from ktstr.sandbox.detect import RESUME_ENV
 from ktstr.scheduler import BUILTIN, FlagProfile, Scheduler, parse_scheduler_option
 from ktstr.testing.decorator import MAX_REPEAT, KtstrTestSpec, check_repeat, spec_of
 from ktstr.topology import Topology
@@ -212,6 +213,20 @@ def pytest_pycollect_makeitem(
         for item in items:
             item.add_marker(getattr(pytest.mark, mark.name)(*mark.args, **mark.kwargs))
     return items
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    if os.environ.get(RESUME_ENV) != "1":
+        return
+    done = passed_tests(results_root() / run_id())
+    keep = [i for i in items if not (isinstance(i, KtstrItem) and i.nodeid in done)]
+    skipped = [i for i in items if i not in keep]
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = keep
+        print(f"ktstr: resuming run {run_id()}: {len(skipped)} VM test(s) passed before the "
+              f"sandbox was lost and are not run again (their sidecars stand)", flush=True)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

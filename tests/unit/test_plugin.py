@@ -231,3 +231,23 @@ def test_guest_entry_adapts_ctx_and_result() -> None:
     assert out["kind"] == "assert_result" and out["passed"] is False
     parsed = reported_checks(out)
     assert parsed and not parsed[0].passed and "no progress" in parsed[0].message
+
+
+def test_a_resumed_run_skips_the_vm_tests_that_already_passed(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ktstr.results.sidecar import write_sidecar
+
+    pytester.makepyfile(test_suite=SUITE)
+    results = pytester.path / "results"
+    monkeypatch.setenv("KTSTR_RESULTS_DIR", str(results))
+    write_sidecar({"test": "test_suite.py::test_steady", "verdict": "pass"}, "unit", results)
+    write_sidecar({"test": "test_suite.py::test_pinned", "verdict": "fail"}, "unit", results)
+    (results / "unit" / "torn.json").write_text('{"test": "test_suite.py::test_pl')
+    monkeypatch.setenv("KTSTR_RESUME", "1")
+    result = pytester.runpytest(*PLUGIN, "--collect-only", "-q")
+    result.stdout.fnmatch_lines(["*resuming run unit: 1 VM test(s) passed*"])
+    assert "test_suite.py::test_steady" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["test_suite.py::test_pinned", "test_suite.py::test_plain"])
+    monkeypatch.delenv("KTSTR_RESUME")
+    result = pytester.runpytest(*PLUGIN, "--collect-only", "-q")
+    result.stdout.fnmatch_lines(["test_suite.py::test_steady"])
