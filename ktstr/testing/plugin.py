@@ -26,6 +26,7 @@ import pytest
 from ktstr import hostfault
 from ktstr.errors import KtstrError
 from ktstr.reap import reap_stale_all
+from ktstr.reserve import ReservationTimeout
 from ktstr.results.sidecar import passed_tests, results_root, run_id
 from ktstr.sandbox.detect import RESUME_ENV
 from ktstr.scheduler import BUILTIN, FlagProfile, Scheduler, parse_scheduler_option
@@ -326,6 +327,9 @@ class KtstrItem(pytest.Item):
                 attempts.append(attempt)
             verdict, shown, sidecar = run.write_results(plan, attempts, host_faults)
             guest = attempts[shown].run
+        except ReservationTimeout as err:
+            # Busy host CPUs are not the test's failure: skipped, with who holds them.
+            pytest.skip(f"{self.nodeid}: {err}")
         except KtstrError as err:
             raise KtstrTestFailure(f"{self.nodeid}: {err}") from None
         finally:
