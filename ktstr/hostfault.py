@@ -14,9 +14,14 @@ a real KVM host the same outcome is a failure like any other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ktstr.sandbox.detect import in_sandbox
+
+if TYPE_CHECKING:
+    from ktstr.vmm.vm import VmResult
 
 F_TRIPLE_FAULT = "triple_fault"
 F_HUNG = "hung"
@@ -57,3 +62,27 @@ def should_retry(fault: HostFault | None, done: int, *, emulated: bool | None = 
     if emulated is None:
         emulated = in_sandbox()
     return emulated and done < SANDBOX_RETRIES
+
+
+def vm_fault(result: VmResult) -> HostFault | None:
+    """:func:`host_fault` of a bare VM run (no guest runtime, e.g. ``ktstr boot``)."""
+    from ktstr.vmm.vcpu import TRIPLE_FAULT
+
+    if result.reason == "reboot" and TRIPLE_FAULT in result.detail:
+        kind: str | None = F_TRIPLE_FAULT
+    else:
+        kind = F_HUNG if result.reason == F_HUNG else None
+    return host_fault(kind, result.detail or result.error or "", result.console)
+
+
+def run_vm(boot: Callable[[], VmResult]) -> tuple[VmResult, list[HostFault]]:
+    """``boot()`` once, and again in a fresh VM where :func:`should_retry` says so; the
+    last result and the faults of the runs thrown away."""
+    faults: list[HostFault] = []
+    while True:
+        result = boot()
+        fault = vm_fault(result)
+        if not should_retry(fault, len(faults)):
+            return result, faults
+        assert fault is not None
+        faults.append(fault)

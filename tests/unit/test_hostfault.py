@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ktstr.hostfault import SANDBOX_RETRIES, host_fault, should_retry
+import pytest
+
+from ktstr.hostfault import SANDBOX_RETRIES, host_fault, run_vm, should_retry, vm_fault
+from ktstr.vmm.vm import VmResult
 
 
 def test_triple_fault_and_hang_are_host_faults_without_a_guest_crash() -> None:
@@ -27,3 +30,30 @@ def test_rerun_only_in_the_sandbox_and_only_once() -> None:
     assert not should_retry(fault, SANDBOX_RETRIES, emulated=True)
     assert not should_retry(fault, 0, emulated=False)
     assert not should_retry(None, 0, emulated=True)
+
+
+def _vm(reason: str, detail: str = "", console: str = "") -> VmResult:
+    return VmResult(exit_code=None, console=console, channel2=b"", timed_out=False,
+                    panicked=False, boot_ms=None, exit_counts=[], duration_s=1.0, error=None,
+                    reason=reason, detail=detail)
+
+
+def test_a_bare_vm_run_lost_to_the_host_is_rerun_once_in_the_sandbox(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KTSTR_IN_SANDBOX", "1")
+    results = iter([_vm("reboot", "vcpu 10: triple fault (shutdown)"), _vm("poweroff")])
+    result, lost = run_vm(lambda: next(results))
+    assert result.reason == "poweroff"
+    assert [f.kind for f in lost] == ["triple_fault"]
+    # A second loss is the answer, not another rerun; a guest-requested reboot never reruns.
+    results = iter([_vm("hung", "no guest progress"), _vm("hung", "no guest progress")])
+    result, lost = run_vm(lambda: next(results))
+    assert result.reason == "hung" and len(lost) == 1
+    assert vm_fault(_vm("reboot", "")) is None
+    assert vm_fault(_vm("hung", "x", console="Kernel panic - not syncing: boom")) is None
+
+
+def test_outside_the_sandbox_nothing_is_rerun(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KTSTR_IN_SANDBOX", raising=False)
+    result, lost = run_vm(lambda: _vm("reboot", "vcpu 1: triple fault (shutdown)"))
+    assert result.reason == "reboot" and lost == []
