@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ktstr.cliargs import add_vm_arguments, start_vm_command
+from ktstr.cliargs import add_vm_arguments, console_stream, start_vm_command
 from ktstr.errors import KtstrError
 
 
@@ -45,6 +45,11 @@ def _check_shell_args(args: argparse.Namespace) -> None:
             raise KtstrError(f"--binary {b}: no such file")
 
 
+def _to_stdout(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
 def _cmd_shell(args: argparse.Namespace) -> int:
     start = start_vm_command(args, _check_shell_args)
     if isinstance(start, int):
@@ -55,12 +60,8 @@ def _cmd_shell(args: argparse.Namespace) -> int:
     from ktstr.runner import GuestRequest, run_guest
 
     timeout = args.timeout or (3600.0 if interactive else 120.0)
-    stream = None
-    if args.console or interactive:
-        def stream(data: bytes) -> None:
-            out = sys.stdout if interactive else sys.stderr
-            out.buffer.write(data)
-            out.buffer.flush()
+    # Interactive: the guest's console is the terminal; else --console goes to stderr.
+    stream = _to_stdout if interactive else console_stream(args.console)
 
     hook = _interactive_hook if interactive else None
     run = run_guest(GuestRequest(

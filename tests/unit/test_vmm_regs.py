@@ -132,6 +132,7 @@ def test_entry_state_runs_under_kvm() -> None:
 
     from ktstr.vmm import kvm
     from ktstr.vmm.memory import GuestMemory
+    from ktstr.vmm.x86.boot import set_boot_state
 
     dev = kvm.Kvm()
     vm = dev.create_vm()
@@ -144,21 +145,7 @@ def test_entry_state_runs_under_kvm() -> None:
         mem.write(0x3FFFF000, PROBE.to_bytes(8, "little"))
         vcpu = vm.create_vcpu(0)
         with vcpu:
-            lm = regs.LongModeState()
-            sregs = vcpu.get_sregs()
-            for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
-                seg, target = getattr(lm, name), getattr(sregs, name)
-                for fname, *_ in kvm.kvm_segment._fields_:
-                    if fname != "padding":
-                        setattr(target, fname, getattr(seg, fname))
-            sregs.gdt.base, sregs.gdt.limit = lm.gdt_base, lm.gdt_limit
-            sregs.idt.base, sregs.idt.limit = lm.idt_base, lm.idt_limit
-            sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = lm.cr0, lm.cr3, lm.cr4, lm.efer
-            vcpu.set_sregs(sregs)
-            br = regs.boot_regs()
-            r = kvm.kvm_regs()
-            r.rip, r.rsi, r.rsp, r.rbp, r.rflags = br.rip, br.rsi, br.rsp, br.rbp, br.rflags
-            vcpu.set_regs(r)
+            set_boot_state(vcpu)  # the boot vCPU's state, exactly as Vm sets it
             run_map = vcpu.map_run(dev.vcpu_mmap_size())
             seen: list[int] = []
             try:
