@@ -27,6 +27,7 @@ any repeat failed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -366,23 +367,26 @@ def record_problem(data: object) -> str | None:
     return None
 
 
+def read_sidecar(path: Path) -> Record:
+    """One sidecar file, checked against the schema; KtstrError saying what is wrong."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8
+        reason = err.strerror if isinstance(err, OSError) else str(err)[:200]
+        raise KtstrError(f"{path}: not a readable sidecar ({reason}); delete or fix it") \
+            from None
+    if problem := record_problem(data):
+        raise KtstrError(f"{path}: {problem}; delete or fix it")
+    data.setdefault("_path", str(path))
+    return data
+
+
 def load_run(run_dir: Path) -> list[Record]:
     """Every sidecar in ``run_dir``, sorted by result key."""
     if not run_dir.is_dir():
         raise KtstrError(f"{run_dir} is not a results directory")
-    records: list[Record] = []
-    for path in sorted(run_dir.glob("*.json")):
-        try:
-            data = json.loads(path.read_bytes())
-        except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8
-            reason = err.strerror if isinstance(err, OSError) else str(err)[:200]
-            raise KtstrError(f"{path}: not a readable sidecar ({reason}); delete or fix it") \
-                from None
-        if problem := record_problem(data):
-            raise KtstrError(f"{path}: {problem}; delete or fix it")
-        data.setdefault("_path", str(path))
-        records.append(data)
-    return sorted(records, key=result_key)
+    return sorted((read_sidecar(path) for path in sorted(run_dir.glob("*.json"))),
+                  key=result_key)
 
 
 def passed_tests(run_dir: Path) -> set[str]:
@@ -390,12 +394,9 @@ def passed_tests(run_dir: Path) -> set[str]:
     unreadable files are skipped: a resumed run must not stop on a half-lost one."""
     passed: set[str] = set()
     for path in sorted(run_dir.glob("*.json")) if run_dir.is_dir() else ():
-        try:
-            data = json.loads(path.read_bytes())
-        except (OSError, ValueError, RecursionError):
-            continue
-        if record_problem(data) is None and data.get("verdict") == "pass":
-            passed.add(data["test"])
+        with contextlib.suppress(KtstrError):
+            if (data := read_sidecar(path)).get("verdict") == "pass":
+                passed.add(data["test"])
     return passed
 
 
