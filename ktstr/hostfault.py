@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ktstr.sandbox.detect import in_sandbox
 
 if TYPE_CHECKING:
     from ktstr.vmm.vm import VmResult
+
+T = TypeVar("T")
 
 F_TRIPLE_FAULT = "triple_fault"
 F_HUNG = "hung"
@@ -75,14 +77,20 @@ def vm_fault(result: VmResult) -> HostFault | None:
     return host_fault(kind, result.detail or result.error or "", result.console)
 
 
-def run_vm(boot: Callable[[], VmResult]) -> tuple[VmResult, list[HostFault]]:
-    """``boot()`` once, and again in a fresh VM where :func:`should_retry` says so; the
-    last result and the faults of the runs thrown away."""
-    faults: list[HostFault] = []
+def rerun_lost(run: Callable[[], T], fault_of: Callable[[T], HostFault | None],
+               lost: list[HostFault]) -> T:
+    """``run()``, and again while :func:`should_retry` says so; the faults of the runs
+    thrown away are appended to ``lost``, whose length is the rerun budget spent."""
     while True:
-        result = boot()
-        fault = vm_fault(result)
-        if not should_retry(fault, len(faults)):
-            return result, faults
+        result = run()
+        fault = fault_of(result)
+        if not should_retry(fault, len(lost)):
+            return result
         assert fault is not None
-        faults.append(fault)
+        lost.append(fault)
+
+
+def run_vm(boot: Callable[[], VmResult]) -> tuple[VmResult, list[HostFault]]:
+    """:func:`rerun_lost` for a bare VM run: the last result and the lost runs' faults."""
+    lost: list[HostFault] = []
+    return rerun_lost(boot, vm_fault, lost), lost

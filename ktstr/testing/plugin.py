@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ktstr.disks import DiskConfig
     from ktstr.gauntlet import Variant
     from ktstr.kernel.pipeline import ResolvedKernel
+    from ktstr.testing.run import Attempt
 
 KERNEL_ENV = "KTSTR_KERNEL"
 SCHEDULER_ENV = "KTSTR_SCHEDULER"
@@ -316,15 +317,8 @@ class KtstrItem(pytest.Item):
             )
             attempts: list[run.Attempt] = []
             for _ in range(state.repeat or self.spec.repeat):
-                while True:
-                    attempt = run.run_once(plan)
-                    fault = None if attempt.verdict.passed else hostfault.host_fault(
-                        attempt.run.failure, attempt.run.message, attempt.run.vm.console)
-                    if not hostfault.should_retry(fault, len(host_faults)):
-                        break
-                    assert fault is not None
-                    host_faults.append(fault)
-                attempts.append(attempt)
+                attempts.append(hostfault.rerun_lost(lambda: run.run_once(plan), _attempt_fault,
+                                                     host_faults))
             verdict, shown, sidecar = run.write_results(plan, attempts, host_faults)
             guest = attempts[shown].run
         except ReservationTimeout as err:
@@ -351,6 +345,14 @@ class KtstrItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
         return self.path, None, f"ktstr vm test: {self.name}"
+
+
+def _attempt_fault(attempt: Attempt) -> hostfault.HostFault | None:
+    """The fault of the emulated host that lost this attempt, if one did."""
+    if attempt.verdict.passed:
+        return None
+    guest = attempt.run
+    return hostfault.host_fault(guest.failure, guest.message, guest.vm.console)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
