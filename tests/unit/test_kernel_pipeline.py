@@ -248,7 +248,12 @@ def test_interrupted_build_leaves_no_entry(tree: Path) -> None:
     while builds(tree) == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     child.send_signal(signal.SIGINT)
-    child.communicate(timeout=30)
+    try:
+        child.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        _, err = child.communicate()
+        pytest.fail(f"the build did not stop within 30 s of SIGINT; its stderr:\n{err}")
     assert child.returncode != 0
     assert entry_dirs(tree) == []
     # make was stopped with ktstr, not left running in the build tree.
