@@ -220,8 +220,11 @@ print(entry.key, round(time.monotonic() - start, 2), flush=True)
 
 def spawn(tree: Path) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    # SIGINT as a terminal delivers it: a shell's background job (CI started with `&`)
+    # inherits it ignored, and Python then never raises KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-c", CHILD, str(tree)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_two_processes_build_once(tree: Path) -> None:
