@@ -10,6 +10,8 @@ missing end marker is itself a failure.
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +28,8 @@ from ktstr.wire.messages import validate_message
 from ktstr.wire.request import MountSpec, RunRequest, SchedulerSpec
 
 if TYPE_CHECKING:
+    from ktstr.observe.monitor import GuestObserver, Observation
+    from ktstr.observe.program import KernelFiles
     from ktstr.vmm.bus import VmDevice
     from ktstr.vmm.vm import Vm, VmResult
 
@@ -82,6 +86,12 @@ class GuestRequest:
     console_input: bytes = b""
     vm_hook: Callable[[Vm], None] | None = None
     """Sees the Vm before it runs (e.g. to feed console input)."""
+    observe: KernelFiles | None = None
+    """Watch the guest kernel from the host with drgn (:mod:`ktstr.observe`), using this
+    kernel's vmlinux and System.map; the result is :attr:`GuestRun.observation`."""
+    keep_guest_ram: bool = False
+    """With ``observe``: keep guest RAM open after the run for a vmcore; the caller then
+    closes it (:meth:`ktstr.observe.monitor.Observation.close`)."""
 
     @property
     def guest_memory_mb(self) -> int:
@@ -133,6 +143,8 @@ class GuestRun:
     """Guest RAM the VM booted with (set by :func:`run_guest`)."""
     timeout_s: float | None = None
     """The VM's hard timeout (set by :func:`run_guest`)."""
+    observation: Observation | None = None
+    """What the host-side observer saw (``GuestRequest.observe``)."""
 
     @property
     def attach_attempts(self) -> list[dict[str, Any]]:
@@ -213,13 +225,21 @@ def run_guest(request: GuestRequest) -> GuestRun:
             {"ktstr/request.json": wire.to_json().encode()}))
         # The suffix goes first: the kernel's lz4 reader consumes everything after an lz4
         # stream (legacy frames have no end marker), so nothing may follow the base.
+        observer = _observer(req)
         vm = Vm(Path(req.kernel), [suffix, base.path], req.topology, memory_mb=memory_mb,
                 cmdline_extra=extra, devices=vm_devices, timeout=timeout_s, quiet=req.quiet,
-                on_console=req.on_console, console_input=req.console_input)
+                on_console=req.on_console, console_input=req.console_input,
+                observer=observer)
         if req.vm_hook is not None:
             req.vm_hook(vm)
         start = time.monotonic()
         result = vm.run()
+    observation = observer.observation if observer is not None else None
+    if observation is not None:
+        if result.observer_error:
+            observation.note(f"observer: {result.observer_error}")
+        if not req.keep_guest_ram:
+            observation.close()
 
     if req.channel == "mem":
         errors = chan.finish()
@@ -231,11 +251,30 @@ def run_guest(request: GuestRequest) -> GuestRun:
         nbytes = len(result.channel2)
     run = collect(timed, errors, result, base, nbytes, scenario_mode=req.scenario is not None)
     run.memory_mb, run.timeout_s = memory_mb, timeout_s
+    run.observation = observation
     # Host phases: packing and VM set-up before vm.run(), and vm.run() itself (guest
     # memory and vCPU set-up, the guest's run, teardown).
     run.timings["prep_s"] = start - entered
     run.timings["vm_run_s"] = time.monotonic() - start
     return run
+
+
+def _observer(req: GuestRequest) -> GuestObserver | None:
+    """The host-side observer the request asks for, if drgn is here (said once if not)."""
+    if req.observe is None:
+        return None
+    from ktstr.observe.monitor import GuestObserver
+    from ktstr.observe.program import drgn_problem
+
+    if (problem := drgn_problem()) is not None:
+        _say_once(problem)
+        return None
+    return GuestObserver(req.observe)
+
+
+@functools.cache
+def _say_once(text: str) -> None:
+    print(f"ktstr: {text}", file=sys.stderr)
 
 
 _BASES: dict[initramfs.BaseSpec, initramfs.BaseArchive] = {}

@@ -99,6 +99,23 @@ def sidecar_name(test: str, scheduler: str = "", profile: str = "", topology: st
     return f"{readable}-{hashlib.sha256(ident).hexdigest()[:12]}.json"
 
 
+def artifact_dir(test: str, scheduler: str = "", profile: str = "", topology: str = "",
+                 run: str | None = None, root: Path | None = None) -> Path:
+    """A fresh directory beside the sidecar of (test, scheduler, profile, topology) for
+    its files (the failure dump): ``<stem>.dump``, then ``<stem>.dump-2``, ... per run."""
+    stem = sidecar_name(test, scheduler, profile, topology).removesuffix(".json")
+    parent = (root or results_root()) / (run or run_id())
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = parent / (f"{stem}.dump" if n == 1 else f"{stem}.dump-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise KtstrError(f"too many dumps of {test} in {parent}")
+
+
 def result_key(record: Mapping[str, Any]) -> str:
     """Identity of a result across runs: test, scheduler@profile, topology."""
     sched = record.get("scheduler") or {}
@@ -193,6 +210,7 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
         "summary": summarize_workers(w for w in workers if isinstance(w, Mapping)),
         "timeline": telemetry.get("timeline"),
         "scheduler_exit": run.sched_exit,
+        "observer": run.observation.to_record() if run.observation is not None else None,
         "console_tail": tail_lines(run.vm.console)
         if not verdict.passed or plan.spec.expect_err else None,
         "timings": {
@@ -201,7 +219,7 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
             "wall_s": round(finished - started, 3),
             "boot_ms": run.timings.get("boot_ms"),
             "vm_s": run.vm.duration_s,
-            **{k: round(run.timings[k], 3) for k in ("disks_s", "prep_s", "vm_run_s")
+            **{k: round(run.timings[k], 3) for k in ("disks_s", "prep_s", "vm_run_s", "dump_s")
                if k in run.timings},
             **plan.phases,
         },

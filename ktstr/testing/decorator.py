@@ -25,6 +25,7 @@ from ktstr.topology import Topology
 if TYPE_CHECKING:
     from ktstr.checks import Checks
     from ktstr.disks import DiskConfig
+    from ktstr.runner import GuestRun
 
 SPEC_ATTR = "__ktstr_test__"
 
@@ -61,6 +62,9 @@ class KtstrTestSpec:
     gauntlet: bool = True
     repeat: int = 1
     """Runs per test (a fresh VM each), so ``stats compare`` can test significance."""
+    host_check: Callable[[GuestRun], None] | None = None
+    """Runs on the host after each run with its :class:`~ktstr.runner.GuestRun` (the
+    observer's view of guest memory included); an ``AssertionError`` fails the run."""
 
     @property
     def target(self) -> str:
@@ -192,6 +196,7 @@ def ktstr_test(
     requires_sched_ext: bool = False,
     gauntlet: bool = True,
     repeat: int = 1,
+    host_check: Callable[[GuestRun], None] | None = None,
 ) -> Any:
     """Declare ``scenario(ctx) -> AssertResult | dict`` as a VM test.
 
@@ -204,6 +209,8 @@ def ktstr_test(
     keywords constrain which topologies the gauntlet may run the test on.
     ``repeat`` runs the test that many times, each in a fresh VM (``--ktstr-repeat``
     overrides it); the sidecar keeps every run's numbers and fails if any run failed.
+    ``host_check(run)`` runs on the host after each run, e.g. to assert on what the
+    observer read from guest memory (``run.observation``).
     """
 
     def wrap(fn: F) -> F:
@@ -269,6 +276,8 @@ def ktstr_test(
             raise KtstrError(f"{where}: topology {topo.label} breaks its own constraint: {why}")
         _check_checks(checks, where)
         runs = check_repeat(repeat, where)
+        if host_check is not None and not callable(host_check):
+            raise KtstrError(f"{where}: host_check={host_check!r} must be a function of the run")
         spec = KtstrTestSpec(
             module=fn.__module__,
             qualname=fn.__qualname__,
@@ -285,6 +294,7 @@ def ktstr_test(
             constraints=constraints,
             gauntlet=gauntlet,
             repeat=runs,
+            host_check=host_check,
         )
         wrapper = _guest_entry(fn)
         setattr(wrapper, SPEC_ATTR, spec)

@@ -12,9 +12,10 @@ pure function of the guest run.
 
 from __future__ import annotations
 
+import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,10 @@ from ktstr.wire.request import MountSpec, SchedulerSpec
 
 if TYPE_CHECKING:
     from ktstr.kernel.pipeline import ResolvedKernel
+    from ktstr.observe.program import KernelFiles
+
+OBSERVE_ENV = "KTSTR_OBSERVE"
+"""``0`` turns the host-side observer off (drgn sampling, failure dumps)."""
 
 DEFAULT_MEMORY_MB = Topology.parse(DEFAULT_TOPOLOGY).default_memory_mb()
 """What a test of the default topology boots with (``ktstr doctor`` says it); the rule
@@ -102,7 +107,20 @@ class RunPlan:
             scheduler=self.scheduler_spec,
             sysctls=dict(self.scheduler.sysctls),
             cmdline_extra=" ".join(self.scheduler.kargs),
+            observe=self.observe_files,
+            keep_guest_ram=self.observe_files is not None,
         )
+
+    @property
+    def observe_files(self) -> KernelFiles | None:
+        """The cached kernel's debug files for the host-side observer (:mod:`ktstr.observe`);
+        None for a kernel outside the cache or with ``KTSTR_OBSERVE=0``."""
+        from ktstr.observe.program import KernelFiles
+
+        entry = self.kernel.entry
+        if entry is None or os.environ.get(OBSERVE_ENV, "1") == "0":
+            return None
+        return KernelFiles.of_entry(entry.path)
 
 
 def boot(plan: RunPlan) -> GuestRun:
@@ -131,12 +149,31 @@ def boot(plan: RunPlan) -> GuestRun:
 
 def evaluate_checks(plan: RunPlan, run: GuestRun) -> list[CheckResult]:
     """Every check of this run (:func:`ktstr.checks.run_checks`): what the scenario
-    returned, judged where it ran, plus scheduler health from the console."""
-    return run_checks(run.result, plan.checks, run.vm.console)
+    returned, judged where it ran, plus scheduler health from the console, plus the
+    test's ``host_check``."""
+    results = run_checks(run.result, plan.checks, run.vm.console)
+    if plan.spec.host_check is not None:
+        results.append(host_check(plan.spec.host_check, run))
+    return results
+
+
+def host_check(check: Callable[[GuestRun], None], run: GuestRun) -> CheckResult:
+    """The test's own host-side assertion as a check (``@ktstr_test(host_check=)``)."""
+    try:
+        check(run)
+    except AssertionError as err:
+        return CheckResult("host_check", False, message=str(err) or "assertion failed")
+    except Exception as err:  # the check's own bug: a failed check that says so
+        return CheckResult("host_check", False, message=f"{type(err).__name__}: {err}")
+    return CheckResult("host_check", True)
 
 
 def judge(run: GuestRun, checks: Sequence[CheckResult], expect_err: bool | str) -> Verdict:
-    """Pass/fail from the guest run and the check results; ``expect_err`` inverts it."""
+    """Pass/fail from the guest run and the check results; ``expect_err`` inverts it
+    (but never a failed ``host_check``: the test's own assertion stands as written)."""
+    host = [c for c in checks if c.name == "host_check" and not c.passed]
+    if host:
+        return Verdict(False, "fail", f"host_check: {host[0].message}", list(checks))
     failed = [c for c in checks if not c.passed]
     if not run.ok:
         reason = f"{run.failure}: {run.message}".rstrip(": ")
@@ -180,6 +217,12 @@ def format_failure(title: str, verdict: Verdict, run: GuestRun, sidecar: Path | 
             lines.append(f"  {check.reason()}")
     if run.sched_exit:
         lines.append(f"  scheduler exit: {_one_line(run.sched_exit)}")
+    if run.observation is not None:
+        from ktstr.observe.dump import findings
+
+        lines.extend(f"  {line}" for line in findings(run.observation))
+        for name, path in run.observation.dump_paths.items():
+            lines.append(f"  failure dump ({name}): {path}")
     for attempt in run.attach_attempts:
         lines.append(f"  attach attempt {attempt.get('attempt')}: {attempt.get('kind')}: "
                      f"{attempt.get('message')}")
@@ -234,11 +277,38 @@ def combined_verdict(attempts: Sequence[Attempt]) -> tuple[Verdict, int]:
 
 def run_once(plan: RunPlan) -> Attempt:
     """Boot, check and judge one repeat; its wall time starts at its boot (resolving the
-    kernel and scheduler happens once, ``timings.resolve_s``)."""
+    kernel and scheduler happens once, ``timings.resolve_s``). A failed one leaves its
+    failure dump (:mod:`ktstr.observe.dump`) beside the sidecar."""
     started = time.time()
     run = boot(plan)
-    verdict = judge(run, evaluate_checks(plan, run), plan.spec.expect_err)
+    try:
+        checks = run_checks(run.result, plan.checks, run.vm.console)
+        dumped = False
+        if run.observation is not None and (not run.ok or any(not c.passed for c in checks)):
+            write_failure_dump(plan, run)  # an expected failure too, for host_check to read
+            dumped = True
+        if plan.spec.host_check is not None:
+            checks.append(host_check(plan.spec.host_check, run))
+        verdict = judge(run, checks, plan.spec.expect_err)
+        if not verdict.passed and not dumped and run.observation is not None:
+            write_failure_dump(plan, run)
+    finally:
+        if run.observation is not None:
+            run.observation.close()
     return Attempt(verdict, run, started, time.time())
+
+
+def write_failure_dump(plan: RunPlan, run: GuestRun) -> None:
+    from ktstr.observe.dump import write_dump
+    from ktstr.results.sidecar import artifact_dir
+
+    obs = run.observation
+    assert obs is not None
+    directory = artifact_dir(plan.test_id, plan.scheduler.name, plan.profile.name,
+                             plan.topology.label)
+    t = time.monotonic()
+    obs.dump_paths = write_dump(obs, directory)
+    run.timings["dump_s"] = time.monotonic() - t
 
 
 def repeated_record(plan: RunPlan, attempts: Sequence[Attempt]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ktstr.vmm import kvm, layout
 from ktstr.vmm.bus import AttachContext, DeviceErrors, MmioBus, PioBus, VmDevice
@@ -32,6 +33,18 @@ from ktstr.vmm.watchdog import POLL_S, ProgressWatch
 
 STOP_GRACE_S = 1.5
 """How long teardown waits for vCPU threads after kicking them (the hard bound is +2 s)."""
+PAUSE_TIMEOUT_S = 2.0
+
+
+class RunObserver(Protocol):
+    """Looks at a running guest from the host (``ktstr.observe``); never raises into a run.
+
+    ``started`` comes once the vCPU threads run; ``stopped`` once they have all stopped
+    (the guest is frozen) and before teardown. If ``stopped`` returns True the observer
+    keeps guest RAM open past teardown and closes it itself (``GuestMemory.close``)."""
+
+    def started(self, machine: Machine) -> None: ...
+    def stopped(self, machine: Machine) -> bool: ...
 
 
 @dataclass
@@ -77,6 +90,9 @@ class Machine:
         self.pio = PioBus(self.device_errors)
         self.mmio = MmioBus(self.device_errors)
         self.control = RunControl()
+        self.keep_memory = False
+        """Guest RAM outlives teardown (an observer holds it: :class:`RunObserver`)."""
+        self.observer_error: str | None = None
         self.irqchip = irqchip
         self.ring = CoalescedRing(self.pio, self.mmio)
         try:
@@ -173,6 +189,21 @@ class Machine:
             raise
         return time.monotonic() - start
 
+    def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> bool:
+        """Hold every vCPU out of the guest (from any thread but a vCPU's); True once all
+        are parked. The guest's clocks go on (kvmclock, TSC): it sees a long stall."""
+        if not self.vcpus or self.control.stopping:
+            return False
+        self.control.request_pause()
+        self.kick_all()
+        if self.control.wait_parked(len(self.vcpus), timeout):
+            return True
+        self.resume()
+        return False
+
+    def resume(self) -> None:
+        self.control.resume()
+
     def _on_halt(self, vcpu: Vcpu) -> None:
         if all(v.halted for v in self.vcpus):
             self.control.stop(StopReason.HALTED, "all vCPUs halted")
@@ -189,7 +220,8 @@ class Machine:
             vcpu.kick()
 
     def run(self, timeout: float, *, stall_s: float = 0.0,
-            progress: Callable[[], int] | None = None) -> RunOutcome:
+            progress: Callable[[], int] | None = None,
+            observer: RunObserver | None = None) -> RunOutcome:
         """Start every vCPU, wait for the end or ``timeout`` seconds, stop and join all.
 
         With ``stall_s`` > 0 the run also ends, as ``hung``, once no vCPU has shown any
@@ -207,6 +239,8 @@ class Machine:
         try:
             for vcpu in self.vcpus:
                 vcpu.start()
+            if observer is not None:
+                self._observe(observer.started)
             deadline = start + timeout
             while not self.control.done.wait(max(0.0, min(POLL_S, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
@@ -235,6 +269,9 @@ class Machine:
             except Exception as exc:  # a device failing here must not lose the outcome
                 drain_error = f"coalesced writes: {type(exc).__name__}: {exc}"
         duration = time.monotonic() - start
+        if observer is not None:
+            kept = bool(self._observe(observer.stopped))
+            self.keep_memory = kept and not interrupted
         if interrupted:
             self.close()
             raise KeyboardInterrupt
@@ -262,6 +299,13 @@ class Machine:
             device_errors=self.device_errors.counts,
             device_error_messages=list(self.device_errors.messages),
         )
+
+    def _observe(self, call: Callable[[Machine], bool | None]) -> bool | None:
+        try:
+            return call(self)
+        except Exception as exc:  # an observer's bug never ends or loses the run
+            self.observer_error = f"{type(exc).__name__}: {exc}"
+            return None
 
     def _exits_seen(self, progress: Callable[[], int] | None) -> int:
         """Userspace exits of every vCPU (not signals) plus ``progress``; for the watchdog.
@@ -296,7 +340,7 @@ class Machine:
             line.close()
         for vcpu in self.vcpus:
             vcpu.close()
-        if self.memory is not None:
+        if self.memory is not None and not self.keep_memory:
             self.memory.close()
         if self.vm is not None:
             self.vm.close()

@@ -34,6 +34,7 @@ from ktstr.vmm.bus import MmioBus, PioBus
 from ktstr.vmm.kvm import KvmIoctlError, VcpuFd
 
 KICK_SIGNAL = signal.SIGUSR1
+IMMEDIATE_EXIT_OFFSET = kvm.kvm_run.immediate_exit.offset
 TRIPLE_FAULT = "triple fault"
 """How a shutdown exit is named in the stop detail (on AMD, KVM has reset the vCPU by then,
 so its registers show the reset state, not the fault)."""
@@ -179,6 +180,12 @@ class RunControl:
         self.reason: str | None = None
         self.detail: str = ""
         self.error: str | None = None
+        # Pausing (Machine.pause): a kicked vCPU parks in its signal path while set.
+        self.pause_requested = False
+        self._running = threading.Event()
+        self._running.set()
+        self._parked = 0
+        self._parked_changed = threading.Condition(self._lock)
 
     @property
     def stopping(self) -> bool:
@@ -193,7 +200,40 @@ class RunControl:
             self.detail = detail
             self.error = error
         self.done.set()
+        self._running.set()  # a parked vCPU must see the stop
         return True
+
+    def request_pause(self) -> None:
+        with self._lock:
+            self.pause_requested = True
+            self._running.clear()
+
+    def wait_parked(self, count: int, timeout: float) -> bool:
+        """Until ``count`` vCPUs are parked (True), the run ends or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._parked < count and not self.done.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._parked_changed.wait(min(left, 0.05))
+            return self._parked >= count
+
+    def resume(self) -> None:
+        with self._lock:
+            self.pause_requested = False
+            self._running.set()
+
+    def park(self) -> None:
+        """On a vCPU thread after a kick: stay out of the guest while a pause holds."""
+        with self._lock:
+            if not self.pause_requested:
+                return
+            self._parked += 1
+            self._parked_changed.notify_all()
+        self._running.wait()
+        with self._lock:
+            self._parked -= 1
 
 
 # --- diagnostics -------------------------------------------------------------------------
@@ -411,6 +451,8 @@ class Vcpu:
         ioctl = kvm.run_ioctl
         get_errno = ctypes.get_errno
         stopping = self.control.done.is_set
+        control = self.control
+        park = control.park
         reasons = self.reason_counts
         sites = self.site_counts
         recent = self.recent.append
@@ -435,6 +477,9 @@ class Vcpu:
                 err = get_errno()
                 if err == errno.EINTR or err == errno.EAGAIN:
                     reasons[REASON_SIGNAL] = reasons.get(REASON_SIGNAL, 0) + 1
+                    if control.pause_requested:  # a pause kick, not a stop
+                        park()
+                        m[IMMEDIATE_EXIT_OFFSET] = 0
                     continue
                 raise KvmIoctlError(err, f"KVM_RUN on {self.fd.what} failed: {os.strerror(err)}")
             reason = u32(m, 8)[0]

@@ -16,7 +16,7 @@ from ktstr.errors import KtstrError
 from ktstr.topology import Topology
 from ktstr.vmm import kvm, layout
 from ktstr.vmm.bus import MmioSlot, VmDevice
-from ktstr.vmm.machine import Machine, RunOutcome
+from ktstr.vmm.machine import Machine, RunObserver, RunOutcome
 from ktstr.vmm.memory import GuestMemory
 from ktstr.vmm.vcpu import StopReason, site_summary
 
@@ -77,6 +77,8 @@ class VmResult:
     on, but the guest's I/O there did not happen: see :attr:`device_error_messages`."""
     device_error_messages: list[str] = field(default_factory=list)
     """The first few device errors, each ``"<key>: <access>: <exception>"``."""
+    observer_error: str | None = None
+    """The host-side observer (``Vm(observer=)``) failed: the run itself is unaffected."""
 
     @property
     def console_tail(self) -> str:
@@ -140,10 +142,12 @@ class Vm:
         console_input: bytes = b"",
         stall_timeout: float = DEFAULT_STALL_S,
         prefault: bool = False,
+        observer: RunObserver | None = None,
     ) -> None:
         from ktstr import bzimage
 
         self.prefault = prefault
+        self.observer = observer
         self.prefault_s: float | None = None
         self.kernel = Path(kernel)
         self.topology = topology
@@ -345,7 +349,8 @@ class Vm:
             start = time.monotonic()
             com1 = self.com1
             outcome = machine.run(self.timeout, stall_s=self.stall_timeout,
-                                  progress=lambda: com1.buffered + com1.dropped)
+                                  progress=lambda: com1.buffered + com1.dropped,
+                                  observer=self.observer)
             return self._result(outcome, start)
         finally:
             self.close()
@@ -385,6 +390,7 @@ class Vm:
             vcpu_states=outcome.vcpu_states,
             device_errors=outcome.device_errors,
             device_error_messages=outcome.device_error_messages,
+            observer_error=self.machine.observer_error if self.machine else None,
         )
 
     def stop(self) -> None:

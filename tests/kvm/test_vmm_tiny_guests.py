@@ -279,3 +279,66 @@ def test_coalesced_port_writes_reach_the_device_in_order_without_exits() -> None
         assert out.queued_sites == {SITE_QUEUED_OUT | 0x3F8: 3}
     else:
         assert out.exit_counts[0]["io"] == 4
+
+
+class _PausingObserver:
+    """A RunObserver that pauses the guest mid-run and counts its port writes meanwhile."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+        self.during_pause: int | None = None
+        self.after_resume: int | None = None
+        self.paused: bool | None = None
+        self.stopped_called = False
+
+    def started(self, machine: Machine) -> None:
+        threading.Thread(target=self._poke, args=(machine,), daemon=True).start()
+
+    def _poke(self, machine: Machine) -> None:
+        time.sleep(0.5)
+        self.paused = machine.pause()
+        before = len(self.rec.log)
+        time.sleep(0.5)
+        self.during_pause = len(self.rec.log) - before
+        machine.resume()
+        time.sleep(0.5)
+        self.after_resume = len(self.rec.log) - before - self.during_pause
+
+    def stopped(self, machine: Machine) -> bool:
+        self.stopped_called = True
+        assert all(not v.thread.is_alive() for v in machine.vcpus if v.thread)
+        return False
+
+
+def test_pause_holds_every_vcpu_out_of_the_guest_until_resume() -> None:
+    # mov dx, 0x80; L: out dx, al; jmp L -- one port write per loop.
+    rec = Recorder()
+    obs = _PausingObserver(rec)
+    with real_mode(bytes.fromhex("BA8000EEEBFD"), irqchip=True) as m:
+        m.pio.add(0x80, 1, rec)
+        out = m.run(2.0, observer=obs)
+    assert out.reason == "timeout"
+    assert obs.paused is True
+    assert obs.during_pause == 0, "the guest ran while paused"
+    assert obs.after_resume and obs.after_resume > 0, "the guest did not resume"
+    assert obs.stopped_called
+
+
+class _BrokenObserver:
+    def started(self, machine: Machine) -> None:
+        raise RuntimeError("observer bug")
+
+    def stopped(self, machine: Machine) -> bool:
+        return True
+
+
+def test_an_observer_that_raises_never_ends_the_run() -> None:
+    with real_mode(bytes.fromhex("F4")) as m:  # hlt
+        out = m.run(5.0, observer=_BrokenObserver())
+        assert out.reason == "halted"
+        assert m.observer_error == "RuntimeError: observer bug"
+        assert m.keep_memory  # stopped() asked to keep RAM: the observer closes it
+        memory = m.memory
+    assert memory is not None and memory.contains(0)  # teardown left it open
+    memory.close()
+    assert not memory.contains(0)

@@ -8,11 +8,20 @@ kernels without sched_ext skip them.
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import pytest
 
 from ktstr.scenario import CgroupDef
 from ktstr.scheduler import BUILTIN
 from ktstr.testing import execute_defs, ktstr_test
+
+if TYPE_CHECKING:
+    from ktstr.observe.monitor import Observation
+    from ktstr.runner import GuestRun
 
 QMAP_STALL = BUILTIN["scx_qmap"].with_args("-t", "5", name="scx_qmap_stall")
 QMAP_ERROR = BUILTIN["scx_qmap"].with_args("-e", "200", name="scx_qmap_error")
@@ -37,3 +46,62 @@ def test_qmap_error_is_reported(ctx):
     """scx_bpf_error() after 200 enqueues: the kernel disables the scheduler with
     reason scx_bpf_error and scx_qmap's message (not a generic runtime error)."""
     return execute_defs(ctx, [CgroupDef("load", workers=4)])
+
+
+def _stall_seen_in_guest_memory(run: GuestRun) -> None:
+    """The observer names the stalled task and its CPU from guest RAM, not the console."""
+    obs = run.observation
+    assert obs is not None, "no observer (drgn missing?)"
+    assert obs.open_s is not None, f"the observer never opened the guest: {obs.problems}"
+    snap = obs.exit_snapshot
+    assert snap is not None and snap.sched_ext is not None, (
+        f"no snapshot at the scheduler's exit: {obs.problems}")
+    ext = snap.sched_ext.exit
+    assert ext is not None and ext.kind == "SCX_EXIT_ERROR_STALL", f"exit info: {ext}"
+    # The kernel's message names the task: "<comm>[<pid>] failed to run for N s".
+    match = re.match(r"(\S+)\[(\d+)\] failed to run for", ext.message)
+    assert match, f"exit message from guest memory: {ext.message!r}"
+    assert ext.backtrace, "the exit's backtrace is empty"
+    pid = int(match.group(2))
+    timeout_ms = snap.sched_ext.watchdog_timeout_ms
+    assert timeout_ms is not None
+    stalled = [t for t in snap.tasks if t.pid == pid]
+    assert stalled, f"pid {pid} is not among the runnable tasks at the exit"
+    task = stalled[0]
+    assert task.runnable_age_ms is not None and task.runnable_age_ms > timeout_ms, task
+    assert task.comm == match.group(1)
+    assert pid in obs.stalls and obs.stalls[pid].cpu == task.cpu, obs.stalls
+    dump = obs.dump_paths.get("state")
+    assert dump and json.loads(Path(dump).read_text())["exit_snapshot"], dump
+    _vmcore_opens_with_drgn(obs)
+
+
+def _vmcore_opens_with_drgn(obs: Observation) -> None:
+    """The dump's vmcore is a kernel core drgn opens by itself, as a user would:
+    ``drgn -c vmcore -s vmlinux``."""
+    import drgn
+    from drgn.helpers.linux.cpumask import for_each_present_cpu
+    from drgn.helpers.linux.percpu import per_cpu
+
+    vmcore = obs.dump_paths.get("vmcore")
+    assert vmcore and Path(vmcore).stat().st_blocks * 512 < Path(vmcore).stat().st_size, vmcore
+    prog = drgn.Program()
+    prog.set_core_dump(vmcore)
+    prog.load_debug_info([str(obs.vmlinux)])
+    assert prog["init_task"].comm.string_() == b"swapper/0"
+    cpus = list(for_each_present_cpu(prog))
+    assert len(cpus) == 2, cpus
+    final = obs.final
+    assert final is not None
+    for cpu in cpus:
+        nr = int(per_cpu(prog["runqueues"], cpu).nr_running)
+        assert nr == final.cpus[cpu].nr_running, (cpu, nr, final.cpus[cpu])
+
+
+@ktstr_test(topology="1n1l2c1t", scheduler=QMAP_STALL, duration=6.0, watchdog_timeout=2.0,
+            expect_err=r"runnable task stall", gauntlet=False,
+            host_check=_stall_seen_in_guest_memory)
+def test_qmap_stall_seen_from_guest_memory(ctx):
+    """The same stall, judged from guest memory: the task, its CPU and runnable age at
+    the moment the watchdog fired, the exit message and backtrace, and a dump on disk."""
+    return execute_defs(ctx, [CgroupDef("victims", workers=6)])

@@ -1,0 +1,56 @@
+"""The failure dump and the failure message's lines from what the observer saw."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ktstr.observe import state
+from ktstr.observe.dump import findings, write_dump
+from ktstr.observe.monitor import Observation, Sample, StallCandidate
+
+
+def _observation() -> Observation:
+    obs = Observation()
+    cpu = state.CpuSample(cpu=1, nr_running=3, scx_nr_running=3, clock_ns=5, local_dsq_nr=0,
+                          curr_pid=7, curr_comm="worker", curr_class="ext")
+    obs.samples.append(Sample(t=0.1, cpus=(cpu,), scx_enabled=True))
+    obs.stalls[42] = StallCandidate(pid=42, comm="victim", cpu=1, dsq=None,
+                                    ops_state="SCX_OPSS_QUEUED", runnable_age_ms=2500.0,
+                                    watchdog_timeout_ms=2000.0, t=3.0)
+    ext = state.ExitInfo(kind="SCX_EXIT_ERROR_STALL", exit_code=0, reason="runnable task stall",
+                         message="victim[42] failed to run for 2.500s",
+                         backtrace=("scx_watchdog_workfn+0x109", "worker_thread+0x13a"))
+    scx = state.SchedExt(enable_state="SCX_OPS_ENABLED", ops_name="qmap",
+                         exit_kind="SCX_EXIT_ERROR_STALL", bypass_depth=0, switching_all=True,
+                         watchdog_timeout_ms=2000.0, nr_rejected=0, exit=ext)
+    obs.exit_snapshot = state.Snapshot(jiffies=1, hz=250, cpus=(cpu,), sched_ext=scx)
+    return obs
+
+
+def test_findings_name_the_task_its_cpu_and_the_exit_from_guest_memory() -> None:
+    lines = findings(_observation())
+    assert lines[0].startswith("from guest memory: victim[42] runnable on CPU 1 for 2500 ms")
+    assert "watchdog timeout 2000 ms" in lines[0] and "SCX_OPSS_QUEUED" in lines[0]
+    assert "SCX_EXIT_ERROR_STALL (runnable task stall): victim[42] failed" in lines[1]
+    assert "backtrace scx_watchdog_workfn+0x109 <- worker_thread+0x13a" in lines[1]
+    assert findings(Observation()) == []
+
+
+def test_dump_without_guest_ram_writes_the_state_only(tmp_path: Path) -> None:
+    obs = _observation()
+    paths = write_dump(obs, tmp_path / "d")
+    assert set(paths) == {"state"}
+    data = json.loads(Path(paths["state"]).read_text())
+    assert data["exit_snapshot"]["sched_ext"]["exit"]["message"].startswith("victim[42]")
+    assert data["stalls"][0]["pid"] == 42 and data["last_samples"][0]["cpus"][0]["cpu"] == 1
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["state.json"]  # no temp left
+
+
+def test_sidecar_record_is_compact_columns() -> None:
+    rec = _observation().to_record()
+    assert rec["samples"] == {"t": [0.1], "cpus": {"1": {"nr_running": [3],
+                                                         "scx_nr_running": [3],
+                                                         "local_dsq_nr": [0]}}}
+    assert rec["stalls"][0]["comm"] == "victim"
+    json.dumps(rec)
