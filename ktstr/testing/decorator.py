@@ -62,6 +62,9 @@ class KtstrTestSpec:
     gauntlet: bool = True
     repeat: int = 1
     """Runs per test (a fresh VM each), so ``stats compare`` can test significance."""
+    allow_inconclusive: bool = False
+    """An inconclusive run (no signal: ``ktstr.testing.run.no_signal``) skips the test
+    instead of failing it."""
     host_check: Callable[[GuestRun], None] | None = None
     """Runs on the host after each run with its :class:`~ktstr.runner.GuestRun` (the
     observer's view of guest memory included); an ``AssertionError`` fails the run."""
@@ -197,6 +200,7 @@ def ktstr_test(
     gauntlet: bool = True,
     repeat: int = 1,
     host_check: Callable[[GuestRun], None] | None = None,
+    allow_inconclusive: bool = False,
 ) -> Any:
     """Declare ``scenario(ctx) -> AssertResult | dict`` as a VM test.
 
@@ -210,7 +214,9 @@ def ktstr_test(
     ``repeat`` runs the test that many times, each in a fresh VM (``--ktstr-repeat``
     overrides it); the sidecar keeps every run's numbers and fails if any run failed.
     ``host_check(run)`` runs on the host after each run, e.g. to assert on what the
-    observer read from guest memory (``run.observation``).
+    observer read from guest memory (``run.observation``). A run with no signal (the guest
+    lost before the scenario, no worker progressing) is *inconclusive*: a failure whose
+    message starts ``inconclusive:``, or a skip with ``allow_inconclusive=True``.
     """
 
     def wrap(fn: F) -> F:
@@ -295,6 +301,7 @@ def ktstr_test(
             gauntlet=gauntlet,
             repeat=runs,
             host_check=host_check,
+            allow_inconclusive=bool(allow_inconclusive),
         )
         wrapper = _guest_entry(fn)
         setattr(wrapper, SPEC_ATTR, spec)

@@ -333,6 +333,8 @@ class KtstrItem(pytest.Item):
                            "wall_s": round(time.time() - started, 3),
                            "host_faults": [f.line() for f in host_faults]})
             )
+        if verdict.status == "inconclusive" and self.spec.allow_inconclusive:
+            pytest.skip(f"{self.nodeid}: {verdict.reason} (allow_inconclusive)")
         if not verdict.passed:
             title = (f"{self.name} [{sched.name}@{profile.name} {plan.topology.label}, "
                      f"kernel {plan.kernel_label}]")

@@ -27,6 +27,7 @@ from ktstr.reserve import reserve
 from ktstr.results.sidecar import combined_record, write_sidecar
 from ktstr.runner import GuestRequest, GuestRun
 from ktstr.scheduler import FlagProfile, Scheduler
+from ktstr.telemetry import telemetry_of
 from ktstr.testing.decorator import DEFAULT_TOPOLOGY, KtstrTestSpec
 from ktstr.topology import Topology
 from ktstr.wire.request import MountSpec, SchedulerSpec
@@ -45,7 +46,9 @@ itself is :meth:`ktstr.topology.Topology.default_memory_mb`."""
 @dataclass
 class Verdict:
     passed: bool
-    status: str  # pass | fail | error
+    status: str  # pass | fail | error | inconclusive
+    """``inconclusive``: the run produced no signal to judge the scheduler by
+    (:func:`no_signal`); never a pass, whatever ``expect_err`` says."""
     reason: str
     checks: list[CheckResult] = field(default_factory=list)
 
@@ -168,9 +171,32 @@ def host_check(check: Callable[[GuestRun], None], run: GuestRun) -> CheckResult:
     return CheckResult("host_check", True)
 
 
+NO_SIGNAL_KINDS = frozenset({"timeout", "hung", "triple_fault", "vm_error", "channel",
+                             "no_end_marker"})
+"""Failure kinds of the VM or the harness, not the scheduler: before the scenario started
+they leave nothing to judge."""
+
+
+def no_signal(run: GuestRun) -> str | None:
+    """Why ``run`` says nothing about the scheduler, or None: the guest was lost before
+    its scenario started, or the scenario ran and no worker ever made progress."""
+    if not run.ok:
+        if run.failure in NO_SIGNAL_KINDS and "scenario_start" not in run.timings:
+            first = run.message.splitlines()[0] if run.message else ""
+            return f"the guest was lost before the scenario started ({run.failure}: {first})"
+        return None
+    workers = telemetry_of(run.result).get("workers")
+    if isinstance(workers, list) and workers and all(
+            isinstance(w, Mapping) and not w.get("work_units") for w in workers):
+        return f"none of the {len(workers)} workers made any progress"
+    return None
+
+
 def judge(run: GuestRun, checks: Sequence[CheckResult], expect_err: bool | str) -> Verdict:
     """Pass/fail from the guest run and the check results; ``expect_err`` inverts it
     (but never a failed ``host_check``: the test's own assertion stands as written)."""
+    if (why := no_signal(run)) is not None:
+        return Verdict(False, "inconclusive", f"inconclusive: {why}", list(checks))
     host = [c for c in checks if c.name == "host_check" and not c.passed]
     if host:
         return Verdict(False, "fail", f"host_check: {host[0].message}", list(checks))
@@ -211,7 +237,10 @@ def judge(run: GuestRun, checks: Sequence[CheckResult], expect_err: bool | str) 
 
 
 def format_failure(title: str, verdict: Verdict, run: GuestRun, sidecar: Path | None) -> str:
-    lines = [f"{title}: {verdict.reason}"]
+    if verdict.status == "inconclusive":  # the message starts with the word, as CI greps it
+        lines = [f"{verdict.reason} [{title}]"]
+    else:
+        lines = [f"{title}: {verdict.reason}"]
     for check in verdict.checks:
         if not check.passed:
             lines.append(f"  {check.reason()}")
@@ -270,7 +299,9 @@ def combined_verdict(attempts: Sequence[Attempt]) -> tuple[Verdict, int]:
         for i in failed[:MAX_REASONS]
     )
     more = f"; {len(failed) - MAX_REASONS} more" if len(failed) > MAX_REASONS else ""
-    status = "error" if any(attempts[i].verdict.status == "error" for i in failed) else "fail"
+    statuses = {attempts[i].verdict.status for i in failed}
+    status = ("inconclusive" if statuses == {"inconclusive"}
+              else "error" if "error" in statuses else "fail")
     reason = f"repeat(s) {which} of {len(attempts)} failed: {reasons}{more}"
     return Verdict(False, status, reason, attempts[failed[0]].verdict.checks), failed[0]
 

@@ -89,7 +89,7 @@ def test_the_run_and_the_health_check_agree_on_what_an_ejection_is(reason: str,
 
 def test_the_console_tail_travels_as_a_field_not_inside_the_message() -> None:
     noise = "".join(f"[ {i}.0] sched_ext: noise line {i}\n" for i in range(200))
-    run = collect([(0.0, {"type": "hello"})], [],
+    run = collect([(0.0, {"type": "hello"}), (0.5, {"type": "scenario_start"})], [],
                   vm(noise, timed_out=True, error="no poweroff in 5 s", reason="timeout"),
                   BASE, 0, scenario_mode=True)
     assert run.failure == "timeout"
@@ -143,3 +143,43 @@ def test_the_scheduler_reaches_the_guest_as_one_spec_built_in_one_place() -> Non
                             1.0, 2.0)
     assert record["scheduler"]["watchdog_timeout_s"] == sched.watchdog_timeout
     assert plan().scheduler_spec is None  # EEVDF: nothing to start
+
+
+def _zero_work_result() -> dict[str, object]:
+    res = gappy_result()
+    for w in res.workers:
+        w.work_units = 0
+    return res.to_dict()
+
+
+def test_a_guest_lost_before_its_scenario_is_inconclusive_even_when_failure_is_expected() -> None:
+    lost = GuestRun(vm(timed_out=True, error="guest did not power off", reason="timeout"),
+                    BASE, failure="timeout", message="guest did not power off within 60 s")
+    for expect in (False, True, "timeout"):
+        verdict = judge(lost, [], expect)
+        assert (verdict.passed, verdict.status) == (False, "inconclusive"), expect
+        assert verdict.reason.startswith("inconclusive: the guest was lost before")
+    # The same timeout once the scenario had started is the scheduler's failure.
+    late = GuestRun(vm(timed_out=True, reason="timeout"), BASE, failure="timeout",
+                    message="guest did not power off", timings={"scenario_start": 3.0})
+    assert judge(late, [], False).status == "error"
+    # A scheduler that failed before the scenario is a signal, not a lost guest.
+    attach = GuestRun(vm(), BASE, failure="scheduler_attach", message="init failed")
+    assert judge(attach, [], False).status == "error"
+
+
+def test_a_scenario_where_no_worker_progressed_is_inconclusive() -> None:
+    idle = GuestRun(vm(), BASE, result=_zero_work_result())
+    verdict = judge(idle, [], False)
+    assert verdict.status == "inconclusive" and "none of the 2 workers" in verdict.reason
+    assert judge(GuestRun(vm(), BASE, result=gappy_result().to_dict()), [], False).passed
+
+
+def test_inconclusive_repeats_combine_to_inconclusive_and_its_message_starts_with_it() -> None:
+    from ktstr.testing.run import Attempt, combined_verdict, format_failure
+
+    idle = GuestRun(vm(), BASE, result=_zero_work_result())
+    verdict = judge(idle, [], False)
+    both = [Attempt(verdict, idle, 0.0, 1.0), Attempt(verdict, idle, 1.0, 2.0)]
+    assert combined_verdict(both)[0].status == "inconclusive"
+    assert format_failure("t [x]", verdict, idle, None).startswith("inconclusive: ")
