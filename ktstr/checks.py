@@ -54,6 +54,15 @@ class Checks:
     min_work_rate: float | None = None
     """Work units per second, per worker."""
     health: bool = True
+    monitor_imbalance_ratio: float | None = 4.0
+    """Host-side monitor (``ktstr.observe``), sched_ext runs: max/max(min, 1) of the
+    CPUs' ``nr_running``, sustained over ``monitor_window`` samples."""
+    monitor_dsq_depth: int | None = 50
+    """sched_ext local DSQ depth on any CPU, sustained over ``monitor_window`` samples."""
+    monitor_clock_stall_samples: int | None = 5
+    """Consecutive samples of a CPU with runnable tasks whose rq clock did not advance
+    (samples where the host did not run that vCPU's thread are exempt)."""
+    monitor_window: int = 5
 
     def override(self, overrides: Checks | Mapping[str, Any] | None) -> Checks:
         """A copy with ``overrides`` applied (a mapping of field names, or only the

@@ -89,6 +89,8 @@ class GuestRequest:
     observe: KernelFiles | None = None
     """Watch the guest kernel from the host with drgn (:mod:`ktstr.observe`), using this
     kernel's vmlinux and System.map; the result is :attr:`GuestRun.observation`."""
+    watch_maps: Sequence[str] = ()
+    """BPF maps the observer samples (``GuestObserver(watch_maps=)``)."""
     keep_guest_ram: bool = False
     """With ``observe``: keep guest RAM open after the run for a vmcore; the caller then
     closes it (:meth:`ktstr.observe.monitor.Observation.close`)."""
@@ -269,7 +271,7 @@ def _observer(req: GuestRequest) -> GuestObserver | None:
     if (problem := drgn_problem()) is not None:
         _say_once(problem)
         return None
-    return GuestObserver(req.observe)
+    return GuestObserver(req.observe, watch_maps=req.watch_maps)
 
 
 @functools.cache

@@ -27,6 +27,8 @@ def dump_record(obs: Observation) -> dict[str, Any]:
         "exit_snapshot": obs.exit_snapshot.to_dict() if obs.exit_snapshot else None,
         "stalls": [asdict(s) for s in obs.stalls.values()],
         "last_samples": [asdict(s) for s in list(obs.samples)[-LAST_SAMPLES:]],
+        "bpf_at_exit": asdict(obs.exit_bpf) if obs.exit_bpf else None,
+        "bpf": asdict(obs.bpf) if obs.bpf else None,
         "problems": obs.problems,
         "kernel": {"osrelease": obs.image.osrelease,
                    "build_id": obs.image.build_id.hex() if obs.image.build_id else None}
@@ -38,6 +40,7 @@ def write_dump(obs: Observation, directory: Path, *, vmcore: bool = True) -> dic
     """Write the dump into ``directory``; the paths written, by name. Never raises for
     the guest's sake: what could not be written is a note in ``obs.problems``."""
     directory.mkdir(parents=True, exist_ok=True)
+    obs.final_snapshot()  # the frozen guest, read now while its RAM is still kept
     out: dict[str, str] = {}
     state_path = directory / "state.json"
     fd, tmp = tempfile.mkstemp(prefix=".state-", dir=directory)

@@ -1,34 +1,131 @@
-"""Monitor samples without drgn objects: offsets learnt once through drgn, then raw reads.
+"""Monitor samples without drgn: a per-kernel layout learnt once through drgn, then raw reads.
 
-A drgn sample of every run queue costs tens of milliseconds of host CPU under emulation;
-the same fields read with ``struct`` from guest RAM at offsets drgn computed once cost
-microseconds. Per-CPU run queues and tasks live in the kernel image or the direct map,
-whose guest-physical addresses are a subtraction away; a pointer anywhere else (or
-outside RAM) makes the sample fail and the monitor fall back to drgn for it.
+Opening drgn over a guest costs seconds of host CPU (its DWARF index), and under
+emulation that time comes out of the guest's vCPUs while it boots. So drgn computes the
+few struct offsets and addresses the monitor needs once per kernel build
+(:class:`KernelLayout`, cached under ``<cache>/observe/<build-id>.json``), and every
+later run samples run queues by ``struct`` reads of guest RAM at those offsets; drgn is
+opened only when something needs it (an error exit, a watched map, a failure dump).
+Per-CPU run queues and tasks live in the kernel image or the direct map, whose
+guest-physical addresses are a subtraction away; any other pointer is a
+:class:`RawReadError` and that sample is dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import struct
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ktstr.observe.kimage import START_KERNEL_MAP, KernelImage
-from ktstr.observe.state import MAX_TASKS, CpuSample
+from ktstr.observe.state import MAX_TASKS, SCHED_CLASSES, CpuSample
 
 if TYPE_CHECKING:
     import drgn
 
     from ktstr.observe.program import GuestRam
 
+LAYOUT_VERSION = 1
 DIRECT_MAP_SPAN = 1 << 46
+RQ_FIELDS = ("nr_running", "clock", "curr", "scx.nr_running", "scx.local_dsq.nr",
+             "scx.runnable_list")
+TASK_FIELDS = ("pid", "comm", "sched_class", "scx.runnable_node", "scx.runnable_at",
+               "scx.ops_state", "scx.dsq")
+SYMBOLS = ("runqueues", "__per_cpu_offset", "jiffies", "scx_exit_kind",
+           "scx_ops_enable_state_var", "scx_watchdog_timeout")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
 class RawReadError(Exception):
     """A pointer the fast path cannot translate, or one outside guest RAM."""
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """What the raw reader needs of one kernel build: offsets and addresses."""
+
+    build_id: str
+    rq: dict[str, int]
+    task: dict[str, int]
+    dsq_id: int | None
+    symbols: dict[str, int]
+    classes: dict[str, int] = field(default_factory=dict)
+    """Sched class name -> address of its ``*_sched_class``."""
+    version: int = LAYOUT_VERSION
+
+    @property
+    def sched_ext(self) -> bool:
+        return "scx.runnable_list" in self.rq and "scx_exit_kind" in self.symbols
+
+
+def _offset(prog: drgn.Program, type_name: str, member: str) -> int | None:
+    from drgn import offsetof
+
+    try:
+        return int(offsetof(prog.type(type_name), member))
+    except LookupError:
+        return None
+
+
+def layout_from_program(prog: drgn.Program, build_id: bytes | None) -> KernelLayout:
+    rq = {f: o for f in RQ_FIELDS if (o := _offset(prog, "struct rq", f)) is not None}
+    task = {f: o for f in TASK_FIELDS
+            if (o := _offset(prog, "struct task_struct", f)) is not None}
+    symbols = {}
+    for name in SYMBOLS:
+        with contextlib.suppress(LookupError):
+            symbols[name] = int(prog[name].address_ or 0)
+    classes = {}
+    for name in SCHED_CLASSES:
+        with contextlib.suppress(LookupError):
+            classes[name] = int(prog[f"{name}_sched_class"].address_ or 0)
+    return KernelLayout(build_id=build_id.hex() if build_id else "", rq=rq, task=task,
+                        dsq_id=_offset(prog, "struct scx_dispatch_q", "id"),
+                        symbols=symbols, classes=classes)
+
+
+def layout_path(root: Path, build_id: bytes) -> Path:
+    return root / "observe" / f"{build_id.hex()}.json"
+
+
+def load_layout(root: Path, build_id: bytes | None) -> KernelLayout | None:
+    """The cached layout of this build, or None (absent, unreadable, another version)."""
+    if not build_id:
+        return None
+    try:
+        data = json.loads(layout_path(root, build_id).read_text())
+        layout = KernelLayout(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    required = ("nr_running", "clock", "curr")
+    if layout.version != LAYOUT_VERSION or layout.build_id != build_id.hex() or \
+            not all(isinstance(layout.rq.get(k), int) for k in required) or \
+            not all(isinstance(v, int) for v in (*layout.task.values(),
+                                                 *layout.symbols.values())):
+        return None
+    return layout
+
+
+def save_layout(root: Path, layout: KernelLayout) -> None:
+    """Write atomically (a half-written layout is never read); failure to write is fine."""
+    if not layout.build_id:
+        return
+    path = root / "observe" / f"{layout.build_id}.json"
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".layout-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(asdict(layout), fh)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -41,59 +138,33 @@ class RawStall:
     dsq_id: int | None
 
 
-def _off(prog: drgn.Program, type_name: str, member: str) -> int:
-    from drgn import offsetof
-
-    return int(offsetof(prog.type(type_name), member))
-
-
 class RawReader:
-    """Run-queue and runnable-list reads at fixed offsets (built by :meth:`build`)."""
+    """Run-queue and runnable-list reads at a :class:`KernelLayout`'s offsets."""
 
-    def __init__(self, mem: GuestRam, image: KernelImage, rq_addrs: dict[int, int],
-                 offsets: dict[str, int], classes: dict[int, str], jiffies_addr: int,
-                 *, hz: int, watchdog_addr: int | None = None) -> None:
-        self.hz = hz
-        self.watchdog_addr = watchdog_addr
+    def __init__(self, mem: GuestRam, image: KernelImage, layout: KernelLayout,
+                 ncpus: int, *, hz: int) -> None:
         self.mem = mem
         self.image = image
-        self.rq_addrs = rq_addrs
-        self.o = offsets
-        self.classes = classes
-        self.jiffies_addr = jiffies_addr
+        self.layout = layout
+        self.hz = hz
+        self.rq_off = layout.rq
+        self.task_off = layout.task
+        self.classes = {addr: name for name, addr in layout.classes.items()}
+        self.rq_span = max(self.rq_off.values()) + 16
+        self.task_lo = min(self.task_off.get(k, 1 << 30) for k in ("pid", "comm", "sched_class"))
+        self.task_hi = max(self.task_off.get(k, 0) for k in ("pid", "comm", "sched_class")) + 16
+        self.ncpus = ncpus
+        self.rq_addrs: dict[int, int] = {}
 
-    @classmethod
-    def build(cls, prog: drgn.Program, mem: GuestRam, image: KernelImage,
-              cpus: list[int], *, hz: int) -> RawReader:
-        from drgn.helpers.linux.percpu import per_cpu_ptr
-
-        from ktstr.observe.state import _class_names
-
-        rq_addrs = {cpu: int(per_cpu_ptr(prog["runqueues"].address_of_(), cpu)) for cpu in cpus}
-        o = {
-            "nr_running": _off(prog, "struct rq", "nr_running"),
-            "clock": _off(prog, "struct rq", "clock"),
-            "curr": _off(prog, "struct rq", "curr"),
-            "pid": _off(prog, "struct task_struct", "pid"),
-            "comm": _off(prog, "struct task_struct", "comm"),
-            "sched_class": _off(prog, "struct task_struct", "sched_class"),
-        }
-        with contextlib.suppress(LookupError):  # a kernel without sched_ext
-            o.update({
-                "scx_nr_running": _off(prog, "struct rq", "scx.nr_running"),
-                "local_dsq_nr": _off(prog, "struct rq", "scx.local_dsq.nr"),
-                "runnable_list": _off(prog, "struct rq", "scx.runnable_list"),
-                "runnable_node": _off(prog, "struct task_struct", "scx.runnable_node"),
-                "runnable_at": _off(prog, "struct task_struct", "scx.runnable_at"),
-                "ops_state": _off(prog, "struct task_struct", "scx.ops_state"),
-                "dsq": _off(prog, "struct task_struct", "scx.dsq"),
-                "dsq_id": _off(prog, "struct scx_dispatch_q", "id"),
-            })
-        watchdog = None
-        with contextlib.suppress(LookupError):
-            watchdog = int(prog["scx_watchdog_timeout"].address_ or 0) or None
-        return cls(mem, image, rq_addrs, o, _class_names(prog),
-                   int(prog["jiffies"].address_ or 0), hz=hz, watchdog_addr=watchdog)
+    def _locate_rqs(self) -> None:
+        """Per-CPU run queues: ``runqueues`` plus each CPU's ``__per_cpu_offset``, which
+        early boot has not filled in yet (then: not ready, ask again next sample)."""
+        sym = self.layout.symbols
+        offsets = [self.u64(sym["__per_cpu_offset"] + 8 * cpu) for cpu in range(self.ncpus)]
+        if self.ncpus > 1 and not all(offsets[1:]):
+            raise RawReadError("per-CPU areas are not set up yet")
+        self.rq_addrs = {cpu: (sym["runqueues"] + off) & (2**64 - 1)
+                         for cpu, off in enumerate(offsets)}
 
     def phys(self, vaddr: int) -> int:
         if vaddr >= START_KERNEL_MAP:
@@ -103,7 +174,7 @@ class RawReader:
             return delta
         raise RawReadError(f"0x{vaddr:x} is neither kernel image nor direct map")
 
-    def _read(self, vaddr: int, n: int) -> bytes:
+    def read(self, vaddr: int, n: int) -> bytes:
         try:
             return self.mem.read(self.phys(vaddr), n)
         except RawReadError:
@@ -112,56 +183,78 @@ class RawReader:
             raise RawReadError(str(err)) from None
 
     def u32(self, vaddr: int) -> int:
-        return int(_U32.unpack(self._read(vaddr, 4))[0])
+        return int(_U32.unpack(self.read(vaddr, 4))[0])
 
     def u64(self, vaddr: int) -> int:
-        return int(_U64.unpack(self._read(vaddr, 8))[0])
+        return int(_U64.unpack(self.read(vaddr, 8))[0])
 
-    def comm(self, task: int) -> str:
-        return self._read(task + self.o["comm"], 16).split(b"\0", 1)[0].decode(errors="replace")
+    def _comm(self, raw: bytes) -> str:
+        return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+    def jiffies(self) -> int:
+        return self.u64(self.layout.symbols["jiffies"])
+
+    def symbol_u32(self, name: str) -> int | None:
+        addr = self.layout.symbols.get(name)
+        return self.u32(addr) if addr else None
 
     def watchdog_timeout(self) -> int:
         """sched_ext's watchdog timeout in jiffies (0: none set)."""
-        return self.u64(self.watchdog_addr) if self.watchdog_addr else 0
-
-    def jiffies(self) -> int:
-        return self.u64(self.jiffies_addr)
+        addr = self.layout.symbols.get("scx_watchdog_timeout")
+        return self.u64(addr) if addr else 0
 
     def cpus(self) -> tuple[CpuSample, ...]:
-        o = self.o
+        """Every CPU's run queue: one read of the run queue, one of its current task."""
+        o, t = self.rq_off, self.task_off
+        lo = self.task_lo
+        if not self.rq_addrs:
+            self._locate_rqs()
         out = []
-        for cpu, rq in self.rq_addrs.items():
-            curr = self.u64(rq + o["curr"])
+        for cpu, rq_addr in self.rq_addrs.items():
+            rq = self.read(rq_addr, self.rq_span)
+            curr = _U64.unpack_from(rq, o["curr"])[0]
+            if not curr:
+                self.rq_addrs = {}
+                raise RawReadError(f"CPU {cpu}'s run queue has no current task yet")
+            task = self.read(curr + lo, self.task_hi - lo)
             out.append(CpuSample(
-                cpu=cpu, nr_running=self.u32(rq + o["nr_running"]),
-                scx_nr_running=self.u32(rq + o["scx_nr_running"]) if "scx_nr_running" in o else 0,
-                clock_ns=self.u64(rq + o["clock"]),
-                local_dsq_nr=self.u32(rq + o["local_dsq_nr"]) if "local_dsq_nr" in o else 0,
-                curr_pid=self.u32(curr + o["pid"]), curr_comm=self.comm(curr),
-                curr_class=self.classes.get(self.u64(curr + o["sched_class"]), "?")))
+                cpu=cpu, nr_running=_U32.unpack_from(rq, o["nr_running"])[0],
+                scx_nr_running=_U32.unpack_from(rq, o["scx.nr_running"])[0]
+                if "scx.nr_running" in o else 0,
+                clock_ns=_U64.unpack_from(rq, o["clock"])[0],
+                local_dsq_nr=_U32.unpack_from(rq, o["scx.local_dsq.nr"])[0]
+                if "scx.local_dsq.nr" in o else 0,
+                curr_pid=_U32.unpack_from(task, t["pid"] - lo)[0],
+                curr_comm=self._comm(task[t["comm"] - lo:t["comm"] - lo + 16]),
+                curr_class=self.classes.get(_U64.unpack_from(task, t["sched_class"] - lo)[0],
+                                            "?")))
         return tuple(out)
 
     def stalls(self, min_age_jiffies: int) -> list[RawStall]:
         """Tasks on a CPU's sched_ext runnable list, not running, for ``min_age_jiffies``+."""
-        o = self.o
-        if "runnable_list" not in o:
+        o, t = self.rq_off, self.task_off
+        if not self.layout.sched_ext or "scx.runnable_node" not in t:
             return []
         now = self.jiffies()
         out = []
+        if not self.rq_addrs:
+            self._locate_rqs()
         for cpu, rq in self.rq_addrs.items():
-            head = rq + o["runnable_list"]
+            head = rq + o["scx.runnable_list"]
             curr = self.u64(rq + o["curr"])
             node = self.u64(head)
             for _ in range(MAX_TASKS):
                 if node == head or node == 0:
                     break
-                task = node - o["runnable_node"]
-                age = (now - self.u64(task + o["runnable_at"])) & (2**64 - 1)
+                task = node - t["scx.runnable_node"]
+                age = (now - self.u64(task + t["scx.runnable_at"])) & (2**64 - 1)
                 if task != curr and min_age_jiffies <= age < 2**63:
-                    dsq = self.u64(task + o["dsq"])
+                    dsq = self.u64(task + t["scx.dsq"])
                     out.append(RawStall(
-                        pid=self.u32(task + o["pid"]), comm=self.comm(task), cpu=cpu,
-                        age_jiffies=age, ops_state=self.u64(task + o["ops_state"]) & 0x3,
-                        dsq_id=self.u64(dsq + o["dsq_id"]) if dsq else None))
+                        pid=self.u32(task + t["pid"]),
+                        comm=self._comm(self.read(task + t["comm"], 16)), cpu=cpu,
+                        age_jiffies=age, ops_state=self.u64(task + t["scx.ops_state"]) & 0x3,
+                        dsq_id=self.u64(dsq + self.layout.dsq_id)
+                        if dsq and self.layout.dsq_id is not None else None))
                 node = self.u64(node)
         return out

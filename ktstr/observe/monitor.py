@@ -13,17 +13,34 @@ run: whatever goes wrong becomes one line in :attr:`Observation.problems`.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ktstr.observe import state
-from ktstr.observe.fastpath import RawReader, RawReadError
-from ktstr.observe.kimage import KernelImage, ObserveError, kernel_phys, read_symbols
+from ktstr.observe.bpf import BpfMapInfo, BpfProgInfo, BpfState, read_bpf, read_maps, read_progs
+from ktstr.observe.fastpath import (
+    RawReader,
+    RawReadError,
+    layout_from_program,
+    load_layout,
+    save_layout,
+)
+from ktstr.observe.kimage import (
+    KernelImage,
+    ObserveError,
+    kernel_phys,
+    locate,
+    read_symbols,
+    vmlinux_build_id,
+)
 from ktstr.observe.program import GuestProgram, GuestRam, KernelFiles, open_program
+from ktstr.paths import cache_root
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -40,7 +57,14 @@ OPEN_DEADLINE_S = 120.0
 SCX_EXIT_ERROR = 1024
 """``enum scx_exit_kind``: kinds from here on are errors (``SCX_EXIT_ERROR``...)."""
 MAX_STALLS = 64
+MAP_EVERY = 10
+"""Watched maps are read every this many samples (once a second by default)."""
+MAX_MAP_SAMPLES = 600
+PROGS_EVERY = 50
 SCX_OPS_ENABLED = 1
+OPS_STATES = {0: "SCX_OPSS_NONE", 1: "SCX_OPSS_QUEUEING", 2: "SCX_OPSS_QUEUED",
+              3: "SCX_OPSS_DISPATCHING"}
+"""``enum scx_ops_state`` (the low bits of ``p->scx.ops_state``)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +92,14 @@ class StallCandidate:
     t: float
 
 
+@dataclass(frozen=True)
+class MapSample:
+    """The watched BPF maps at one moment (host seconds since the vCPUs started)."""
+
+    t: float
+    maps: tuple[BpfMapInfo, ...]
+
+
 @dataclass
 class Observation:
     """What the observer saw of one run (``GuestRun.observation``)."""
@@ -81,6 +113,14 @@ class Observation:
     exit_snapshot: state.Snapshot | None = None
     """The guest at the moment its sched_ext scheduler began an error exit."""
     exit_pause_s: float | None = None
+    exit_bpf: BpfState | None = None
+    """The scheduler's BPF programs and maps at its error exit (before they are freed)."""
+    bpf: BpfState | None = None
+    """The BPF programs and maps left in the frozen guest after the run."""
+    progs: tuple[BpfProgInfo, ...] = ()
+    """The scheduler's BPF programs, last read while it was attached (every 5 s)."""
+    map_samples: deque[MapSample] = field(default_factory=lambda: deque(maxlen=MAX_MAP_SAMPLES))
+    """The watched maps (``GuestObserver(watch_maps=)``) over the run."""
     final: state.Snapshot | None = None
     """The frozen guest after the run."""
     memory: GuestRam | None = None
@@ -89,6 +129,25 @@ class Observation:
     """The debug info the observer used (what opens :meth:`write_vmcore`'s core)."""
     dump_paths: dict[str, str] = field(default_factory=dict)
     """The failure dump's files (:func:`ktstr.observe.dump.write_dump`), by name."""
+    opener: Callable[[], GuestProgram | None] | None = field(default=None, repr=False,
+                                                              compare=False)
+    """Opens drgn over the kept RAM on demand (the frozen guest's snapshot)."""
+    layout_s: float | None = None
+    """Seconds to find the kernel and its layout (drgn only on a layout-cache miss)."""
+
+    def final_snapshot(self) -> state.Snapshot | None:
+        """The frozen guest after the run, read with drgn on first use (while RAM is
+        kept: before :meth:`close`); also fills :attr:`bpf`."""
+        if self.final is None and self.memory is not None and self.opener is not None:
+            opener, self.opener = self.opener, None
+            try:
+                guest = opener()
+                if guest is not None:
+                    self.final = state.snapshot(guest.prog)
+                    self.bpf = read_bpf(guest.prog)
+            except Exception as err:
+                self.note(f"final snapshot: {type(err).__name__}: {err}")
+        return self.final
 
     def note(self, text: str) -> None:
         if len(self.problems) < 20 and text not in self.problems:
@@ -131,13 +190,23 @@ class Observation:
         return {
             "problems": self.problems,
             "open_s": round(self.open_s, 3) if self.open_s is not None else None,
+            "layout_s": round(self.layout_s, 3) if self.layout_s is not None else None,
             "sample_cost": self.cost_summary(),
             "samples": {"t": times, "cpus": cpus},
             "stalls": [vars(s) for s in sorted(self.stalls.values(),
                                                key=lambda s: -s.runnable_age_ms)],
             "exit_pause_s": self.exit_pause_s,
+            "bpf_progs": [asdict(p) for p in self.progs],
+            "bpf_maps": [{"t": round(s.t, 3), "maps": [asdict(m) for m in s.maps]}
+                         for s in self.map_samples],
             "dump": self.dump_paths,
         }
+
+
+def watched(name: str, patterns: Sequence[str]) -> bool:
+    """A map the test watches: its name, or a suffix of it (``".bss"``: libbpf prefixes
+    internal maps with a truncated object name)."""
+    return any(name == p or (p.startswith(".") and name.endswith(p)) for p in patterns)
 
 
 def _host_run_ns(tids: list[int]) -> tuple[int, ...]:
@@ -152,21 +221,30 @@ def _host_run_ns(tids: list[int]) -> tuple[int, ...]:
 
 
 class GuestObserver:
-    """A ``RunObserver`` (:mod:`ktstr.vmm.machine`) that fills an :class:`Observation`."""
+    """A ``RunObserver`` (:mod:`ktstr.vmm.machine`) that fills an :class:`Observation`.
+
+    drgn is opened only when needed: once per kernel build to learn its layout
+    (:mod:`ktstr.observe.fastpath`, cached), for watched maps once a scheduler attaches,
+    with the vCPUs paused at an error exit, and for the frozen guest's snapshot."""
 
     def __init__(self, files: KernelFiles, *, interval_s: float = DEFAULT_INTERVAL_S,
-                 exit_poll_s: float = EXIT_POLL_S, hz: int | None = None) -> None:
+                 exit_poll_s: float = EXIT_POLL_S, hz: int | None = None,
+                 watch_maps: Sequence[str] = (), layout_root: Path | None = None) -> None:
         if not interval_s > 0 or not exit_poll_s > 0:
             raise ValueError("observer intervals must be positive")
         self.files = files
         self.interval_s = interval_s
         self.exit_poll_s = min(exit_poll_s, interval_s)
-        self.hz = hz
+        self.hz = hz or files.hz()
+        self.watch_maps = tuple(watch_maps)
+        self.layout_root = layout_root
         self.observation = Observation()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._guest: GuestProgram | None = None
         self._machine: Machine | None = None
+        self._samples_taken = 0
+        self._start = 0.0
 
     # --- RunObserver ---
 
@@ -184,115 +262,141 @@ class GuestObserver:
                 self.observation.note("the observer thread did not stop within 30 s")
                 return False
         obs = self.observation
-        if self._guest is None:
+        if obs.image is None or machine.memory is None:
             return False
-        try:
-            obs.final = state.snapshot(self._guest.prog)
-        except Exception as err:
-            obs.note(f"final snapshot: {type(err).__name__}: {err}")
         obs.memory = machine.memory
-        return machine.memory is not None
+        obs.opener = self._program
+        if self._guest is not None:  # drgn is open already: the snapshot is cheap
+            obs.final_snapshot()
+        return True
+
+    # --- drgn, on demand ---
+
+    def _program(self) -> GuestProgram | None:
+        if self._guest is None:
+            machine = self._machine
+            assert machine is not None and machine.memory is not None
+            try:
+                guest = open_program(machine.memory, self.files)
+            except ObserveError as err:
+                self.observation.note(str(err))
+                return None
+            guest.prog.cache["ktstr_hz"] = self.hz
+            self.observation.open_s = guest.open_s
+            self._guest = guest
+        return self._guest
 
     # --- the thread ---
 
     def _main(self) -> None:
         try:
-            guest = self._open()
-            if guest is not None:
-                self._watch(guest)
+            raw = self._locate()
+            if raw is not None:
+                self._watch(raw)
         except Exception as err:  # never into the VM: the run goes on without us
             self.observation.note(f"observer: {type(err).__name__}: {err}")
 
-    def _open(self) -> GuestProgram | None:
+    def _locate(self) -> RawReader | None:
+        """Wait for the decompressed kernel, check it, and get its layout."""
         machine = self._machine
         assert machine is not None and machine.memory is not None
+        mem = machine.memory
         obs = self.observation
         try:
             self.files.check()
             symbols = read_symbols(self.files.system_map)
+            build_id = vmlinux_build_id(self.files.vmlinux)
         except ObserveError as err:
             obs.note(str(err))
             return None
         banner = kernel_phys(symbols["linux_banner"])
         deadline = time.monotonic() + OPEN_DEADLINE_S
-        last = ""
         while not self._stop.wait(OPEN_RETRY_S):
             # Cheap test first: the decompressed image's banner in place.
-            if not machine.memory.contains(banner, 16) or \
-                    machine.memory.read(banner, 14) != b"Linux version ":
+            if not mem.contains(banner, 16) or mem.read(banner, 14) != b"Linux version ":
                 if time.monotonic() > deadline:
                     obs.note("the guest kernel never appeared in RAM")
                     return None
                 continue
+            start = time.monotonic()
             try:
-                guest = open_program(machine.memory, self.files)
+                image = locate(mem, symbols, build_id)
             except ObserveError as err:
-                last = str(err)
-                if time.monotonic() > deadline or "build id" in last or "drgn" in last:
-                    obs.note(last)
+                if time.monotonic() > deadline or "build id" in str(err):
+                    obs.note(str(err))
                     return None
                 continue
-            guest.prog.cache["ktstr_hz"] = self.hz or self.files.hz()
-            obs.open_s, obs.image, obs.vmlinux = guest.open_s, guest.image, self.files.vmlinux
-            self._guest = guest
-            return guest
+            obs.image, obs.vmlinux = image, self.files.vmlinux
+            root = self.layout_root or cache_root()
+            layout = load_layout(root, build_id)
+            if layout is None:  # the first run of this kernel build: ask drgn once
+                guest = self._program()
+                if guest is None:
+                    return None
+                layout = layout_from_program(guest.prog, build_id)
+                save_layout(root, layout)
+            obs.layout_s = time.monotonic() - start
+            return RawReader(mem, image, layout, len(machine.vcpus), hz=self.hz)
         return None
 
-    def _watch(self, guest: GuestProgram) -> None:
-        prog = guest.prog
+    def _watch(self, raw: RawReader) -> None:
         machine = self._machine
-        assert machine is not None and machine.memory is not None
-        mem = machine.memory
-        exit_kind_at = None
-        if state.has_sched_ext(prog):
-            exit_kind_at = kernel_phys(int(prog["scx_exit_kind"].address_ or 0),
-                                       guest.image.phys_base)
+        assert machine is not None
         tids = [v.thread.native_id for v in machine.vcpus
                 if v.thread is not None and v.thread.native_id is not None]
-        raw = RawReader.build(prog, mem, guest.image, state.online_cpus(prog),
-                              hz=state.kernel_hz(prog))
-        enable_at = None
-        if exit_kind_at is not None:
-            enable_at = kernel_phys(int(prog["scx_ops_enable_state_var"].address_ or 0),
-                                    guest.image.phys_base)
+        sched_ext = raw.layout.sched_ext
         last_kind = 1  # SCX_EXIT_DONE: nothing attached yet
         next_sample = time.monotonic()
-        while not self._stop.wait(self.exit_poll_s):
+        enabled = False
+        # The fast exit poll only while a scheduler is attached: otherwise each sample.
+        while not self._stop.wait(self.exit_poll_s if enabled else
+                                  max(0.0, min(self.interval_s, next_sample - time.monotonic()))):
             enabled = False
-            if exit_kind_at is not None and enable_at is not None:
-                kind = int.from_bytes(mem.read(exit_kind_at, 4), "little")
+            if sched_ext:
+                kind = raw.symbol_u32("scx_exit_kind") or 0
                 if kind != last_kind and kind >= SCX_EXIT_ERROR:
-                    self._capture_exit(machine, prog)
+                    self._capture_exit(machine, raw)
                 last_kind = kind
-                enabled = int.from_bytes(mem.read(enable_at, 4), "little") == SCX_OPS_ENABLED
+                enabled = raw.symbol_u32("scx_ops_enable_state_var") == SCX_OPS_ENABLED
             now = time.monotonic()
             if now >= next_sample:
                 next_sample = now + self.interval_s
-                self._sample(prog, raw, tids, now, enabled)
+                self._sample(raw, tids, now, enabled)
 
-    def _sample(self, prog: Any, raw: RawReader, tids: list[int], now: float,
-                scx_enabled: bool) -> None:
+    def _sample(self, raw: RawReader, tids: list[int], now: float, scx_enabled: bool) -> None:
         obs = self.observation
         try:
-            try:
-                cpus = raw.cpus()
-                if scx_enabled:
-                    self._note_raw_stalls(prog, raw, now)
-            except RawReadError:  # a pointer off the fast path: drgn translates it
-                cpus = state.read_cpus(prog)
-                scx = state.read_sched_ext(prog) if state.has_sched_ext(prog) else None
-                if scx is not None and scx.enabled:
-                    self._note_stalls(prog, scx, now)
-        except Exception as err:  # drgn.FaultError: run queues not set up yet
-            obs.note(f"sample: {type(err).__name__}: {err}")
+            cpus = raw.cpus()
+            if scx_enabled:
+                self._note_stalls(raw, now)
+        except RawReadError as err:  # early boot: run queues not set up yet
+            if obs.samples:
+                obs.note(f"sample: {err}")
             return
         obs.samples.append(Sample(t=now - self._start, cpus=cpus, host_run_ns=_host_run_ns(tids),
                                   scx_enabled=scx_enabled))
         obs.sample_cost_s.append(time.monotonic() - now)
         if len(obs.sample_cost_s) > MAX_SAMPLES:
             del obs.sample_cost_s[: MAX_SAMPLES // 2]
+        self._samples_taken += 1
+        if scx_enabled and self.watch_maps and self._samples_taken % MAP_EVERY == 0:
+            guest = self._program()
+            if guest is not None:
+                self._sample_maps(guest.prog, now)
+                if self._samples_taken % PROGS_EVERY == 0 or not obs.progs:
+                    with contextlib.suppress(Exception):  # being unloaded: keep the last
+                        obs.progs = read_progs(guest.prog)
 
-    def _note_raw_stalls(self, prog: Any, raw: RawReader, now: float) -> None:
+    def _sample_maps(self, prog: Any, now: float) -> None:
+        try:
+            maps = [m for m in read_maps(prog) if watched(m.name, self.watch_maps)]
+        except Exception as err:  # a map freed under us: next time
+            self.observation.note(f"watched maps: {type(err).__name__}: {err}")
+            return
+        self.observation.map_samples.append(MapSample(t=now - self._start, maps=tuple(maps)))
+
+    def _note_stalls(self, raw: RawReader, now: float) -> None:
+        """Tasks on a runnable list for longer than half the watchdog timeout."""
         hz = raw.hz
         timeout = raw.watchdog_timeout()  # each time: a new scheduler may set another
         timeout_ms = timeout * 1000 / hz if timeout else None
@@ -301,7 +405,7 @@ class GuestObserver:
             self._record_stall(StallCandidate(
                 pid=st.pid, comm=st.comm, cpu=st.cpu,
                 dsq=None if st.dsq_id is None else f"0x{st.dsq_id:x}",
-                ops_state=state._ops_state(prog, st.ops_state),
+                ops_state=OPS_STATES.get(st.ops_state, str(st.ops_state)),
                 runnable_age_ms=st.age_jiffies * 1000 / hz, watchdog_timeout_ms=timeout_ms,
                 t=now - self._start))
 
@@ -314,40 +418,21 @@ class GuestObserver:
             return
         stalls[cand.pid] = cand
 
-    def _note_stalls(self, prog: Any, scx: state.SchedExt, now: float) -> None:
-        """Tasks on a runnable list for longer than half the watchdog timeout."""
-        from drgn.helpers.linux.list import list_for_each_entry
-        from drgn.helpers.linux.percpu import per_cpu
-
-        jiffies = int(prog["jiffies"])
-        hz = state.kernel_hz(prog)
-        threshold = (scx.watchdog_timeout_ms or 30000.0) / 2
-        for cpu in state.online_cpus(prog):
-            rq = per_cpu(prog["runqueues"], cpu)
-            for n, task in enumerate(list_for_each_entry(
-                    "struct task_struct", rq.scx.runnable_list.address_of_(),
-                    "scx.runnable_node")):
-                if n >= state.MAX_TASKS:
-                    break
-                if task.value_() == rq.curr.value_():
-                    continue
-                age = (jiffies - int(task.scx.runnable_at)) * 1000 / hz
-                if age < threshold:
-                    continue
-                self._record_stall(StallCandidate(
-                    pid=int(task.pid), comm=task.comm.string_().decode(errors="replace"), cpu=cpu,
-                    dsq=None if not task.scx.dsq else f"0x{int(task.scx.dsq.id):x}",
-                    ops_state=state._ops_state(prog, int(task.scx.ops_state.counter)),
-                    runnable_age_ms=age, watchdog_timeout_ms=scx.watchdog_timeout_ms,
-                    t=now - self._start))
-
-    def _capture_exit(self, machine: Machine, prog: Any) -> None:
+    def _capture_exit(self, machine: Machine, raw: RawReader) -> None:
+        """The guest at its scheduler's error exit, with every vCPU held: the stalls by
+        raw reads first, then drgn (opened now if need be) for the exit info and tasks."""
         obs = self.observation
         if obs.exit_snapshot is not None:
             return
         start = time.monotonic()
         paused = machine.pause()
         try:
+            with contextlib.suppress(RawReadError):
+                self._note_stalls(raw, start)
+            guest = self._program()
+            if guest is None:
+                return
+            prog = guest.prog
             # The exit's reason and message are written just after the kind is claimed:
             # give a vCPU caught in between a moment to finish.
             for _ in range(20):
@@ -359,6 +444,8 @@ class GuestObserver:
                 time.sleep(0.001)
                 paused = machine.pause()
             obs.exit_snapshot = snap
+            obs.exit_bpf = read_bpf(prog)
+            obs.progs = obs.exit_bpf.progs or obs.progs
         finally:
             if paused:
                 machine.resume()

@@ -62,6 +62,9 @@ class KtstrTestSpec:
     gauntlet: bool = True
     repeat: int = 1
     """Runs per test (a fresh VM each), so ``stats compare`` can test significance."""
+    watch_bpf_maps: tuple[str, ...] = ()
+    """BPF maps the observer samples during the run (names, or suffixes such as
+    ``".bss"``); in ``run.observation.map_samples`` and the sidecar."""
     allow_inconclusive: bool = False
     """An inconclusive run (no signal: ``ktstr.testing.run.no_signal``) skips the test
     instead of failing it."""
@@ -201,6 +204,7 @@ def ktstr_test(
     repeat: int = 1,
     host_check: Callable[[GuestRun], None] | None = None,
     allow_inconclusive: bool = False,
+    watch_bpf_maps: Sequence[str] = (),
 ) -> Any:
     """Declare ``scenario(ctx) -> AssertResult | dict`` as a VM test.
 
@@ -302,6 +306,7 @@ def ktstr_test(
             repeat=runs,
             host_check=host_check,
             allow_inconclusive=bool(allow_inconclusive),
+            watch_bpf_maps=_map_names(watch_bpf_maps, where),
         )
         wrapper = _guest_entry(fn)
         setattr(wrapper, SPEC_ATTR, spec)
@@ -310,6 +315,13 @@ def ktstr_test(
     if func is not None:
         return wrap(func)
     return wrap
+
+
+def _map_names(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        raise KtstrError(f"{where}: watch_bpf_maps={value!r} must be a list of map names "
+                         "(or suffixes such as '.bss')")
+    return tuple(value)
 
 
 def _check_checks(checks: Any, where: str) -> None:

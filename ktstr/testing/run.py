@@ -111,6 +111,7 @@ class RunPlan:
             sysctls=dict(self.scheduler.sysctls),
             cmdline_extra=" ".join(self.scheduler.kargs),
             observe=self.observe_files,
+            watch_maps=self.spec.watch_bpf_maps,
             keep_guest_ram=self.observe_files is not None,
         )
 
@@ -154,10 +155,19 @@ def evaluate_checks(plan: RunPlan, run: GuestRun) -> list[CheckResult]:
     """Every check of this run (:func:`ktstr.checks.run_checks`): what the scenario
     returned, judged where it ran, plus scheduler health from the console, plus the
     test's ``host_check``."""
-    results = run_checks(run.result, plan.checks, run.vm.console)
+    results = guest_checks(plan, run)
     if plan.spec.host_check is not None:
         results.append(host_check(plan.spec.host_check, run))
     return results
+
+
+def guest_checks(plan: RunPlan, run: GuestRun) -> list[CheckResult]:
+    """What the scenario returned and the console say, and the host-side monitor's
+    sustained-window checks over guest memory (:mod:`ktstr.observe.health`)."""
+    from ktstr.observe.health import monitor_checks
+
+    return [*run_checks(run.result, plan.checks, run.vm.console),
+            *monitor_checks(run.observation, plan.checks)]
 
 
 def host_check(check: Callable[[GuestRun], None], run: GuestRun) -> CheckResult:
@@ -313,7 +323,7 @@ def run_once(plan: RunPlan) -> Attempt:
     started = time.time()
     run = boot(plan)
     try:
-        checks = run_checks(run.result, plan.checks, run.vm.console)
+        checks = guest_checks(plan, run)
         dumped = False
         if run.observation is not None and (not run.ok or any(not c.passed for c in checks)):
             write_failure_dump(plan, run)  # an expected failure too, for host_check to read

@@ -91,8 +91,8 @@ def _vmcore_opens_with_drgn(obs: Observation) -> None:
     assert prog["init_task"].comm.string_() == b"swapper/0"
     cpus = list(for_each_present_cpu(prog))
     assert len(cpus) == 2, cpus
-    final = obs.final
-    assert final is not None
+    final = obs.final_snapshot()
+    assert final is not None, obs.problems
     for cpu in cpus:
         nr = int(per_cpu(prog["runqueues"], cpu).nr_running)
         assert nr == final.cpus[cpu].nr_running, (cpu, nr, final.cpus[cpu])
@@ -105,3 +105,30 @@ def test_qmap_stall_seen_from_guest_memory(ctx):
     """The same stall, judged from guest memory: the task, its CPU and runnable age at
     the moment the watchdog fired, the exit message and backtrace, and a dump on disk."""
     return execute_defs(ctx, [CgroupDef("victims", workers=6)])
+
+
+def _qmap_maps_seen_from_guest_memory(run: GuestRun) -> None:
+    """The scheduler's .bss map, read from guest RAM each second, counts its enqueues;
+    its programs verified and were JITed."""
+    obs = run.observation
+    assert obs is not None and obs.open_s is not None, obs and obs.problems
+    series = []
+    for sample in obs.map_samples:
+        for m in sample.maps:
+            if m.name.endswith(".bss") and m.entries:
+                value = m.entries[0].value
+                assert isinstance(value, dict), value
+                series.append(value.get("nr_enqueued"))
+    assert len(series) >= 2 and all(isinstance(v, int) for v in series), (
+        series, obs.problems)
+    assert series[-1] > series[0], f"nr_enqueued did not grow: {series}"
+    names = {p.name for p in obs.progs}
+    assert "qmap_enqueue" in names, names
+    assert all(p.verified_insns > 0 and p.jited_bytes > 0 for p in obs.progs), obs.progs
+
+
+@ktstr_test(topology="1n1l2c1t", scheduler="scx_qmap", duration=4.0, gauntlet=False,
+            watch_bpf_maps=[".bss"], host_check=_qmap_maps_seen_from_guest_memory)
+def test_qmap_maps_are_watched_from_guest_memory(ctx):
+    """A watched map changes over the run: scx_qmap's global counters."""
+    return execute_defs(ctx, [CgroupDef("load", workers=4)])
