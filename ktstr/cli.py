@@ -29,6 +29,7 @@ COMMANDS = {
     "run": "ktstr.scenario.cli",
     "doctor": "ktstr.doctor",
     "locks": "ktstr.locks",
+    "verifier": "ktstr.verifier.cli",
 }
 
 
