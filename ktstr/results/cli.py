@@ -151,8 +151,39 @@ def cmd_show(args: argparse.Namespace) -> int:
                     f"         check {check.get('name')}: value {check.get('value')} "
                     f"threshold {check.get('threshold')} {check.get('detail') or ''}".rstrip()
                 )
+        if line := monitor_line(r.get("observer")):
+            print(f"         {line}")
     print(f"total wall time {total:.1f}s")
     return 0
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def monitor_line(observer: object) -> str:
+    """One line of what the host-side monitor sampled (``observer`` of a sidecar)."""
+    if not isinstance(observer, dict):
+        return ""
+    samples = _mapping(observer.get("samples"))
+    cpus = _mapping(samples.get("cpus"))
+    times = samples.get("t") if isinstance(samples.get("t"), list) else []
+    if not times:
+        problems = observer.get("problems") or []
+        return f"monitor: no samples ({problems[0]})" if problems else ""
+
+    def peak(field: str) -> int:
+        return max((v for col in cpus.values() if isinstance(col, dict)
+                    for v in col.get(field) or [] if isinstance(v, int)), default=0)
+
+    cost = _mapping(observer.get("sample_cost"))
+    stalls = [s for s in observer.get("stalls") or [] if isinstance(s, dict)]
+    worst = (f"; longest runnable wait {stalls[0].get('comm')}[{stalls[0].get('pid')}] "
+             f"{float(stalls[0].get('runnable_age_ms') or 0):.0f} ms on CPU "
+             f"{stalls[0].get('cpu')}") if stalls else ""
+    return (f"monitor: {len(times)} samples over {len(cpus)} CPUs, peak nr_running "
+            f"{peak('nr_running')}, peak local DSQ {peak('local_dsq_nr')}, sample "
+            f"{cost.get('median_ms', '?')} ms median{worst}")
 
 
 def _parse_abs(items: list[str]) -> dict[str, float]:

@@ -59,7 +59,12 @@ def _cpu_order(name: str) -> tuple[int, int, str]:
 def figure_for(record: Record) -> Any:
     """A matplotlib Figure for one result (two panels)."""
     plt = _pyplot()
-    fig, (ax_w, ax_c) = plt.subplots(1, 2, figsize=(12, 3.6))
+    monitor = _monitor_series(record)
+    if monitor is not None:
+        fig, (ax_w, ax_c, ax_m) = plt.subplots(1, 3, figsize=(17, 3.6))
+        _draw_monitor(ax_m, *monitor)
+    else:
+        fig, (ax_w, ax_c) = plt.subplots(1, 2, figsize=(12, 3.6))
     fig.suptitle(f"{result_key(record)}  [{record.get('verdict', '?')}]", fontsize=9)
     timeline = record.get("timeline") or {}
     step = float(timeline.get("interval_ms") or 100) / 1000.0
@@ -105,6 +110,34 @@ def figure_for(record: Record) -> Any:
         ax_c.set_xlabel("CPU")
     fig.tight_layout()
     return fig
+
+
+def _monitor_series(record: Record) -> tuple[list[float], dict[str, dict[str, list[float]]]] | None:
+    """The host-side monitor's samples (``observer.samples``): times and per-CPU columns."""
+    observer = record.get("observer")
+    samples = observer.get("samples") if isinstance(observer, dict) else None
+    if not isinstance(samples, dict):
+        return None
+    times = [float(t) for t in samples.get("t") or [] if is_number(t)]
+    cpus = {str(cpu): {k: [float(v) for v in col.get(k) or [] if is_number(v)]
+                       for k in ("nr_running", "local_dsq_nr")}
+            for cpu, col in (samples.get("cpus") or {}).items() if isinstance(col, dict)}
+    return (times, cpus) if times and cpus else None
+
+
+def _draw_monitor(ax: Any, times: list[float], cpus: dict[str, dict[str, list[float]]]) -> None:
+    for cpu in sorted(cpus, key=lambda c: int(c) if c.isdigit() else 0):
+        nr = cpus[cpu]["nr_running"][:len(times)]
+        line = ax.step(times[:len(nr)], nr, where="post", lw=1, label=f"CPU {cpu}")[0]
+        dsq = cpus[cpu]["local_dsq_nr"][:len(times)]
+        if any(dsq):
+            ax.step(times[:len(dsq)], dsq, where="post", lw=0.8, ls="--",
+                    color=line.get_color())
+    ax.set_xlabel("seconds since VM start")
+    ax.set_ylabel("nr_running (dashed: local DSQ)")
+    ax.set_title("per-CPU run queues, read from guest memory", fontsize=9)
+    if len(cpus) <= 16:
+        ax.legend(fontsize=6)
 
 
 def _bar_field(rows: list[dict[str, Any]]) -> str:

@@ -54,3 +54,19 @@ def test_sidecar_record_is_compact_columns() -> None:
                                                          "local_dsq_nr": [0]}}}
     assert rec["stalls"][0]["comm"] == "victim"
     json.dumps(rec)
+
+
+def test_stats_show_and_the_report_draw_the_monitor_samples(tmp_path: Path) -> None:
+    from ktstr.results.cli import monitor_line
+    from ktstr.results.report import _monitor_series
+
+    rec = _observation().to_record()
+    line = monitor_line(rec)
+    assert line.startswith("monitor: 1 samples over 1 CPUs, peak nr_running 3")
+    assert "longest runnable wait victim[42] 2500 ms on CPU 1" in line
+    assert monitor_line({"problems": ["drgn is not importable"]}) == (
+        "monitor: no samples (drgn is not importable)")
+    assert monitor_line(None) == "" and monitor_line({"samples": "junk"}) == ""
+    times, cpus = _monitor_series({"observer": rec}) or ([], {})
+    assert times == [0.1] and cpus["1"]["nr_running"] == [3.0]
+    assert _monitor_series({"observer": {"samples": {"t": [], "cpus": {}}}}) is None
