@@ -36,6 +36,7 @@ class Result:
     median_ms: float | None = None
     p99_ms: float | None = None
     open_s: float | None = None
+    interval_s: float | None = None
     note: str = ""
 
 
@@ -51,6 +52,7 @@ def one(kernel: Path, files: KernelFiles | None, topo: Topology, duration: float
         cost = run.observation.cost_summary()
         out.median_ms, out.p99_ms = cost.get("median_ms"), cost.get("p99_ms")
         out.open_s = run.observation.open_s
+        out.interval_s = run.observation.interval_s
         out.note = "; ".join(run.observation.problems)
     return out
 
@@ -91,6 +93,7 @@ def main() -> int:
             "sample_p99_ms": max((r.p99_ms for r in good_on if r.p99_ms is not None),
                                  default=None),
             "open_s": _median([r.open_s for r in good_on]),
+            "interval_s": _median([r.interval_s for r in good_on]),
             "work_on_over_off": round(work_on / work_off, 4) if work_off else None,
         }
     print(json.dumps(summary, indent=2))

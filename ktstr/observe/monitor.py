@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from ktstr.vmm.machine import Machine
 
 DEFAULT_INTERVAL_S = 0.1
+CPU_BUDGET = 0.02
+"""Of one host CPU, what the observer's sampling and polling may take between them."""
+MAX_INTERVAL_S = 1.0
 EXIT_POLL_S = 0.005
 MAX_SAMPLES = 3000
 """Samples kept (the last ones): 5 minutes at the default interval."""
@@ -134,6 +137,10 @@ class Observation:
     """Opens drgn over the kept RAM on demand (the frozen guest's snapshot)."""
     layout_s: float | None = None
     """Seconds to find the kernel and its layout (drgn only on a layout-cache miss)."""
+    interval_s: float | None = None
+    """The sampling interval the CPU budget allowed, at the end of the run."""
+    poll_s: float | None = None
+    """The exit-poll interval while a scheduler was attached, at the end."""
 
     def final_snapshot(self) -> state.Snapshot | None:
         """The frozen guest after the run, read with drgn on first use (while RAM is
@@ -191,6 +198,8 @@ class Observation:
             "problems": self.problems,
             "open_s": round(self.open_s, 3) if self.open_s is not None else None,
             "layout_s": round(self.layout_s, 3) if self.layout_s is not None else None,
+            "interval_s": round(self.interval_s, 4) if self.interval_s is not None else None,
+            "poll_s": round(self.poll_s, 4) if self.poll_s is not None else None,
             "sample_cost": self.cost_summary(),
             "samples": {"t": times, "cpus": cpus},
             "stalls": [vars(s) for s in sorted(self.stalls.values(),
@@ -229,7 +238,8 @@ class GuestObserver:
 
     def __init__(self, files: KernelFiles, *, interval_s: float = DEFAULT_INTERVAL_S,
                  exit_poll_s: float = EXIT_POLL_S, hz: int | None = None,
-                 watch_maps: Sequence[str] = (), layout_root: Path | None = None) -> None:
+                 watch_maps: Sequence[str] = (), layout_root: Path | None = None,
+                 budget: float = CPU_BUDGET) -> None:
         if not interval_s > 0 or not exit_poll_s > 0:
             raise ValueError("observer intervals must be positive")
         self.files = files
@@ -238,6 +248,10 @@ class GuestObserver:
         self.hz = hz or files.hz()
         self.watch_maps = tuple(watch_maps)
         self.layout_root = layout_root
+        if not 0 < budget <= 1:
+            raise ValueError("the observer's CPU budget is a fraction in (0, 1]")
+        self.budget = budget
+        self.effective_interval_s = interval_s
         self.observation = Observation()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -245,6 +259,7 @@ class GuestObserver:
         self._machine: Machine | None = None
         self._samples_taken = 0
         self._start = 0.0
+        self._last_error = ""
 
     # --- RunObserver ---
 
@@ -262,6 +277,8 @@ class GuestObserver:
                 self.observation.note("the observer thread did not stop within 30 s")
                 return False
         obs = self.observation
+        if not obs.samples and self._last_error:
+            obs.note(f"no sample succeeded: {self._last_error}")
         if obs.image is None or machine.memory is None:
             return False
         obs.memory = machine.memory
@@ -340,28 +357,44 @@ class GuestObserver:
         return None
 
     def _watch(self, raw: RawReader) -> None:
+        """Sample and poll within the CPU budget: each interval stretches so that its
+        measured cost stays under ``budget`` of one host CPU (under emulation a sample costs
+        milliseconds; on real hardware the defaults hold)."""
         machine = self._machine
         assert machine is not None
         tids = [v.thread.native_id for v in machine.vcpus
                 if v.thread is not None and v.thread.native_id is not None]
         sched_ext = raw.layout.sched_ext
         last_kind = 1  # SCX_EXIT_DONE: nothing attached yet
-        next_sample = time.monotonic()
+        now = time.monotonic()
+        next_sample = next_poll = now
         enabled = False
-        # The fast exit poll only while a scheduler is attached: otherwise each sample.
-        while not self._stop.wait(self.exit_poll_s if enabled else
-                                  max(0.0, min(self.interval_s, next_sample - time.monotonic()))):
-            enabled = False
-            if sched_ext:
+        poll_cost = 0.0
+        while True:
+            # The fast exit poll only while a scheduler is attached.
+            wake = min(next_sample, next_poll) if enabled else next_sample
+            if self._stop.wait(max(0.0, wake - time.monotonic())):
+                return
+            now = time.monotonic()
+            if sched_ext and (now >= next_poll or now >= next_sample):
                 kind = raw.symbol_u32("scx_exit_kind") or 0
                 if kind != last_kind and kind >= SCX_EXIT_ERROR:
                     self._capture_exit(machine, raw)
                 last_kind = kind
-                enabled = raw.symbol_u32("scx_ops_enable_state_var") == SCX_OPS_ENABLED
-            now = time.monotonic()
+                done = time.monotonic()
+                poll_cost = 0.8 * poll_cost + 0.2 * (done - now)
+                next_poll = done + max(self.exit_poll_s, poll_cost / (self.budget / 2))
             if now >= next_sample:
-                next_sample = now + self.interval_s
+                if sched_ext:
+                    enabled = raw.symbol_u32("scx_ops_enable_state_var") == SCX_OPS_ENABLED
                 self._sample(raw, tids, now, enabled)
+                cost = self.observation.sample_cost_s[-1:] or [0.0]
+                self.effective_interval_s = min(MAX_INTERVAL_S, max(
+                    self.interval_s, statistics.fmean(self.observation.sample_cost_s[-20:]
+                                                      or cost) / (self.budget / 2)))
+                next_sample = now + self.effective_interval_s
+                self.observation.interval_s = self.effective_interval_s
+                self.observation.poll_s = next_poll - now if enabled else None
 
     def _sample(self, raw: RawReader, tids: list[int], now: float, scx_enabled: bool) -> None:
         obs = self.observation
@@ -372,6 +405,7 @@ class GuestObserver:
         except RawReadError as err:  # early boot: run queues not set up yet
             if obs.samples:
                 obs.note(f"sample: {err}")
+            self._last_error = str(err)
             return
         obs.samples.append(Sample(t=now - self._start, cpus=cpus, host_run_ns=_host_run_ns(tids),
                                   scx_enabled=scx_enabled))
