@@ -30,13 +30,13 @@ if TYPE_CHECKING:
 
     from ktstr.observe.program import GuestRam
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 DIRECT_MAP_SPAN = 1 << 46
 RQ_FIELDS = ("nr_running", "clock", "curr", "scx.nr_running", "scx.local_dsq.nr",
              "scx.runnable_list")
 TASK_FIELDS = ("pid", "comm", "sched_class", "scx.runnable_node", "scx.runnable_at",
                "scx.ops_state", "scx.dsq")
-SYMBOLS = ("runqueues", "__per_cpu_offset", "jiffies", "scx_exit_kind",
+SYMBOLS = ("runqueues", "__per_cpu_offset", "jiffies", "scx_exit_kind", "scx_exit_info",
            "scx_ops_enable_state_var", "scx_watchdog_timeout")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -55,13 +55,16 @@ class KernelLayout:
     task: dict[str, int]
     dsq_id: int | None
     symbols: dict[str, int]
+    exit_kind: int | None = None
+    """Offset of ``kind`` in ``struct scx_exit_info``."""
     classes: dict[str, int] = field(default_factory=dict)
     """Sched class name -> address of its ``*_sched_class``."""
     version: int = LAYOUT_VERSION
 
     @property
     def sched_ext(self) -> bool:
-        return "scx.runnable_list" in self.rq and "scx_exit_kind" in self.symbols
+        return "scx.runnable_list" in self.rq and "scx_exit_info" in self.symbols \
+            and self.exit_kind is not None
 
 
 def _offset(prog: drgn.Program, type_name: str, member: str) -> int | None:
@@ -87,7 +90,8 @@ def layout_from_program(prog: drgn.Program, build_id: bytes | None) -> KernelLay
             classes[name] = int(prog[f"{name}_sched_class"].address_ or 0)
     return KernelLayout(build_id=build_id.hex() if build_id else "", rq=rq, task=task,
                         dsq_id=_offset(prog, "struct scx_dispatch_q", "id"),
-                        symbols=symbols, classes=classes)
+                        symbols=symbols, classes=classes,
+                        exit_kind=_offset(prog, "struct scx_exit_info", "kind"))
 
 
 def layout_path(root: Path, build_id: bytes) -> Path:
@@ -197,6 +201,16 @@ class RawReader:
     def symbol_u32(self, name: str) -> int | None:
         addr = self.layout.symbols.get(name)
         return self.u32(addr) if addr else None
+
+    def exit_kind(self) -> int:
+        """The kind of the sched_ext exit under way (``scx_exit_info->kind``; 0: none).
+        The kernel keeps it from the error's claim until the disable has finished, unlike
+        ``scx_exit_kind``, which the disable work resets at once."""
+        addr = self.layout.symbols.get("scx_exit_info")
+        if not addr or self.layout.exit_kind is None:
+            return 0
+        info = self.u64(addr)
+        return self.u32(info + self.layout.exit_kind) if info else 0
 
     def watchdog_timeout(self) -> int:
         """sched_ext's watchdog timeout in jiffies (0: none set)."""

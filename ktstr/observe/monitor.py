@@ -60,10 +60,10 @@ OPEN_DEADLINE_S = 120.0
 SCX_EXIT_ERROR = 1024
 """``enum scx_exit_kind``: kinds from here on are errors (``SCX_EXIT_ERROR``...)."""
 MAX_STALLS = 64
-MAP_EVERY = 10
-"""Watched maps are read every this many samples (once a second by default)."""
+MAPS_EVERY_S = 1.0
+"""Watched maps are read this often (drgn, so not at every sample)."""
 MAX_MAP_SAMPLES = 600
-PROGS_EVERY = 50
+PROGS_EVERY_S = 5.0
 SCX_OPS_ENABLED = 1
 OPS_STATES = {0: "SCX_OPSS_NONE", 1: "SCX_OPSS_QUEUEING", 2: "SCX_OPSS_QUEUED",
               3: "SCX_OPSS_DISPATCHING"}
@@ -257,7 +257,7 @@ class GuestObserver:
         self._thread: threading.Thread | None = None
         self._guest: GuestProgram | None = None
         self._machine: Machine | None = None
-        self._samples_taken = 0
+        self._next_maps = self._next_progs = 0.0
         self._start = 0.0
         self._last_error = ""
 
@@ -365,7 +365,7 @@ class GuestObserver:
         tids = [v.thread.native_id for v in machine.vcpus
                 if v.thread is not None and v.thread.native_id is not None]
         sched_ext = raw.layout.sched_ext
-        last_kind = 1  # SCX_EXIT_DONE: nothing attached yet
+        last_kind = 0
         now = time.monotonic()
         next_sample = next_poll = now
         enabled = False
@@ -377,7 +377,7 @@ class GuestObserver:
                 return
             now = time.monotonic()
             if sched_ext and (now >= next_poll or now >= next_sample):
-                kind = raw.symbol_u32("scx_exit_kind") or 0
+                kind = raw.exit_kind()
                 if kind != last_kind and kind >= SCX_EXIT_ERROR:
                     self._capture_exit(machine, raw)
                 last_kind = kind
@@ -412,12 +412,13 @@ class GuestObserver:
         obs.sample_cost_s.append(time.monotonic() - now)
         if len(obs.sample_cost_s) > MAX_SAMPLES:
             del obs.sample_cost_s[: MAX_SAMPLES // 2]
-        self._samples_taken += 1
-        if scx_enabled and self.watch_maps and self._samples_taken % MAP_EVERY == 0:
+        if scx_enabled and self.watch_maps and now >= self._next_maps:
+            self._next_maps = now + MAPS_EVERY_S
             guest = self._program()
             if guest is not None:
                 self._sample_maps(guest.prog, now)
-                if self._samples_taken % PROGS_EVERY == 0 or not obs.progs:
+                if now >= self._next_progs:
+                    self._next_progs = now + PROGS_EVERY_S
                     with contextlib.suppress(Exception):  # being unloaded: keep the last
                         obs.progs = read_progs(guest.prog)
 

@@ -40,5 +40,6 @@ def test_sched_ext_is_known_from_the_layout() -> None:
     assert not layout().sched_ext
     with_scx = KernelLayout(**{**layout().__dict__,
                                "rq": {**layout().rq, "scx.runnable_list": 40},
-                               "symbols": {**layout().symbols, "scx_exit_kind": 1}})
+                               "symbols": {**layout().symbols, "scx_exit_info": 1},
+                               "exit_kind": 0})
     assert with_scx.sched_ext
