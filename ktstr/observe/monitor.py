@@ -377,7 +377,9 @@ class GuestObserver:
                 return
             now = time.monotonic()
             if sched_ext and (now >= next_poll or now >= next_sample):
-                kind = raw.exit_kind()
+                # scx_exit_kind shows the error from its claim until the disable work
+                # starts (the moment to catch); scx_exit_info's kind until it ends.
+                kind = max(raw.symbol_u32("scx_exit_kind") or 0, raw.exit_kind())
                 if kind != last_kind and kind >= SCX_EXIT_ERROR:
                     self._capture_exit(machine, raw)
                 last_kind = kind
