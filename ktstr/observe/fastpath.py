@@ -30,14 +30,14 @@ if TYPE_CHECKING:
 
     from ktstr.observe.program import GuestRam
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 DIRECT_MAP_SPAN = 1 << 46
 RQ_FIELDS = ("nr_running", "clock", "curr", "scx.nr_running", "scx.local_dsq.nr",
              "scx.runnable_list")
 TASK_FIELDS = ("pid", "comm", "sched_class", "scx.runnable_node", "scx.runnable_at",
                "scx.ops_state", "scx.dsq")
 SYMBOLS = ("runqueues", "__per_cpu_offset", "jiffies", "scx_exit_kind", "scx_exit_info",
-           "scx_ops_enable_state_var", "scx_watchdog_timeout")
+           "scx_ops_enable_state_var", "scx_watchdog_timeout", "page_offset_base")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -159,11 +159,15 @@ class RawReader:
         self.task_hi = max(self.task_off.get(k, 0) for k in ("pid", "comm", "sched_class")) + 16
         self.ncpus = ncpus
         self.rq_addrs: dict[int, int] = {}
+        self.page_offset = image.page_offset
 
     def _locate_rqs(self) -> None:
         """Per-CPU run queues: ``runqueues`` plus each CPU's ``__per_cpu_offset``, which
         early boot has not filled in yet (then: not ready, ask again next sample)."""
         sym = self.layout.symbols
+        if "page_offset_base" in sym:
+            # Early boot still holds the 4-level default; a 5-level guest changes it.
+            self.page_offset = self.u64(sym["page_offset_base"]) or self.page_offset
         offsets = [self.u64(sym["__per_cpu_offset"] + 8 * cpu) for cpu in range(self.ncpus)]
         if self.ncpus > 1 and not all(offsets[1:]):
             raise RawReadError("per-CPU areas are not set up yet")
@@ -173,9 +177,10 @@ class RawReader:
     def phys(self, vaddr: int) -> int:
         if vaddr >= START_KERNEL_MAP:
             return vaddr - START_KERNEL_MAP + self.image.phys_base
-        delta = vaddr - self.image.page_offset
+        delta = vaddr - self.page_offset
         if 0 <= delta < DIRECT_MAP_SPAN:
             return delta
+        self.rq_addrs = {}  # look again (and at page_offset_base) next time
         raise RawReadError(f"0x{vaddr:x} is neither kernel image nor direct map")
 
     def read(self, vaddr: int, n: int) -> bytes:

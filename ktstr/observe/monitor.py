@@ -300,6 +300,8 @@ class GuestObserver:
                 return None
             guest.prog.cache["ktstr_hz"] = self.hz
             self.observation.open_s = guest.open_s
+            # Located again now: paging mode and direct map as the booted kernel set them.
+            self.observation.image = guest.image
             self._guest = guest
         return self._guest
 
@@ -352,6 +354,9 @@ class GuestObserver:
                     return None
                 layout = layout_from_program(guest.prog, build_id)
                 save_layout(root, layout)
+                # Opened this early, its paging mode may predate the kernel's own set-up:
+                # whatever needs drgn later opens it afresh.
+                self._guest = None
             obs.layout_s = time.monotonic() - start
             return RawReader(mem, image, layout, len(machine.vcpus), hz=self.hz)
         return None
