@@ -172,7 +172,7 @@ class Observation:
     def close(self) -> None:
         memory, self.memory = self.memory, None
         if memory is not None:
-            memory.close()  # type: ignore[attr-defined]
+            memory.close()
 
     def cost_summary(self) -> dict[str, float]:
         costs = sorted(self.sample_cost_s)

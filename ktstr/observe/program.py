@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ktstr.observe.kimage import KernelImage, ObserveError, locate, read_symbols, vmlinux_build_id
+from ktstr.observe.vmcore import RamSource
 
 if TYPE_CHECKING:
     import drgn
@@ -22,20 +23,12 @@ if TYPE_CHECKING:
 UNAVAILABLE_HINT = "pip install drgn"
 
 
-class RamRegion(Protocol):
-    @property
-    def gpa(self) -> int: ...
-    @property
-    def size(self) -> int: ...
+class GuestRam(RamSource, Protocol):
+    """What the observer needs of the VMM's ``GuestMemory``: a vmcore's source, and reads."""
 
-
-class GuestRam(Protocol):
-    """What the observer needs of the VMM's ``GuestMemory``."""
-
-    @property
-    def regions(self) -> tuple[RamRegion, ...]: ...
     def read(self, gpa: int, length: int) -> bytes: ...
-    def view(self, gpa: int, length: int) -> memoryview: ...
+    def contains(self, gpa: int, length: int = 1) -> bool: ...
+    def close(self) -> None: ...
 
 
 @functools.cache

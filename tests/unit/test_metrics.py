@@ -82,10 +82,13 @@ def test_repeats_keep_every_run_and_fail_if_any_failed(
                                  failure_message="guest did not finish", boot_ms=None), 400.0)
     attempts = [good[0], crashed, good[1], good[2]]
     rec = repeated_record(p, attempts)
-    assert rec["verdict"] == "error"
-    assert rec["reason"].startswith("repeat(s) 2 of 4 failed: repeat 2: timeout")
+    # Lost before its scenario started, the crashed repeat is inconclusive, and so is the
+    # whole (its only failure); never a pass.
+    assert rec["verdict"] == "inconclusive"
+    assert rec["reason"].startswith("repeat(s) 2 of 4 failed: repeat 2: inconclusive: the "
+                                    "guest was lost before the scenario started (timeout")
     assert rec["repeat_shown"] == 2 and rec["failure_kind"] == "timeout"
-    assert [r["verdict"] for r in rec["repeats"]] == ["pass", "error", "pass", "pass"]
+    assert [r["verdict"] for r in rec["repeats"]] == ["pass", "inconclusive", "pass", "pass"]
     stats_ = rec["repeat_summary"]["work_rate.sum"]
     values = [r["summary"]["work_rate.sum"] for r in rec["repeats"] if r["summary"]]
     assert stats_["n"] == 3 and stats_["mean"] == pytest.approx(statistics.fmean(values))
@@ -94,7 +97,7 @@ def test_repeats_keep_every_run_and_fail_if_any_failed(
     assert rec["repeat_summary"]["wall_s"]["n"] == 4
     assert rec["timings"]["total_wall_s"] == pytest.approx(5 + 6 + 7 + 5)
     verdict, shown, path = write_results(p, attempts)  # what the plugin calls
-    assert (verdict.status, shown) == ("error", 1)
+    assert (verdict.status, shown) == ("inconclusive", 1)
     (loaded,) = load_run(path.parent)
     assert METRICS["work_rate.sum"].samples(loaded) == values
     # All passing: the last run stands for them.
