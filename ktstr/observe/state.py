@@ -175,18 +175,41 @@ def read_exit_info(prog: drgn.Program) -> ExitInfo | None:
     if kind == 0:  # SCX_EXIT_NONE: allocated, nothing happened yet
         return None
     backtrace = []
+    jitted: list[tuple[int, int, str]] | None = None
     for i in range(min(int(ei.bt_len), MAX_STACK)):
         addr = int(ei.bt[i])
         try:
             sym = prog.symbol(addr)
             backtrace.append(f"{sym.name}+0x{addr - sym.address:x}")
+            continue
         except LookupError:
-            backtrace.append(f"0x{addr:x}")
+            pass
+        if jitted is None:
+            jitted = _jitted_programs(prog)
+        where = next((f"bpf_prog:{name}+0x{addr - start:x}" for start, size, name in jitted
+                      if start <= addr < start + size), f"0x{addr:x}")
+        backtrace.append(where)
     return ExitInfo(
         kind=_enum_name(prog, "scx_exit_kind", kind), exit_code=int(ei.exit_code),
         reason=ei.reason.string_().decode(errors="replace") if ei.reason else "",
         message=ei.msg.string_().decode(errors="replace") if ei.msg else "",
         backtrace=tuple(backtrace))
+
+
+def _jitted_programs(prog: drgn.Program) -> list[tuple[int, int, str]]:
+    """(start, size, name) of every JITed BPF program: the scheduler's own frames in a
+    backtrace, which kallsyms-less lookups leave as bare addresses."""
+    from drgn.helpers.linux.bpf import bpf_prog_for_each
+
+    out = []
+    try:
+        for p in bpf_prog_for_each(prog):
+            if int(p.jited) and int(p.jited_len):
+                out.append((int(p.bpf_func), int(p.jited_len),
+                            p.aux.name.string_().decode(errors="replace")))
+    except Exception:  # a program being freed: fewer names, not a failed snapshot
+        pass
+    return out
 
 
 def read_sched_ext(prog: drgn.Program) -> SchedExt | None:

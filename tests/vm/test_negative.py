@@ -139,3 +139,27 @@ def _qmap_maps_seen_from_guest_memory(run: GuestRun) -> None:
 def test_qmap_maps_are_watched_from_guest_memory(ctx):
     """A watched map changes over the run: scx_qmap's global counters."""
     return execute_defs(ctx, [CgroupDef("load", workers=4)])
+
+
+def _error_seen_from_guest_memory(run: GuestRun) -> None:
+    """scx_bpf_error(): the exit's kind, reason, message and backtrace from guest RAM."""
+    obs = run.observation
+    assert obs is not None and obs.exit_snapshot is not None, obs and obs.problems
+    scx = obs.exit_snapshot.sched_ext
+    assert scx is not None and scx.exit is not None, obs.problems
+    ext = scx.exit
+    assert ext.kind == "SCX_EXIT_ERROR_BPF" and ext.reason == "scx_bpf_error", ext
+    assert "test triggering error" in ext.message, ext.message
+    assert any(f.startswith("scx_bpf_error") for f in ext.backtrace), ext.backtrace
+    # The scheduler's own frame, named from its JITed program's range.
+    assert any(f.startswith("bpf_prog:qmap_enqueue+") for f in ext.backtrace), ext.backtrace
+    dump = json.loads(Path(obs.dump_paths["state"]).read_text())
+    assert dump["exit_snapshot"]["sched_ext"]["exit"]["backtrace"] == list(ext.backtrace)
+
+
+@ktstr_test(topology="1n1l2c1t", scheduler=QMAP_ERROR, duration=3.0,
+            expect_err=r"scx_bpf_error: test triggering error", gauntlet=False,
+            host_check=_error_seen_from_guest_memory)
+def test_qmap_error_seen_from_guest_memory(ctx):
+    """The same error, read from guest memory at the moment of the exit."""
+    return execute_defs(ctx, [CgroupDef("load", workers=4)])
