@@ -57,6 +57,19 @@ def host_fault(failure_kind: str | None, message: str, console: str) -> HostFaul
     return HostFault(failure_kind, first[:300])
 
 
+F_INCONCLUSIVE = "inconclusive"
+
+
+def inconclusive_fault(status: str, reason: str) -> HostFault | None:
+    """A run with no signal (verdict ``inconclusive``: the guest was lost before its
+    scenario, or nothing progressed) is lost whatever its console says: it tells nothing
+    about the scheduler, so in the sandbox it is rerun like a host fault (once, recorded);
+    a second inconclusive run stands as the verdict."""
+    if status != F_INCONCLUSIVE:
+        return None
+    return HostFault(F_INCONCLUSIVE, reason.strip().splitlines()[0][:300] if reason else "")
+
+
 def should_retry(fault: HostFault | None, done: int, *, emulated: bool | None = None) -> bool:
     """Whether to rerun after ``fault`` when ``done`` host-fault reruns were made already."""
     if fault is None:

@@ -354,7 +354,8 @@ def _attempt_fault(attempt: Attempt) -> hostfault.HostFault | None:
     if attempt.verdict.passed:
         return None
     guest = attempt.run
-    return hostfault.host_fault(guest.failure, guest.message, guest.vm.console)
+    return (hostfault.host_fault(guest.failure, guest.message, guest.vm.console)
+            or hostfault.inconclusive_fault(attempt.verdict.status, attempt.verdict.reason))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

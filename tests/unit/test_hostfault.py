@@ -57,3 +57,17 @@ def test_outside_the_sandbox_nothing_is_rerun(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("KTSTR_IN_SANDBOX", raising=False)
     result, lost = run_vm(lambda: _vm("reboot", "vcpu 1: triple fault (shutdown)"))
     assert result.reason == "reboot" and lost == []
+
+
+def test_an_inconclusive_run_is_lost_even_with_a_stall_on_its_console() -> None:
+    from ktstr.hostfault import inconclusive_fault
+
+    fault = inconclusive_fault("inconclusive", "inconclusive: the guest was lost before the "
+                               "scenario started (timeout: ...)\nmore")
+    assert fault is not None and fault.kind == "inconclusive"
+    assert fault.detail.startswith("inconclusive: the guest was lost")
+    assert "more" not in fault.detail
+    assert should_retry(fault, 0, emulated=True) and not should_retry(fault, 1, emulated=True)
+    assert not should_retry(fault, 0, emulated=False)  # on real KVM it stands
+    for status in ("fail", "error", "pass"):
+        assert inconclusive_fault(status, "x") is None
