@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,19 +115,16 @@ def load_layout(root: Path, build_id: bytes | None) -> KernelLayout | None:
 
 
 def save_layout(root: Path, layout: KernelLayout) -> None:
-    """Write atomically (a half-written layout is never read); failure to write is fine."""
+    """Write atomically (``kernel.cache.write_json_atomic``: a half-written layout is never
+    read under its name); failure to write is fine, the next run learns it again."""
+    from ktstr.kernel.cache import write_json_atomic
+
     if not layout.build_id:
         return
-    path = root / "observe" / f"{layout.build_id}.json"
-    with contextlib.suppress(OSError):
+    path = layout_path(root, bytes.fromhex(layout.build_id))
+    with contextlib.suppress(OSError, ValueError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".layout-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(asdict(layout), fh)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        write_json_atomic(path, asdict(layout))
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def _comm(task: drgn.Object) -> str:
     return task.comm.string_().decode(errors="replace")
 
 
-def online_cpus(prog: drgn.Program) -> list[int]:
+def present_cpus(prog: drgn.Program) -> list[int]:
     """The present CPUs: a powering-off kernel takes the others offline, and the dump of
     a frozen guest still wants every run queue."""
     from drgn.helpers.linux.cpumask import for_each_present_cpu
@@ -145,7 +145,7 @@ def read_cpus(prog: drgn.Program, cpus: list[int] | None = None) -> tuple[CpuSam
 
     classes = _class_names(prog)
     out = []
-    for cpu in online_cpus(prog) if cpus is None else cpus:
+    for cpu in present_cpus(prog) if cpus is None else cpus:
         rq = per_cpu(prog["runqueues"], cpu)
         curr = rq.curr
         scx = getattr(rq, "scx", None)
@@ -263,7 +263,7 @@ def read_tasks(prog: drgn.Program, *, stacks: bool = True) -> tuple[TaskState, .
     hz = kernel_hz(prog)
     local_of: dict[int, int] = {}
     running: set[int] = set()
-    for cpu in online_cpus(prog):
+    for cpu in present_cpus(prog):
         rq = per_cpu(prog["runqueues"], cpu)
         running.add(int(rq.curr))
         if hasattr(rq, "scx"):
