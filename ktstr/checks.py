@@ -34,7 +34,7 @@ from typing import Any
 from ktstr import console
 from ktstr.cpulist import format_cpu_list
 from ktstr.errors import KtstrError
-from ktstr.telemetry import ScenarioResult, WorkerStats, telemetry_of
+from ktstr.telemetry import CgroupStats, ScenarioResult, WorkerStats, telemetry_of
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,12 @@ class Checks:
     """Migrations per work unit, per worker."""
     min_work_rate: float | None = None
     """Work units per second, per worker."""
+    weight_share_pct: float | None = None
+    """Sibling cgroups on the same CPUs, one of them with a ``cpu.weight``: each one's
+    share of their CPU time within this many percent of its weight's share. Meaningful
+    only when every sibling is saturated (more runnable workers than CPUs)."""
+    bandwidth_pct: float | None = None
+    """A cgroup with ``cpu.max`` uses at most its limit plus this many percent."""
     health: bool = True
     monitor_imbalance_ratio: float | None = 4.0
     """Host-side monitor (``ktstr.observe``), sched_ext runs: max/max(min, 1) of the
@@ -200,17 +206,22 @@ def _where(w: WorkerStats) -> str:
     return f"worker {w.label} in cgroup {w.cgroup} (CPUs {cpus})"
 
 
-def is_starved(w: WorkerStats, checks: Checks) -> bool:
+def is_starved(w: WorkerStats, checks: Checks, allowance_ms: float = 0.0) -> bool:
+    """Made no progress, or went ``starvation_gap_ms`` (plus ``allowance_ms``: its
+    cgroup's freeze) without any while hardly on a CPU."""
     if w.work_units == 0:
         return True
     return (
-        w.max_gap_ms >= checks.starvation_gap_ms
+        w.max_gap_ms - allowance_ms >= checks.starvation_gap_ms
         and w.cpu_share * 100 < checks.starvation_cpu_pct
     )
 
 
-def check_starvation(workers: list[WorkerStats], checks: Checks) -> CheckResult:
-    starved = [w for w in workers if is_starved(w, checks)]
+def check_starvation(
+    workers: list[WorkerStats], checks: Checks, frozen_ms: Mapping[str, float] | None = None,
+) -> CheckResult:
+    frozen_ms = frozen_ms or {}
+    starved = [w for w in workers if is_starved(w, checks, frozen_ms.get(w.cgroup, 0.0))]
     if not starved:
         return CheckResult(
             "starvation", True, 0, 0,
@@ -372,15 +383,20 @@ def evaluate(
             f"worker {w.label} in cgroup {w.cgroup} failed: {w.error}",
             cgroup=w.cgroup, worker=w.label,
         ))
+    frozen = {c.name: c.frozen_ms for c in result.cgroups if c.frozen_ms}
     if workers and checks.starvation:
-        out.append(check_starvation(workers, checks))
+        out.append(check_starvation(workers, checks, frozen))
     if workers and checks.isolation:
         out.append(check_isolation(workers))
     if workers and checks.fairness_spread_pct is not None:
         out.append(check_fairness(workers, checks.fairness_spread_pct))
     if workers and checks.max_gap_ms is not None:
-        out.append(_worst("max_gap", workers, lambda w: w.max_gap_ms, checks.max_gap_ms,
-                          " ms", "longest gap between progress checkpoints"))
+        out.append(_worst(
+            "max_gap", workers, lambda w: max(0.0, w.max_gap_ms - frozen.get(w.cgroup, 0.0)),
+            checks.max_gap_ms, " ms",
+            "longest gap between progress checkpoints" + (" (less its cgroup's freeze)"
+                                                          if frozen else ""),
+        ))
     if workers and checks.wake_p99_us is not None:
         out.append(_worst(
             "wake_p99", workers,
@@ -409,9 +425,72 @@ def evaluate(
             "min_work_rate", workers, lambda w: w.work_rate, checks.min_work_rate, "/s",
             "work rate", higher_is_bad=False,
         ))
+    if result.cgroups and checks.weight_share_pct is not None:
+        out.append(check_weight_share(result.cgroups, checks.weight_share_pct))
+    if result.cgroups and checks.bandwidth_pct is not None:
+        out.append(check_bandwidth(result.cgroups, checks.bandwidth_pct))
     if log_text is not None and checks.health:
         out.extend(scheduler_health(log_text))
     return out
+
+
+def competing_siblings(cgroups: Iterable[CgroupStats]) -> list[list[CgroupStats]]:
+    """Groups of two or more sibling cgroups on the same CPUs, one with a weight set."""
+    groups: dict[tuple[str, tuple[int, ...]], list[CgroupStats]] = {}
+    for c in cgroups:
+        groups.setdefault((c.name.rpartition("/")[0], tuple(c.cpus)), []).append(c)
+    return [sorted(g, key=lambda c: c.name) for g in groups.values()
+            if len(g) > 1 and any("weight" in c.controls for c in g)]
+
+
+def check_weight_share(cgroups: list[CgroupStats], limit_pct: float) -> CheckResult:
+    """Each competing sibling's share of their CPU time against its weight's share."""
+    worst: tuple[float, list[CgroupStats], CgroupStats] | None = None
+    for group in competing_siblings(cgroups):
+        total_cpu = sum(c.cpu_ns for c in group)
+        total_weight = sum(c.weight for c in group)
+        if total_cpu <= 0:
+            continue
+        for c in group:
+            expected = c.weight / total_weight
+            error = abs(c.cpu_ns / total_cpu / expected - 1) * 100
+            if worst is None or error > worst[0]:
+                worst = (error, group, c)
+    if worst is None:
+        return CheckResult("weight_share", True, None, limit_pct,
+                           "no sibling cgroups with a cpu.weight competed for the same CPUs")
+    error, group, c = worst
+    total_cpu = sum(g.cpu_ns for g in group)
+    total_weight = sum(g.weight for g in group)
+    ok = error <= limit_pct
+    return CheckResult(
+        "weight_share", ok, round(error, 2), limit_pct,
+        f"cgroups {', '.join(g.name for g in group)} on CPUs {format_cpu_list(group[0].cpus)}: "
+        f"weights {':'.join(str(g.weight) for g in group)}, CPU shares "
+        f"{':'.join(f'{g.cpu_ns / total_cpu * 100:.1f}%' for g in group)} (expected "
+        f"{':'.join(f'{g.weight / total_weight * 100:.1f}%' for g in group)}); cgroup "
+        f"{c.name} is {error:.1f}% off its share ({'<=' if ok else '>'} {limit_pct:g}%)",
+        cgroup=c.name,
+    )
+
+
+def check_bandwidth(cgroups: list[CgroupStats], limit_pct: float) -> CheckResult:
+    """A cgroup with ``cpu.max`` stays within its limit (plus ``limit_pct``)."""
+    limited = [c for c in cgroups if c.cpu_max_cpus is not None and c.wall_ns > 0]
+    if not limited:
+        return CheckResult("bandwidth", True, None, limit_pct, "no cgroup has a cpu.max limit")
+    c = max(limited, key=lambda c: c.cpus_busy / (c.cpu_max_cpus or 1))
+    limit = c.cpu_max_cpus or 0.0
+    over = (c.cpus_busy / limit - 1) * 100
+    ok = over <= limit_pct
+    throttled = c.cpu_stat.get("nr_throttled")
+    return CheckResult(
+        "bandwidth", ok, round(over, 2), limit_pct,
+        f"cgroup {c.name}: used {c.cpus_busy:.3f} CPUs under cpu.max {limit:g} CPUs "
+        f"({over:+.1f}%, {'<=' if ok else '>'} +{limit_pct:g}%)"
+        + (f"; throttled {throttled} times" if throttled is not None else ""),
+        cgroup=c.name,
+    )
 
 
 # ---- scheduler health from a console / kernel log ------------------------------------

@@ -153,6 +153,23 @@ class CgroupStats:
     max_gap_ms: float
     migrations: int
     wake_p99_us: float | None
+    wall_ns: int = 0
+    """The longest-lived worker's wall time: how long the cgroup had work."""
+    controls: str = ""
+    """Its controller settings at the end, as ``CgroupControls.describe`` says them."""
+    weight: int = 100
+    """Its effective ``cpu.weight`` (100 when unset)."""
+    cpu_max_cpus: float | None = None
+    """Its ``cpu.max`` limit in CPUs (None: no limit)."""
+    frozen_ms: float = 0.0
+    """Its longest freeze (cgroup.freeze) during the run."""
+    cpu_stat: dict[str, int] = field(default_factory=dict)
+    """The kernel's ``cpu.stat`` counters for it (usage, nr_throttled, throttled_usec)."""
+
+    @property
+    def cpus_busy(self) -> float:
+        """CPUs' worth of time its workers ran: cpu time over the cgroup's wall time."""
+        return self.cpu_ns / self.wall_ns if self.wall_ns > 0 else 0.0
 
     @classmethod
     def aggregate(
@@ -173,6 +190,7 @@ class CgroupStats:
             max_gap_ms=max((w.max_gap_ms for w in workers), default=0.0),
             migrations=sum(w.migrations for w in workers),
             wake_p99_us=max(p99) if p99 else None,
+            wall_ns=max((w.wall_ns for w in workers), default=0),
         )
 
     def to_dict(self) -> dict[str, Any]:

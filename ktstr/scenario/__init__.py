@@ -7,42 +7,53 @@ Python standard library.
 
 from __future__ import annotations
 
+from ktstr.scenario.controls import CgroupControls, CpuMax
 from ktstr.scenario.model import (
     AddCgroup,
     Affinity,
+    CaptureCgroupProcs,
     CgroupDef,
     ClearCpuset,
     CpusetSpec,
+    FreezeCgroup,
     MoveAllTasks,
     Op,
     RemoveCgroup,
     SchedPolicy,
     SetAffinity,
+    SetControls,
     SetCpuset,
     Spawn,
     Step,
     StopCgroup,
     SwapCpusets,
+    UnfreezeCgroup,
 )
 from ktstr.scenario.runner import ScenarioContext, execute_defs, execute_steps
 
 __all__ = [
     "AddCgroup",
     "Affinity",
+    "CaptureCgroupProcs",
+    "CgroupControls",
     "CgroupDef",
     "ClearCpuset",
+    "CpuMax",
     "CpusetSpec",
+    "FreezeCgroup",
     "MoveAllTasks",
     "Op",
     "RemoveCgroup",
     "ScenarioContext",
     "SchedPolicy",
     "SetAffinity",
+    "SetControls",
     "SetCpuset",
     "Spawn",
     "Step",
     "StopCgroup",
     "SwapCpusets",
+    "UnfreezeCgroup",
     "execute_defs",
     "execute_steps",
 ]

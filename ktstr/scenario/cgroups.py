@@ -22,12 +22,21 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ktstr.cpulist import format_cpu_list, parse_cpu_list
 from ktstr.errors import KtstrError
+from ktstr.scenario.controls import (
+    CONFIG_OF_FILE,
+    CgroupControls,
+    ControlWrite,
+    v1_writes,
+    v2_writes,
+)
 
 TASK_LEAF = "_w"
+V1_COMPANIONS = ("cpu", "memory", "freezer")
+"""v1 hierarchies a scenario may need beside cpuset, made only for cgroups that set them."""
 
 
 class CgroupBackend:
@@ -74,31 +83,23 @@ class CgroupBackend:
     def effective_cpus(self, name: str) -> list[int]:
         raise NotImplementedError
 
+    def set_controls(self, name: str, controls: CgroupControls) -> None:
+        """Write the controller files ``controls`` sets (a missing one is a clear error)."""
+        raise KtstrError(f"cgroup {name}: this cgroup backend has no controller files")
+
+    def set_frozen(self, name: str, frozen: bool, timeout: float = 5.0) -> None:
+        raise KtstrError(f"cgroup {name}: this cgroup backend cannot freeze")
+
+    def cpu_stat(self, name: str) -> dict[str, int]:
+        """The cgroup's ``cpu.stat`` counters (throttling, usage); empty where there are none."""
+        return {}
+
     def remove(self, name: str, timeout: float = 5.0) -> None:
         """Kill whatever still runs below ``name`` and remove it, deepest first."""
-        top = self.path(name)
-        if not os.path.isdir(top):
-            return
-        deadline = time.monotonic() + timeout
-        for d in sorted(self._dirs_below(top), key=len, reverse=True):
-            while True:
-                for pid in _procs(d):
-                    _kill_and_reap(pid)
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as err:
-                    if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                        raise KtstrError(f"cannot remove cgroup {d}: {err.strerror}") from err
-                    time.sleep(0.01)
+        _remove_tree(self.path(name), timeout)
 
     def _dirs_below(self, top: str) -> list[str]:
-        out = []
-        for dirpath, _dirs, _files in os.walk(top):
-            out.append(dirpath)
-        return out
+        return _dirs_below(top)
 
 
 class V2Backend(CgroupBackend):
@@ -139,9 +140,105 @@ class V2Backend(CgroupBackend):
         with open(os.path.join(self.path(name), "cpuset.cpus.effective")) as f:
             return list(parse_cpu_list(f.read().strip()))
 
+    def set_controls(self, name: str, controls: CgroupControls) -> None:
+        for w in v2_writes(controls):
+            _write_control(name, os.path.join(self.path(name), w.file), w,
+                           available=_controllers(self.path(os.path.dirname(name))))
+
+    def set_frozen(self, name: str, frozen: bool, timeout: float = 5.0) -> None:
+        path = self.path(name)
+        if not os.path.exists(os.path.join(path, "cgroup.freeze")):
+            raise KtstrError(f"cgroup {name}: this kernel has no cgroup.freeze (v2 freezer)")
+        _write(os.path.join(path, "cgroup.freeze"), "1" if frozen else "0")
+        want = f"frozen {int(frozen)}"
+        _wait_for(lambda: want in _read_lines(os.path.join(path, "cgroup.events")), timeout,
+                  f"cgroup {name}: not {'frozen' if frozen else 'thawed'} after {timeout:g} s")
+
+    def cpu_stat(self, name: str) -> dict[str, int]:
+        return _read_counters(os.path.join(self.path(name), "cpu.stat"))
+
 
 class V1Backend(CgroupBackend):
+    """The cpuset hierarchy, plus the cpu, memory and freezer hierarchies where a cgroup
+    sets their files: a parallel directory of the same name under each, made on first use
+    (``companions``: controller -> the directory that mirrors ``root`` there)."""
+
     version = 1
+
+    def __init__(self, root: str, companions: Mapping[str, str] | None = None) -> None:
+        super().__init__(root)
+        self.companions = dict(_v1_companions(self.root) if companions is None else companions)
+
+    def companion(self, controller: str, name: str) -> str:
+        top = self.companions.get(controller)
+        if top is None:
+            raise KtstrError(
+                f"cgroup {name}: no cgroup v1 {controller} hierarchy is mounted beside the "
+                f"cpuset one (mount -t cgroup -o {controller} cgroup /sys/fs/cgroup/{controller})"
+            )
+        return os.path.join(top, name) if name else top
+
+    def _join(self, controller: str, name: str) -> str:
+        """Make ``name``'s directory in ``controller``'s hierarchy and move its tasks there."""
+        path = self.companion(controller, name)
+        if not os.path.isdir(path):
+            os.makedirs(path)
+            if controller == "cpu" and os.path.exists(os.path.join(path, "cpu.rt_runtime_us")):
+                # A new v1 cpu cgroup gets no RT runtime: give it its parent's, so
+                # SCHED_FIFO/RR workers can still run under group scheduling.
+                parent_rt = os.path.join(os.path.dirname(path), "cpu.rt_runtime_us")
+                with contextlib.suppress(OSError), open(parent_rt) as f:
+                    _write(os.path.join(path, "cpu.rt_runtime_us"), f.read().strip())
+            for pid in _procs(self.path(name)):
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    _write(os.path.join(path, "cgroup.procs"), str(pid))
+        return path
+
+    def attach(self, name: str, pid: int) -> None:
+        super().attach(name, pid)
+        for controller in self.companions:
+            home = self._nearest(controller, name)
+            if home is not None:
+                _write(os.path.join(home, "cgroup.procs"), str(pid))
+
+    def _nearest(self, controller: str, name: str) -> str | None:
+        """``name``'s own directory in ``controller``'s hierarchy, else its nearest ancestor's."""
+        while name:
+            path = self.companion(controller, name)
+            if os.path.isdir(path):
+                return path
+            name = os.path.dirname(name)
+        return None
+
+    def set_controls(self, name: str, controls: CgroupControls) -> None:
+        for w in v1_writes(controls):
+            path = self._join(w.controller, name)
+            _write_control(name, os.path.join(path, w.file), w,
+                           available=list(self.companions))
+
+    def set_frozen(self, name: str, frozen: bool, timeout: float = 5.0) -> None:
+        path = self._join("freezer", name)
+        state = "FROZEN" if frozen else "THAWED"
+        _write(os.path.join(path, "freezer.state"), state)
+        _wait_for(lambda: state in _read_lines(os.path.join(path, "freezer.state")), timeout,
+                  f"cgroup {name}: freezer.state not {state} after {timeout:g} s")
+
+    def cpu_stat(self, name: str) -> dict[str, int]:
+        if "cpu" not in self.companions:
+            return {}
+        path = self._nearest("cpu", name)
+        return _read_counters(os.path.join(path, "cpu.stat")) if path else {}
+
+    def remove(self, name: str, timeout: float = 5.0) -> None:
+        # A frozen v1 task never handles SIGKILL: thaw before killing.
+        if "freezer" in self.companions:
+            thaw = self.companion("freezer", name)
+            for d in _dirs_below(thaw) if os.path.isdir(thaw) else ():
+                with contextlib.suppress(OSError):
+                    _write(os.path.join(d, "freezer.state"), "THAWED")
+        super().remove(name, timeout)
+        for controller in self.companions:
+            _remove_tree(self.companion(controller, name), timeout)
 
     def create(self, name: str) -> None:
         path = self.path(name)
@@ -173,6 +270,76 @@ class V1Backend(CgroupBackend):
     def effective_cpus(self, name: str) -> list[int]:
         with open(os.path.join(self.path(name), "cpuset.effective_cpus")) as f:
             return list(parse_cpu_list(f.read().strip()))
+
+
+def v1_mounts() -> dict[str, str]:
+    """Mount point of each cgroup v1 controller hierarchy (a co-mounted one under each name)."""
+    out: dict[str, str] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, _src, opts = ([*right.split(), "", "", ""])[:3]
+            if fstype != "cgroup":
+                continue
+            for opt in opts.split(","):
+                out.setdefault(opt, left.split()[4])
+    return out
+
+
+def _v1_companions(root: str) -> dict[str, str]:
+    """For a directory of the v1 cpuset hierarchy, the matching one in each companion."""
+    mounts = v1_mounts()
+    cpuset = mounts.get("cpuset")
+    if cpuset is None or os.path.commonpath([cpuset, root]) != cpuset:
+        return {}
+    rel = os.path.relpath(root, cpuset)
+    return {c: os.path.normpath(os.path.join(mounts[c], rel)) for c in V1_COMPANIONS
+            if c in mounts and mounts[c] != cpuset}
+
+
+def _controllers(path: str) -> list[str]:
+    return " ".join(_read_lines(os.path.join(path, "cgroup.controllers"))).split()
+
+
+def _write_control(name: str, path: str, w: ControlWrite, available: Sequence[str]) -> None:
+    try:
+        _write(path, w.value)
+    except FileNotFoundError:
+        if w.controller not in available:
+            why = (f"the {w.controller} controller is not available here "
+                   f"(available: {', '.join(available) or 'none'})")
+        else:
+            why = f"this kernel has no {w.file} ({CONFIG_OF_FILE.get(w.file, 'not built in')})"
+        raise KtstrError(f"cgroup {name}: cannot set {w.file}: {why}") from None
+    except OSError as err:
+        raise KtstrError(
+            f"cgroup {name}: the kernel refused {w.value!r} for {w.file}: {err.strerror}"
+        ) from None
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return [line.strip() for line in f]
+    except OSError:
+        return []
+
+
+def _read_counters(path: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in _read_lines(path):
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[key] = int(value)
+    return out
+
+
+def _wait_for(done: Callable[[], bool], timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise KtstrError(message)
+        time.sleep(0.01)
 
 
 def backend_for(root: str) -> CgroupBackend:
@@ -235,7 +402,7 @@ def _enable_controllers(path: str) -> None:
             enabled = set(f.read().split())
     except OSError:
         return
-    for ctrl in ("cpuset", "cpu"):
+    for ctrl in ("cpuset", "cpu", "memory"):
         if ctrl in enabled:
             continue
         try:
@@ -245,7 +412,8 @@ def _enable_controllers(path: str) -> None:
                 raise KtstrError(
                     f"cannot enable the cpuset controller in {path}: {err.strerror}"
                 ) from err
-            # cpu is optional (it refuses while RT tasks run in v2 with RT group scheduling).
+            # cpu and memory are optional (cpu refuses while RT tasks run in v2 with RT
+            # group scheduling); setting a file of a missing one says so (set_controls).
 
 
 def _write(path: str, text: str) -> None:
@@ -272,3 +440,26 @@ def _kill_and_reap(pid: int) -> None:
         return
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def _dirs_below(top: str) -> list[str]:
+    return [dirpath for dirpath, _dirs, _files in os.walk(top)]
+
+
+def _remove_tree(top: str, timeout: float) -> None:
+    if not os.path.isdir(top):
+        return
+    deadline = time.monotonic() + timeout
+    for d in sorted(_dirs_below(top), key=len, reverse=True):
+        while True:
+            for pid in _procs(d):
+                _kill_and_reap(pid)
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as err:
+                if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise KtstrError(f"cannot remove cgroup {d}: {err.strerror}") from err
+                time.sleep(0.01)

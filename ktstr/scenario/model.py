@@ -9,12 +9,14 @@ cgroup is named ``parent/child``.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ktstr.cpulist import format_cpu_list, parse_cpu_list
 from ktstr.errors import KtstrError
+from ktstr.scenario.controls import CgroupControls
 from ktstr.scenario.work import CpuSpin, Work
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
@@ -244,7 +246,9 @@ class CgroupDef:
 
     ``cpuset=None`` leaves the cpuset unset (the cgroup uses its parent's
     CPUs). ``children`` are created inside this cgroup, named
-    ``<name>/<child.name>``.
+    ``<name>/<child.name>``. ``controls`` are its controller files (cpu.weight,
+    cpu.max, ...). ``workers_pct``, if set, replaces ``workers``: that percentage
+    of the cgroup's CPUs, rounded up, at least one.
     """
 
     name: str
@@ -255,11 +259,19 @@ class CgroupDef:
     nice: int = 0
     affinity: Affinity = field(default_factory=Affinity)
     children: tuple[CgroupDef, ...] = ()
+    controls: CgroupControls = field(default_factory=CgroupControls)
+    workers_pct: float | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name)
         if self.workers < 0:
             raise KtstrError(f"cgroup {self.name}: workers must be >= 0, got {self.workers}")
+        if self.workers_pct is not None and not 0 < self.workers_pct <= 1000:
+            raise KtstrError(
+                f"cgroup {self.name}: workers_pct must be in (0, 1000], got {self.workers_pct}"
+            )
+        if not isinstance(self.controls, CgroupControls):
+            raise KtstrError(f"cgroup {self.name}: controls must be a CgroupControls")
         if not -20 <= self.nice <= 19:
             raise KtstrError(f"cgroup {self.name}: nice must be -20..19, got {self.nice}")
         if not isinstance(self.children, tuple):
@@ -272,6 +284,12 @@ class CgroupDef:
         for child in self.children:
             out.extend(child.flatten(full))
         return out
+
+    def worker_count(self, nr_cpus: int) -> int:
+        """Workers to start on a cgroup of ``nr_cpus`` CPUs."""
+        if self.workers_pct is None:
+            return self.workers
+        return max(1, math.ceil(nr_cpus * self.workers_pct / 100 - 1e-9))
 
 
 # ---- ops ---------------------------------------------------------------------
@@ -341,8 +359,35 @@ class SetAffinity:
     affinity: Affinity
 
 
+@dataclass(frozen=True)
+class SetControls:
+    """Change a cgroup's controller files; the fields ``controls`` leaves None stay."""
+
+    name: str
+    controls: CgroupControls
+
+
+@dataclass(frozen=True)
+class FreezeCgroup:
+    """Freeze every task below the cgroup (cgroup.freeze; v1 freezer.state)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class UnfreezeCgroup:
+    name: str
+
+
+@dataclass(frozen=True)
+class CaptureCgroupProcs:
+    """Record which pids the cgroup (and its descendants) holds now, in the result's notes."""
+
+    name: str
+
+
 Op = AddCgroup | RemoveCgroup | SetCpuset | ClearCpuset | SwapCpusets | Spawn | StopCgroup | \
-    MoveAllTasks | SetAffinity
+    MoveAllTasks | SetAffinity | SetControls | FreezeCgroup | UnfreezeCgroup | CaptureCgroupProcs
 
 
 @dataclass(frozen=True)

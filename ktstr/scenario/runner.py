@@ -24,23 +24,28 @@ from typing import Any, Protocol, runtime_checkable
 from ktstr.errors import KtstrError
 from ktstr.scenario import worker as wk
 from ktstr.scenario.cgroups import CgroupBackend, backend_for
+from ktstr.scenario.controls import CgroupControls
 from ktstr.scenario.cpuset import resolve_affinity, resolve_cpuset
 from ktstr.scenario.model import (
     AddCgroup,
     Affinity,
+    CaptureCgroupProcs,
     CgroupDef,
     ClearCpuset,
     CpusetSpec,
+    FreezeCgroup,
     MoveAllTasks,
     Op,
     PolicyKind,
     RemoveCgroup,
     SetAffinity,
+    SetControls,
     SetCpuset,
     Spawn,
     Step,
     StopCgroup,
     SwapCpusets,
+    UnfreezeCgroup,
     format_cpu_list,
 )
 from ktstr.scenario.work import Work
@@ -133,7 +138,12 @@ class _Cgroup:
     definition: CgroupDef
     spec: CpusetSpec | None
     affinity: Affinity
+    controls: CgroupControls
     next_index: int = 0
+    frozen_at: float | None = None
+    frozen_s: float = 0.0
+    """The longest single freeze so far (the gap checks allow for it)."""
+    cpu_stat: dict[str, int] | None = None
 
 
 class Runner:
@@ -162,6 +172,8 @@ class Runner:
         self.notes: list[str] = []
         self._shared: list[Any] = []
         self._created: list[str] = []
+        self.gone: dict[str, _Cgroup] = {}
+        """Removed cgroups, for the telemetry of the workers they had."""
         self.started = time.monotonic()
 
     # -- cpu mapping --------------------------------------------------------
@@ -190,7 +202,7 @@ class Runner:
             cg = self._need(op.name)
             self.spawn(cg, op.workers, op.work or cg.definition.work)
         elif isinstance(op, StopCgroup):
-            self._need(op.name)
+            self.freeze(self._need(op.name), False)
             self.stop_workers([h for h in self.live if h.cgroup == op.name])
         elif isinstance(op, MoveAllTasks):
             self._need(op.src)
@@ -201,6 +213,21 @@ class Runner:
                 self.backend.attach(dst.name, h.pid)
                 h.cgroup = dst.name
                 h.set_allowed(target)
+        elif isinstance(op, SetControls):
+            cg = self._need(op.name)
+            self.backend.set_controls(op.name, op.controls)
+            cg.controls = cg.controls.merged(op.controls)
+        elif isinstance(op, FreezeCgroup):
+            self.freeze(self._need(op.name), True)
+        elif isinstance(op, UnfreezeCgroup):
+            self.freeze(self._need(op.name), False)
+        elif isinstance(op, CaptureCgroupProcs):
+            self._need(op.name)
+            pids = sorted(self.backend.pids(op.name))
+            self.notes.append(
+                f"capture {op.name} at {time.monotonic() - self.started:.2f} s: "
+                f"{len(pids)} tasks: {' '.join(map(str, pids)) or '-'}"
+            )
         elif isinstance(op, SetAffinity):
             cg = self._need(op.name)
             cg.affinity = op.affinity
@@ -232,29 +259,54 @@ class Runner:
                 raise KtstrError(f"scenario {self.name}: cgroup {full!r} already exists")
         # Resolve first so an impossible cpuset fails before anything is created.
         for full, d in entries:
-            self.cgroups[full] = _Cgroup(full, d, d.cpuset, d.affinity)
+            self.cgroups[full] = _Cgroup(full, d, d.cpuset, d.affinity, d.controls)
         try:
             self.resolve_all()
         except KtstrError:
             for full, _ in entries:
                 del self.cgroups[full]
             raise
-        for full, _ in entries:
+        for full, d in entries:
             self.backend.create(full)
             self._created.append(full)
+            if not d.controls.empty:
+                self.backend.set_controls(full, d.controls)
         self.apply_cpusets()
         for full, d in entries:
-            if d.workers:
-                self.spawn(self.cgroups[full], d.workers, d.work)
+            count = d.worker_count(len(self.effective[full]))
+            if count:
+                self.spawn(self.cgroups[full], count, d.work)
+
+    def freeze(self, cg: _Cgroup, frozen: bool) -> None:
+        if frozen == (cg.frozen_at is not None):
+            return
+        self.backend.set_frozen(cg.name, frozen)
+        now = time.monotonic()
+        if frozen:
+            cg.frozen_at = now
+        else:
+            assert cg.frozen_at is not None
+            cg.frozen_s = max(cg.frozen_s, now - cg.frozen_at)
+            cg.frozen_at = None
+
+    def _thaw_all(self) -> None:
+        for cg in self.cgroups.values():
+            if cg.frozen_at is not None:
+                with contextlib.suppress(KtstrError, OSError):
+                    self.freeze(cg, False)
 
     def remove(self, name: str) -> None:
         self._need(name)
         doomed = [n for n in self.cgroups if n == name or n.startswith(name + "/")]
+        for n in doomed:
+            self.freeze(self.cgroups[n], False)
         self.stop_workers([h for h in self.live if h.cgroup in doomed])
+        for n in doomed:
+            self.cgroups[n].cpu_stat = self.backend.cpu_stat(n)
         self.backend.remove(name)
         for n in doomed:
             self.last_cpus[n] = self.real(self.effective.get(n, ()))
-            del self.cgroups[n]
+            self.gone[n] = self.cgroups.pop(n)
             self.effective.pop(n, None)
             if n in self._created:
                 self._created.remove(n)
@@ -357,6 +409,7 @@ class Runner:
     # -- results / teardown -------------------------------------------------------
 
     def finish(self) -> ScenarioResult:
+        self._thaw_all()
         self.stop_workers(list(self.live))
         by_cg: dict[str, list[WorkerStats]] = {}
         for w in self.finished:
@@ -365,7 +418,17 @@ class Runner:
         for name, workers in by_cg.items():
             cpus = self.real(self.effective[name]) if name in self.effective else \
                 self.last_cpus.get(name, ())
-            cgroups.append(CgroupStats.aggregate(name, cpus, workers))
+            stats = CgroupStats.aggregate(name, cpus, workers)
+            cg = self.cgroups.get(name) or self.gone.get(name)
+            if cg is not None:
+                stats.controls = cg.controls.describe()
+                stats.weight = cg.controls.effective_weight
+                stats.cpu_max_cpus = cg.controls.cpu_max.limit_cpus \
+                    if cg.controls.cpu_max else None
+                stats.frozen_ms = round(cg.frozen_s * 1000, 1)
+                stats.cpu_stat = cg.cpu_stat if cg.cpu_stat is not None else \
+                    self.backend.cpu_stat(name)
+            cgroups.append(stats)
         return ScenarioResult(
             name=self.name,
             topology=self.topology.label,
@@ -381,6 +444,7 @@ class Runner:
             self._close()
 
     def _close(self) -> None:
+        self._thaw_all()
         for h in self.live:
             wk.kill_and_reap(h.pid)
         self.live = []
