@@ -167,7 +167,7 @@ class V1Backend(CgroupBackend):
 
     def __init__(self, root: str, companions: Mapping[str, str] | None = None) -> None:
         super().__init__(root)
-        self.companions = dict(_v1_companions(self.root) if companions is None else companions)
+        self.companions = dict(v1_companions(self.root) if companions is None else companions)
 
     def companion(self, controller: str, name: str) -> str:
         top = self.companions.get(controller)
@@ -286,7 +286,7 @@ def v1_mounts() -> dict[str, str]:
     return out
 
 
-def _v1_companions(root: str) -> dict[str, str]:
+def v1_companions(root: str) -> dict[str, str]:
     """For a directory of the v1 cpuset hierarchy, the matching one in each companion."""
     mounts = v1_mounts()
     cpuset = mounts.get("cpuset")

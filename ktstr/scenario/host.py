@@ -27,7 +27,13 @@ from ktstr.checks import Checks
 from ktstr.cpulist import format_cpu_list
 from ktstr.errors import KtstrError
 from ktstr.scenario import catalog
-from ktstr.scenario.cgroups import CgroupBackend, V2Backend, backend_for, cgroup_mounts
+from ktstr.scenario.cgroups import (
+    CgroupBackend,
+    V2Backend,
+    backend_for,
+    cgroup_mounts,
+    v1_companions,
+)
 from ktstr.scenario.cpuset import resolve_cpuset
 from ktstr.scenario.model import CpusetSpec
 from ktstr.scenario.runner import ScenarioContext, execute_steps
@@ -213,6 +219,14 @@ def reap_stale_sessions(base: str | None = None) -> list[str]:
     """
     if base is None:
         base = session_base()[0]
+    removed: list[str] = []
+    # A v1 run also has ktstr-<pid> directories in the cpu/memory/freezer hierarchies.
+    for top in (base, *v1_companions(base).values()):
+        removed.extend(_reap_stale_in(top))
+    return removed
+
+
+def _reap_stale_in(base: str) -> list[str]:
     removed: list[str] = []
     try:
         names = os.listdir(base)

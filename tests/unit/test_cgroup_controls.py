@@ -203,3 +203,23 @@ def test_a_missing_v1_hierarchy_is_a_clear_error(tmp_path: os.PathLike[str]) -> 
     backend = V1Backend(str(tmp_path), companions={})
     with pytest.raises(KtstrError, match="no cgroup v1 cpu hierarchy is mounted"):
         backend.set_controls("a", CgroupControls(weight=200))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or cgroup_mounts()[0] is not None
+                    or "cpu" not in v1_mounts(), reason="needs root and cgroup v1 cpu")
+def test_a_killed_runs_cpu_hierarchy_cgroup_is_reaped() -> None:
+    import subprocess
+
+    from ktstr.scenario.host import reap_stale_sessions, session_base
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = os.path.join(v1_mounts()["cpu"], f"ktstr-{dead.pid}")
+    os.makedirs(os.path.join(stale, "a"))
+    try:
+        assert stale in reap_stale_sessions(session_base()[0])
+        assert not os.path.exists(stale)
+    finally:
+        for d in (os.path.join(stale, "a"), stale):
+            if os.path.isdir(d):
+                os.rmdir(d)
