@@ -4,7 +4,7 @@
 ``ktstr`` on ``sys.path`` and calls :func:`main`. Order of work:
 
 1. mount devtmpfs, mark boot time on ``ports.BOOT_PORT``, mount the rest
-   (proc, sysfs, cgroup2 with +cpuset +cpu, tmpfs, debugfs, tracefs, bpffs);
+   (proc, sysfs, cgroup2 with +cpuset +cpu +memory, tmpfs, debugfs, tracefs, bpffs);
 2. open the result channel (``ktstr.channel=`` on the kernel command line);
 3. read the run request (``/ktstr/request.json``), apply sysctls, mount disks;
 4. start the scheduler and wait until sched_ext reports it attached;
@@ -106,7 +106,7 @@ def late_mounts() -> None:
     mount("tracefs", "/sys/kernel/tracing", "tracefs", must=False)
     mount("bpf", "/sys/fs/bpf", "bpf", must=False)
     controllers = read_text("/sys/fs/cgroup/cgroup.controllers").split()
-    wanted = [c for c in ("cpuset", "cpu") if c in controllers]
+    wanted = [c for c in ("cpuset", "cpu", "memory") if c in controllers]
     if wanted:
         Path("/sys/fs/cgroup/cgroup.subtree_control").write_text(
             " ".join(f"+{c}" for c in wanted))

@@ -27,7 +27,7 @@ from ktstr.kernel.source import Source, resolve_source
 from ktstr.paths import cache_root
 
 FLAVOURS: dict[str, tuple[str, ...]] = {
-    "test": ("ktstr.kconfig",),
+    "test": ("ktstr.kconfig", "scenario.kconfig"),
     "sandbox": ("ktstr.kconfig", "sandbox.kconfig"),
 }
 LOCAL_ID = "local"

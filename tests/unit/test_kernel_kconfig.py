@@ -129,6 +129,11 @@ def test_project_fragments_parse() -> None:
     sandbox = load_fragment(fragments_dir() / "sandbox.kconfig").options
     assert test["SCHED_CLASS_EXT"] == "y" and test["DEBUG_INFO_BTF"] == "y"
     assert sandbox["KVM"] == "y"
+    scenario = load_fragment(fragments_dir() / "scenario.kconfig").options
+    assert scenario["CFS_BANDWIDTH"] == scenario["UCLAMP_TASK_GROUP"] == scenario["MEMCG"] == "y"
+    from ktstr.kernel.pipeline import FLAVOURS
+
+    assert "scenario.kconfig" in FLAVOURS["test"] and "scenario.kconfig" not in FLAVOURS["sandbox"]
 
 
 def test_parse_config_ignores_unset_and_comments() -> None:
