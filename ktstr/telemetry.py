@@ -198,6 +198,37 @@ class CgroupStats:
 
 
 @dataclass
+class PhaseStats:
+    """One stretch of a scenario under one scheduler (scheduler lifecycle ops start a new one)."""
+
+    index: int
+    scheduler: str
+    """The sched_ext ops name attached during the phase, or ``kernel`` (EEVDF)."""
+    start_s: float
+    end_s: float
+    work_units: int
+    cpu_ns: int
+    cgroup_units: dict[str, int] = field(default_factory=dict)
+    sched_state: dict[str, Any] = field(default_factory=dict)
+    """sched_ext's sysfs state when the phase began."""
+    started_by: str = ""
+    """The op that began it (empty for the first phase)."""
+
+    @property
+    def work_rate(self) -> float:
+        span = self.end_s - self.start_s
+        return self.work_units / span if span > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "work_rate": round(self.work_rate, 3)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PhaseStats:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
 class ScenarioResult:
     """Everything one scenario run measured."""
 
@@ -210,6 +241,8 @@ class ScenarioResult:
     checks: list[dict[str, Any]] = field(default_factory=list)
     """CheckResult dicts from :func:`ktstr.checks.evaluate`."""
     passed: bool | None = None
+    phases: list[PhaseStats] = field(default_factory=list)
+    """Set when the scenario attached or detached schedulers: one entry per phase."""
 
     def worker(self, cgroup: str, index: int) -> WorkerStats:
         for w in self.workers:
@@ -233,6 +266,7 @@ class ScenarioResult:
             "cgroups": [c.to_dict() for c in self.cgroups],
             "workers": [w.to_dict() for w in self.workers],
             "notes": list(self.notes),
+            **({"phases": [p.to_dict() for p in self.phases]} if self.phases else {}),
         }
 
     @classmethod
@@ -246,6 +280,7 @@ class ScenarioResult:
             notes=list(data.get("notes", [])),
             checks=list(data.get("checks", [])),
             passed=data.get("passed"),
+            phases=[PhaseStats.from_dict(p) for p in data.get("phases", [])],
         )
 
 

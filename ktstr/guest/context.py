@@ -10,7 +10,7 @@ from typing import Any
 
 from ktstr.cpulist import parse_cpu_list
 from ktstr.guest.channel import Channel
-from ktstr.guest.sched import scx_state
+from ktstr.guest.sched import SchedulerControl, scx_state
 from ktstr.topology import Topology
 
 
@@ -43,6 +43,8 @@ class Context:
     args: dict[str, Any] = field(default_factory=dict)
     scheduler: str | None = None
     """The attached sched_ext scheduler's ops name, or None (kernel scheduler)."""
+    scheduler_control: SchedulerControl | None = None
+    """What the scenario's scheduler lifecycle ops (DetachScheduler, ...) drive."""
 
     def report(self, data: dict[str, Any]) -> None:
         if not isinstance(data, dict):

@@ -33,7 +33,14 @@ from typing import Any
 from ktstr.guest.channel import Channel, NullChannel, open_channel
 from ktstr.guest.context import Context, online_cpus
 from ktstr.guest.disks import mount_disks
-from ktstr.guest.sched import GuestFailure, Kmsg, Sampler, SchedulerProcess, read_text
+from ktstr.guest.sched import (
+    GuestFailure,
+    Kmsg,
+    Sampler,
+    SchedulerControl,
+    SchedulerProcess,
+    read_text,
+)
 from ktstr.topology import Topology
 from ktstr.wire import ports
 from ktstr.wire.request import REQUEST_PATH, RunRequest
@@ -245,10 +252,11 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
         raise GuestFailure("disk", str(err)) from err
     func = load_function(req.scenario or "", req.test_file)
     topo = Topology.parse(req.topology) if req.topology else None
+    control = SchedulerControl(req.scheduler, kmsg, sched)
     ctx = Context(channel=chan, topology=topo, cpus=online_cpus(), duration_s=req.duration_s,
                   cgroup_root=CGROUP_ROOT, scratch=SCRATCH, disks=disks, args=req.args,
-                  scheduler=sched.name if sched else None)
-    sampler = Sampler(req.sample_interval_s, sched)
+                  scheduler=sched.name if sched else None, scheduler_control=control)
+    sampler = Sampler(req.sample_interval_s, control)
     sampler.start()
     chan.send({"type": "scenario_start", "uptime": uptime()})
     failure: GuestFailure | None = None
@@ -262,6 +270,7 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
         sampler.stop()
         chan.send({"type": "scenario_end", "uptime": uptime()})
         chan.send({"type": "sched_samples", "samples": sampler.samples})
+        sched = control.proc  # the scenario may have detached or replaced it
         if sched is not None:
             report = sched.stop()
             chan.send({"type": "sched_exit", **report.to_dict()})

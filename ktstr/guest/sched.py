@@ -16,7 +16,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +245,68 @@ class SchedulerProcess:
                           lines[-50:], tail(LOG_PATH))
 
 
+class SchedulerControl:
+    """The scheduler lifecycle a scenario drives (detach, attach, replace) in one boot.
+
+    ``current`` is the attached process (None while the kernel's own scheduler runs);
+    ``busy`` is set during a switch so the sampler does not call it an ejection. Every
+    attach and detach is kept in ``events`` for the host.
+    """
+
+    def __init__(self, spec: SchedulerSpec | None, kmsg: Kmsg,
+                 current: SchedulerProcess | None) -> None:
+        self.spec = spec
+        self.kmsg = kmsg
+        self.proc = current
+        self.busy = False
+        self.events: list[dict[str, Any]] = []
+        self._t0 = time.monotonic()
+
+    def current(self) -> str | None:
+        return self.proc.name if self.proc is not None and self.proc.alive() else None
+
+    def state(self) -> dict[str, Any]:
+        return scx_state()
+
+    def detach(self) -> None:
+        if self.proc is None:
+            raise GuestFailure("scenario", "DetachScheduler: no scheduler is attached")
+        self.busy = True
+        try:
+            report = self.proc.stop()
+            self.proc = None
+        finally:
+            self.busy = False
+        self.events.append({"t": round(time.monotonic() - self._t0, 3), "op": "detach",
+                            "clean": report.clean_unregister, "state": report.state_after})
+        if not report.clean_unregister:
+            raise GuestFailure(
+                "scheduler_ejected",
+                f"the scheduler did not detach cleanly (stopped by {report.stopped_by}, "
+                f"exit status {report.exit_status}, state {report.state_after!r})",
+                log_tail=report.log_tail, kernel_lines=report.kernel_lines)
+
+    def attach(self, binary: str | None, args: tuple[str, ...] | None) -> None:
+        if self.spec is None:
+            raise GuestFailure("scenario", "AttachScheduler: this run has no sched_ext "
+                               "scheduler (it runs under the kernel's own)")
+        if self.proc is not None:
+            raise GuestFailure("scenario", f"AttachScheduler: {self.proc.name!r} is still "
+                               "attached (detach it first, or use ReplaceScheduler)")
+        spec = replace(self.spec, binary=binary or self.spec.binary,
+                       args=list(args) if args is not None else list(self.spec.args),
+                       ops_name=None if binary else self.spec.ops_name)
+        proc = SchedulerProcess(spec, self.kmsg)
+        self.busy = True
+        try:
+            state = proc.attach()
+            self.proc = proc
+        finally:
+            self.busy = False
+        self.events.append({"t": round(time.monotonic() - self._t0, 3), "op": "attach",
+                            "binary": spec.binary, "args": spec.args, "ops": state.get("ops")})
+
+
 def _wait_disabled(limit_s: float) -> None:
     deadline = time.monotonic() + limit_s
     while read_text(SCX / "state") not in ("disabled", "") and time.monotonic() < deadline:
@@ -254,10 +316,10 @@ def _wait_disabled(limit_s: float) -> None:
 class Sampler(threading.Thread):
     """Samples sched_ext state periodically; notices the scheduler being ejected."""
 
-    def __init__(self, interval: float, sched: SchedulerProcess | None) -> None:
+    def __init__(self, interval: float, control: SchedulerControl | None) -> None:
         super().__init__(name="ktstr-sampler", daemon=True)
         self.interval = max(0.01, interval)
-        self.sched = sched
+        self.control = control
         self.samples: list[dict[str, Any]] = []
         self.ejected_at: float | None = None
         self._stop_event = threading.Event()
@@ -266,8 +328,12 @@ class Sampler(threading.Thread):
     def sample(self) -> None:
         snap = scx_state()
         snap["t"] = round(time.monotonic() - self._t0, 4)
-        if self.sched is not None:
-            snap["alive"] = self.sched.alive()
+        control = self.control
+        # Only a scheduler that should be attached can be ejected: not between a
+        # scenario's own detach and attach, nor during either.
+        sched = control.proc if control is not None and not control.busy else None
+        if sched is not None:
+            snap["alive"] = sched.alive()
             if self.ejected_at is None and (snap.get("state") != "enabled" or not snap["alive"]):
                 self.ejected_at = snap["t"]
         if len(self.samples) >= MAX_SAMPLES:

@@ -386,8 +386,52 @@ class CaptureCgroupProcs:
     name: str
 
 
+@dataclass(frozen=True)
+class DetachScheduler:
+    """Stop the scheduler under test: the kernel's own scheduler takes over (a new phase)."""
+
+
+@dataclass(frozen=True)
+class AttachScheduler:
+    """Start the run's scheduler again (``args``, if given, replace its flags): a new phase."""
+
+    args: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_args(self.args)
+
+
+@dataclass(frozen=True)
+class RestartScheduler:
+    """Detach and attach the same scheduler, as it was: a new phase."""
+
+
+@dataclass(frozen=True)
+class ReplaceScheduler:
+    """Detach, then attach ``binary`` (a guest path; None: the run's) with ``args`` (None:
+    its own flags): a new phase."""
+
+    binary: str | None = None
+    args: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_args(self.args)
+        if self.binary is None and self.args is None:
+            raise KtstrError("ReplaceScheduler: give a binary or args (RestartScheduler "
+                             "restarts the scheduler as it was)")
+
+
+def _check_args(args: tuple[str, ...] | None) -> None:
+    if args is not None and not (isinstance(args, tuple)
+                                 and all(isinstance(a, str) for a in args)):
+        raise KtstrError(f"scheduler args must be a tuple of strings, got {args!r}")
+
+
+SchedulerOp = DetachScheduler | AttachScheduler | RestartScheduler | ReplaceScheduler
+
 Op = AddCgroup | RemoveCgroup | SetCpuset | ClearCpuset | SwapCpusets | Spawn | StopCgroup | \
-    MoveAllTasks | SetAffinity | SetControls | FreezeCgroup | UnfreezeCgroup | CaptureCgroupProcs
+    MoveAllTasks | SetAffinity | SetControls | FreezeCgroup | UnfreezeCgroup | \
+    CaptureCgroupProcs | SchedulerOp
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,20 @@ from ktstr.scenario.cpuset import resolve_affinity, resolve_cpuset
 from ktstr.scenario.model import (
     AddCgroup,
     Affinity,
+    AttachScheduler,
     CaptureCgroupProcs,
     CgroupDef,
     ClearCpuset,
     CpusetSpec,
+    DetachScheduler,
     FreezeCgroup,
     MoveAllTasks,
     Op,
     PolicyKind,
     RemoveCgroup,
+    ReplaceScheduler,
+    RestartScheduler,
+    SchedulerOp,
     SetAffinity,
     SetControls,
     SetCpuset,
@@ -49,7 +54,7 @@ from ktstr.scenario.model import (
     format_cpu_list,
 )
 from ktstr.scenario.work import Work
-from ktstr.telemetry import CgroupStats, ScenarioResult, WorkerStats
+from ktstr.telemetry import CgroupStats, PhaseStats, ScenarioResult, WorkerStats
 from ktstr.topology import Topology
 
 _POLICY = {
@@ -60,6 +65,23 @@ _POLICY = {
     PolicyKind.RR: os.SCHED_RR,
 }
 _SAMPLE_S = 0.05
+
+
+@runtime_checkable
+class SchedulerControl(Protocol):
+    """Attaches and detaches the scheduler under test (the guest runtime provides one)."""
+
+    def current(self) -> str | None:
+        """The attached sched_ext ops name, or None (the kernel's own scheduler)."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """sched_ext's sysfs state now."""
+        ...
+
+    def detach(self) -> None: ...
+
+    def attach(self, binary: str | None, args: tuple[str, ...] | None) -> None: ...
 
 
 @runtime_checkable
@@ -87,6 +109,8 @@ class ScenarioContext:
     """A :class:`ktstr.checks.Checks` (None = defaults)."""
     scratch_dir: str = tempfile.gettempdir()
     seed: int = 0
+    scheduler_control: SchedulerControl | None = None
+    """What scheduler lifecycle ops use (the guest's; None on a host)."""
 
     @classmethod
     def of(cls, ctx: Any) -> ScenarioContext:
@@ -108,6 +132,7 @@ class ScenarioContext:
             checks=context_checks(ctx),
             scratch_dir=os.fspath(scratch) if scratch else tempfile.gettempdir(),
             seed=getattr(ctx, "seed", 0) or 0,
+            scheduler_control=getattr(ctx, "scheduler_control", None),
         )
 
 
@@ -174,7 +199,10 @@ class Runner:
         self._created: list[str] = []
         self.gone: dict[str, _Cgroup] = {}
         """Removed cgroups, for the telemetry of the workers they had."""
+        self.control = ctx.scheduler_control
+        self.phases: list[PhaseStats] = []
         self.started = time.monotonic()
+        self._phase = self._phase_begin("")
 
     # -- cpu mapping --------------------------------------------------------
 
@@ -228,6 +256,8 @@ class Runner:
                 f"capture {op.name} at {time.monotonic() - self.started:.2f} s: "
                 f"{len(pids)} tasks: {' '.join(map(str, pids)) or '-'}"
             )
+        elif isinstance(op, SchedulerOp):
+            self.scheduler_op(op)
         elif isinstance(op, SetAffinity):
             cg = self._need(op.name)
             cg.affinity = op.affinity
@@ -276,6 +306,57 @@ class Runner:
             count = d.worker_count(len(self.effective[full]))
             if count:
                 self.spawn(self.cgroups[full], count, d.work)
+
+    # -- scheduler phases --------------------------------------------------------
+
+    def scheduler_op(self, op: SchedulerOp) -> None:
+        """Carry out a lifecycle op between two phases (work done during the switch
+        itself belongs to neither)."""
+        if self.control is None:
+            raise KtstrError(
+                f"scenario {self.name}: {type(op).__name__} needs a scheduler to control: "
+                "it runs inside a ktstr VM, not on a host"
+            )
+        self.phases.append(self._phase_end(self._phase))
+        if isinstance(op, DetachScheduler):
+            self.control.detach()
+        elif isinstance(op, AttachScheduler):
+            self.control.attach(None, op.args)
+        elif isinstance(op, RestartScheduler):
+            self.control.detach()
+            self.control.attach(None, None)
+        elif isinstance(op, ReplaceScheduler):
+            self.control.detach()
+            self.control.attach(op.binary, op.args)
+        self._phase = self._phase_begin(type(op).__name__)
+
+    def _progress(self) -> tuple[int, int, dict[str, int]]:
+        """Work units and CPU time of every worker so far, and units per cgroup."""
+        now = time.monotonic_ns()
+        stats = [*self.finished, *(h.snapshot(now) for h in self.live)]
+        per_cg: dict[str, int] = {}
+        for w in stats:
+            per_cg[w.cgroup] = per_cg.get(w.cgroup, 0) + w.work_units
+        return sum(w.work_units for w in stats), sum(w.cpu_ns for w in stats), per_cg
+
+    def _phase_begin(self, started_by: str) -> PhaseStats:
+        units, cpu, per_cg = self._progress()
+        control = self.control
+        return PhaseStats(
+            index=len(self.phases), scheduler=(control.current() if control else None) or "kernel",
+            start_s=time.monotonic() - self.started, end_s=0.0, work_units=units, cpu_ns=cpu,
+            cgroup_units=per_cg, sched_state=control.state() if control else {},
+            started_by=started_by,
+        )
+
+    def _phase_end(self, phase: PhaseStats) -> PhaseStats:
+        """``phase`` (holding the counts at its start) with what was done since."""
+        units, cpu, per_cg = self._progress()
+        phase.end_s = time.monotonic() - self.started
+        phase.work_units = units - phase.work_units
+        phase.cpu_ns = cpu - phase.cpu_ns
+        phase.cgroup_units = {cg: n - phase.cgroup_units.get(cg, 0) for cg, n in per_cg.items()}
+        return phase
 
     def freeze(self, cg: _Cgroup, frozen: bool) -> None:
         if frozen == (cg.frozen_at is not None):
@@ -410,6 +491,8 @@ class Runner:
 
     def finish(self) -> ScenarioResult:
         self._thaw_all()
+        if self.phases:  # a lifecycle op ran: the last phase ends here
+            self.phases.append(self._phase_end(self._phase))
         self.stop_workers(list(self.live))
         by_cg: dict[str, list[WorkerStats]] = {}
         for w in self.finished:
@@ -436,6 +519,7 @@ class Runner:
             workers=sorted(self.finished, key=lambda w: (w.cgroup, w.index)),
             cgroups=sorted(cgroups, key=lambda c: c.name),
             notes=self.notes,
+            phases=self.phases,
         )
 
     def close(self) -> None:
