@@ -233,10 +233,12 @@ def _fifo_mix(p: Params) -> list[Step]:
 def _fifo_hog(p: Params) -> list[Step]:
     # Negative test: a SCHED_FIFO spinner and normal spinners on the same one
     # CPU. Only RT throttling keeps the victims alive; they must show as starved.
+    # The hog starts first: victims started before it would run freely until it
+    # arrives (a few hundred ms under emulation), a share that hides the starvation.
     last = p.n - 1
     return _one(
-        CgroupDef("victims", CpusetSpec.exact([last]), workers=2),
         CgroupDef("hog", CpusetSpec.exact([last]), workers=1, policy=SchedPolicy.fifo(10)),
+        CgroupDef("victims", CpusetSpec.exact([last]), workers=2),
     )
 
 
