@@ -425,6 +425,8 @@ def evaluate(
             "min_work_rate", workers, lambda w: w.work_rate, checks.min_work_rate, "/s",
             "work rate", higher_is_bad=False,
         ))
+    if result.payloads:
+        out.append(check_payloads(result))
     if result.cgroups and checks.weight_share_pct is not None:
         out.append(check_weight_share(result.cgroups, checks.weight_share_pct))
     if result.cgroups and checks.bandwidth_pct is not None:
@@ -432,6 +434,22 @@ def evaluate(
     if log_text is not None and checks.health:
         out.extend(scheduler_health(log_text))
     return out
+
+
+def check_payloads(result: ScenarioResult) -> CheckResult:
+    """Every payload ran to its end (or was stopped on purpose) and its output parsed."""
+    failed = [p for p in result.payloads if p.failed]
+    if not failed:
+        ran = ", ".join(f"{p.label} ({', '.join(f'{k} {v:g}' for k, v in p.metrics.items())})"
+                        if p.metrics else p.label for p in result.payloads)
+        return CheckResult("payloads", True, 0, 0, f"payloads ran: {ran}")
+    p = failed[0]
+    last = p.output_tail.strip().splitlines()[-1:] or ["(no output)"]
+    return CheckResult(
+        "payloads", False, len(failed), 0,
+        f"payload {p.label} ({' '.join(p.argv)}) {p.error}; last output: {last[0][:200]}"
+        + (f"; {len(failed)} payloads failed" if len(failed) > 1 else ""),
+    )
 
 
 def competing_siblings(cgroups: Iterable[CgroupStats]) -> list[list[CgroupStats]]:

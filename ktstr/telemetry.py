@@ -198,6 +198,36 @@ class CgroupStats:
 
 
 @dataclass
+class PayloadResult:
+    """One payload run: how it ended and what its parser read."""
+
+    label: str
+    name: str
+    argv: list[str]
+    exit_code: int | None
+    """None: it was killed (KillPayload, its timeout, or the scenario's end)."""
+    duration_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    output_tail: str = ""
+    error: str | None = None
+    killed_by: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PayloadResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
 class PhaseStats:
     """One stretch of a scenario under one scheduler (scheduler lifecycle ops start a new one)."""
 
@@ -243,6 +273,8 @@ class ScenarioResult:
     passed: bool | None = None
     phases: list[PhaseStats] = field(default_factory=list)
     """Set when the scenario attached or detached schedulers: one entry per phase."""
+    payloads: list[PayloadResult] = field(default_factory=list)
+    """Every payload run (hackbench, cyclictest, ...), with the metrics it produced."""
 
     def worker(self, cgroup: str, index: int) -> WorkerStats:
         for w in self.workers:
@@ -267,6 +299,7 @@ class ScenarioResult:
             "workers": [w.to_dict() for w in self.workers],
             "notes": list(self.notes),
             **({"phases": [p.to_dict() for p in self.phases]} if self.phases else {}),
+            **({"payloads": [p.to_dict() for p in self.payloads]} if self.payloads else {}),
         }
 
     @classmethod
@@ -281,6 +314,7 @@ class ScenarioResult:
             checks=list(data.get("checks", [])),
             passed=data.get("passed"),
             phases=[PhaseStats.from_dict(p) for p in data.get("phases", [])],
+            payloads=[PayloadResult.from_dict(p) for p in data.get("payloads", [])],
         )
 
 

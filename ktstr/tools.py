@@ -72,6 +72,10 @@ TOOLS: dict[str, Tool] = _tools(
     ("zstd", "zstd", "zstd initramfs compression"),
     ("busybox", "busybox-static", "packed into guests: `ktstr shell`, the disk-template "
                                   "VM, the sandbox's init"),
+    # scenario payloads (ktstr.scenario.payload), packed into guests
+    ("hackbench", "rt-tests", "the HACKBENCH payload: message passing between process groups"),
+    ("cyclictest", "rt-tests", "the CYCLICTEST payload: timer wake-up latency"),
+    ("stress-ng", "stress-ng", "the STRESS_NG_CPU payload: CPU stressor throughput"),
     # disks
     ("mkfs.btrfs", "btrfs-progs", "formats btrfs disk templates and the sandbox's disk cache"),
     ("mkfs.ext4", "e2fsprogs", "formats ext4 disk templates"),

@@ -24,6 +24,7 @@ from ktstr.results.metrics import (
     REGISTRY,
     check_status,
     get_metric,
+    payload_metrics,
     repeats_of,
     significance_note,
     why_missing,
@@ -153,6 +154,10 @@ def cmd_show(args: argparse.Namespace) -> int:
                 )
         if line := monitor_line(r.get("observer")):
             print(f"         {line}")
+        values = _mapping(r.get("payload_metrics"))
+        if values:
+            print("         payloads: " + ", ".join(f"{k} {v:g}" for k, v in sorted(values.items())
+                                                    if isinstance(v, int | float)))
     print(f"total wall time {total:.1f}s")
     return 0
 
@@ -206,12 +211,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise KtstrError(f"--alpha {args.alpha}: use a significance level between 0 and 1")
     if args.fail_threshold < 1:
         raise KtstrError(f"--fail-threshold {args.fail_threshold}: use a count >= 1")
-    must = [get_metric(n.strip()).name for n in args.must_not_regress.split(",") if n.strip()]
     gates = Gates(None if args.threshold is None else args.threshold / 100.0,
                   _parse_abs(args.abs))
     run_a = resolve_run(args.run_a, args.root)
     run_b = resolve_run(args.run_b, args.root)
     records_a, records_b = load_run(run_a), load_run(run_b)
+    extra = payload_metrics([*records_a, *records_b])
+    must = [get_metric(n.strip(), extra).name for n in args.must_not_regress.split(",")
+            if n.strip()]
     cmp = compare_runs(records_a, records_b, args.alpha, gates)
     check_comparable(cmp, args.force)
     failures = cmp.failures(args.fail_threshold, must)

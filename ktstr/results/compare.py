@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ktstr.errors import KtstrError
-from ktstr.results.metrics import REGISTRY, Metric, SampleStats
+from ktstr.results.metrics import REGISTRY, Metric, SampleStats, payload_metrics
 from ktstr.results.sidecar import Record, result_key
 
 DEFAULT_ALPHA = 0.05
@@ -191,8 +191,11 @@ def pair_results(
 
 def compare_runs(
     run_a: Sequence[Record], run_b: Sequence[Record], alpha: float = DEFAULT_ALPHA,
-    gates: Gates | None = None, metrics: Sequence[Metric] = REGISTRY,
+    gates: Gates | None = None, metrics: Sequence[Metric] | None = None,
 ) -> Comparison:
+    """``metrics``: the registry and the payload metrics either run carries, by default."""
+    if metrics is None:
+        metrics = (*REGISTRY, *payload_metrics([*run_a, *run_b]))
     pairs, only_a, only_b = pair_results(run_a, run_b)
     out = Comparison(only_a=only_a, only_b=only_b, pairs=len(pairs))
     for key, ra, rb in pairs:

@@ -108,13 +108,38 @@ REGISTRY: tuple[Metric, ...] = (
 METRICS: dict[str, Metric] = {m.name: m for m in REGISTRY}
 
 
-def get_metric(name: str) -> Metric:
-    try:
-        return METRICS[name]
-    except KeyError:
+PAYLOAD_PREFIX = "payload."
+
+
+def get_metric(name: str, extra: Sequence[Metric] = ()) -> Metric:
+    """A registry metric, or one of ``extra`` (the payload metrics runs carry)."""
+    found = METRICS.get(name) or next((m for m in extra if m.name == name), None)
+    if found is None:
+        known = [*METRICS, *(m.name for m in extra)]
         raise KtstrError(
-            f"unknown metric {name!r}; known: {', '.join(METRICS)} (ktstr stats metrics)"
-        ) from None
+            f"unknown metric {name!r}; known: {', '.join(known)} (ktstr stats metrics; "
+            f"a payload's are {PAYLOAD_PREFIX}LABEL.METRIC)"
+        )
+    return found
+
+
+def payload_metrics(records: Iterable[Mapping[str, Any]]) -> list[Metric]:
+    """A metric for every payload number the records carry (``payload_metric_specs``:
+    the unit and direction the payload declared), in name order."""
+    found: dict[str, Metric] = {}
+    for record in records:
+        specs = record.get("payload_metric_specs")
+        if not isinstance(specs, Mapping):
+            continue
+        for key, spec in specs.items():
+            if not isinstance(spec, Mapping) or f"{PAYLOAD_PREFIX}{key}" in found:
+                continue
+            direction = Direction.HIGHER if spec.get("higher_is_better") else Direction.LOWER
+            found[f"{PAYLOAD_PREFIX}{key}"] = Metric(
+                f"{PAYLOAD_PREFIX}{key}", str(spec.get("unit", "")), direction, 0.0, 0.05,
+                "payload_metrics", str(key), f"payload metric {key}",
+                "a scenario that runs that payload (RunPayload)")
+    return [found[k] for k in sorted(found)]
 
 
 def repeats_of(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -153,7 +178,7 @@ def repeat_summary(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, flo
     """Mean, stddev, min, max and n over ``runs`` for every registry metric they have."""
     runs = list(runs)
     out: dict[str, dict[str, float | int]] = {}
-    for metric in REGISTRY:
+    for metric in (*REGISTRY, *payload_metrics(runs)):
         values = [v for run in runs if (v := metric.extract(run)) is not None]
         if values:
             out[metric.name] = SampleStats.of(values).to_dict()

@@ -208,6 +208,7 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
             "workers": workers,
         },
         "summary": summarize_workers(w for w in workers if isinstance(w, Mapping)),
+        **payload_sections(telemetry.get("payloads")),
         "timeline": telemetry.get("timeline"),
         "scheduler_exit": run.sched_exit,
         "observer": run.observation.to_record() if run.observation is not None else None,
@@ -251,7 +252,8 @@ def combined_record(plan: RunPlan, attempts: Sequence[Attempt], verdict: Verdict
         repeat_shown=shown + 1,
         repeats=[
             {"repeat": i, "verdict": r["verdict"], "reason": r["reason"],
-             "failure_kind": r["failure_kind"], "summary": r["summary"], "timings": r["timings"]}
+             "failure_kind": r["failure_kind"], "summary": r["summary"], "timings": r["timings"],
+             **({"payload_metrics": r["payload_metrics"]} if "payload_metrics" in r else {})}
             for i, r in enumerate(records, 1)
         ],
         repeat_summary=repeat_summary(records),
@@ -351,13 +353,13 @@ def record_problem(data: object) -> str | None:
     if not isinstance(data, dict) or not isinstance(data.get("test"), str):
         return "not a ktstr sidecar (no 'test' string)"
     for key in ("kernel", "scheduler", "timings", "summary", "metrics", "timeline", "host",
-                "repeat_summary"):
+                "repeat_summary", "payload_metrics", "payload_metric_specs"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             return f"{key!r} must be an object"
     for key in ("verdict", "reason"):
         if data.get(key) is not None and not isinstance(data[key], str):
             return f"{key!r} must be a string"
-    for key in ("checks", "host_faults"):
+    for key in ("checks", "host_faults", "payloads"):
         if data.get(key) is not None and not _objects(data[key]):
             return f"{key!r} must be a list of objects"
     repeats = data.get("repeats")
@@ -365,7 +367,7 @@ def record_problem(data: object) -> str | None:
         if not _objects(repeats):
             return "'repeats' must be a list of objects"
         for i, run in enumerate(repeats, 1):
-            for key in ("summary", "timings"):
+            for key in ("summary", "timings", "payload_metrics"):
                 if run.get(key) is not None and not isinstance(run[key], dict):
                     return f"repeats[{i}].{key} must be an object"
     metrics = data.get("metrics") or {}
@@ -443,6 +445,32 @@ def _flatten(row: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, An
             yield from _flatten(value, f"{prefix}{key}_")
         else:
             yield f"{prefix}{key}", value
+
+
+def payload_sections(payloads: object) -> dict[str, Any]:
+    """``payloads`` (each run: argv, exit, metrics, error) and ``payload_metrics``
+    (``LABEL.METRIC``: number, the values ``stats compare`` gates on, with their unit and
+    direction in ``payload_metric_specs``); nothing when the scenario ran no payload."""
+    runs = [p for p in payloads if isinstance(p, Mapping)] if isinstance(payloads, list) else []
+    if not runs:
+        return {}
+    values: dict[str, float] = {}
+    specs: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        metrics = run.get("metrics")
+        if not isinstance(metrics, Mapping):
+            continue
+        units = run.get("units")
+        units = units if isinstance(units, Mapping) else {}
+        better = run.get("higher_is_better")
+        better = better if isinstance(better, Mapping) else {}
+        for name, value in metrics.items():
+            if is_number(value):
+                key = f"{run.get('label')}.{name}"
+                values[key] = float(value)
+                specs[key] = {"unit": str(units.get(name, "")),
+                              "higher_is_better": bool(better.get(name, False))}
+    return {"payloads": runs, "payload_metrics": values, "payload_metric_specs": specs}
 
 
 def summarize_workers(workers: Iterable[Mapping[str, Any]]) -> dict[str, float]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ktstr.cpulist import format_cpu_list, parse_cpu_list
 from ktstr.errors import KtstrError
 from ktstr.scenario.controls import CgroupControls
+from ktstr.scenario.payload import Payload
 from ktstr.scenario.work import CpuSpin, Work
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
@@ -429,9 +430,49 @@ def _check_args(args: tuple[str, ...] | None) -> None:
 
 SchedulerOp = DetachScheduler | AttachScheduler | RestartScheduler | ReplaceScheduler
 
+
+@dataclass(frozen=True)
+class RunPayload:
+    """Start ``payload`` (in cgroup ``cgroup`` if given: its cpuset and controls apply).
+
+    ``label`` names this run for WaitPayload/KillPayload (default: the payload's name);
+    ``wait=True`` blocks until it ends. One still running when the scenario ends is
+    killed and reported so.
+    """
+
+    payload: Payload
+    label: str = ""
+    cgroup: str | None = None
+    wait: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.payload, Payload):
+            raise KtstrError(f"RunPayload takes a Payload, not {type(self.payload).__name__}")
+        if self.label:
+            check_name(self.label)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.payload.name
+
+
+@dataclass(frozen=True)
+class WaitPayload:
+    """Wait for a running payload to end (up to its own timeout) and read its metrics."""
+
+    label: str
+
+
+@dataclass(frozen=True)
+class KillPayload:
+    label: str
+
+
+PayloadOp = RunPayload | WaitPayload | KillPayload
+
 Op = AddCgroup | RemoveCgroup | SetCpuset | ClearCpuset | SwapCpusets | Spawn | StopCgroup | \
     MoveAllTasks | SetAffinity | SetControls | FreezeCgroup | UnfreezeCgroup | \
-    CaptureCgroupProcs | SchedulerOp
+    CaptureCgroupProcs | SchedulerOp | PayloadOp
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,14 @@ from ktstr.scenario.model import (
     CpusetSpec,
     DetachScheduler,
     FreezeCgroup,
+    KillPayload,
     MoveAllTasks,
     Op,
     PolicyKind,
     RemoveCgroup,
     ReplaceScheduler,
     RestartScheduler,
+    RunPayload,
     SchedulerOp,
     SetAffinity,
     SetControls,
@@ -51,10 +53,12 @@ from ktstr.scenario.model import (
     StopCgroup,
     SwapCpusets,
     UnfreezeCgroup,
+    WaitPayload,
     format_cpu_list,
 )
+from ktstr.scenario.payload_proc import PayloadProcess
 from ktstr.scenario.work import Work
-from ktstr.telemetry import CgroupStats, PhaseStats, ScenarioResult, WorkerStats
+from ktstr.telemetry import CgroupStats, PayloadResult, PhaseStats, ScenarioResult, WorkerStats
 from ktstr.topology import Topology
 
 _POLICY = {
@@ -201,6 +205,9 @@ class Runner:
         """Removed cgroups, for the telemetry of the workers they had."""
         self.control = ctx.scheduler_control
         self.phases: list[PhaseStats] = []
+        self.payloads: dict[str, PayloadProcess] = {}
+        """Payloads started and not yet waited for or killed, by label."""
+        self.payload_results: list[PayloadResult] = []
         self.started = time.monotonic()
         self._phase = self._phase_begin("")
 
@@ -258,6 +265,14 @@ class Runner:
             )
         elif isinstance(op, SchedulerOp):
             self.scheduler_op(op)
+        elif isinstance(op, RunPayload):
+            self.run_payload(op)
+        elif isinstance(op, WaitPayload):
+            self._payload(op.label).wait()
+            self._payload_done(op.label)
+        elif isinstance(op, KillPayload):
+            self._payload(op.label).kill("KillPayload")
+            self._payload_done(op.label)
         elif isinstance(op, SetAffinity):
             cg = self._need(op.name)
             cg.affinity = op.affinity
@@ -306,6 +321,38 @@ class Runner:
             count = d.worker_count(len(self.effective[full]))
             if count:
                 self.spawn(self.cgroups[full], count, d.work)
+
+    # -- payloads -------------------------------------------------------------------
+
+    def run_payload(self, op: RunPayload) -> None:
+        label = op.name
+        if label in self.payloads:
+            raise KtstrError(f"scenario {self.name}: payload {label!r} is already running")
+        join = None
+        if op.cgroup is not None:
+            self._need(op.cgroup)
+            join = partial(self.backend.attach, op.cgroup)
+        self.payloads[label] = PayloadProcess(label, op.payload, self.scratch_dir, join)
+        if op.wait:
+            self.payloads[label].wait()
+            self._payload_done(label)
+
+    def _payload(self, label: str) -> PayloadProcess:
+        proc = self.payloads.get(label)
+        if proc is None:
+            raise KtstrError(
+                f"scenario {self.name}: no running payload {label!r} (running: "
+                f"{', '.join(sorted(self.payloads)) or 'none'})"
+            )
+        return proc
+
+    def _payload_done(self, label: str) -> None:
+        self.payload_results.append(self.payloads.pop(label).result())
+
+    def _end_payloads(self, why: str) -> None:
+        for label, proc in list(self.payloads.items()):
+            proc.kill(why)
+            self._payload_done(label)
 
     # -- scheduler phases --------------------------------------------------------
 
@@ -493,6 +540,7 @@ class Runner:
         self._thaw_all()
         if self.phases:  # a lifecycle op ran: the last phase ends here
             self.phases.append(self._phase_end(self._phase))
+        self._end_payloads("scenario end")
         self.stop_workers(list(self.live))
         by_cg: dict[str, list[WorkerStats]] = {}
         for w in self.finished:
@@ -520,6 +568,7 @@ class Runner:
             cgroups=sorted(cgroups, key=lambda c: c.name),
             notes=self.notes,
             phases=self.phases,
+            payloads=self.payload_results,
         )
 
     def close(self) -> None:
@@ -529,6 +578,9 @@ class Runner:
 
     def _close(self) -> None:
         self._thaw_all()
+        for proc in self.payloads.values():
+            proc.kill("teardown")
+        self.payloads = {}
         for h in self.live:
             wk.kill_and_reap(h.pid)
         self.live = []

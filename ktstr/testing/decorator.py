@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ktstr.errors import KtstrError
 from ktstr.gauntlet import Constraints
+from ktstr.scenario.payload import Payload
 from ktstr.scheduler import FlagProfile, Scheduler, get_scheduler
 from ktstr.topology import Topology
 
@@ -71,6 +72,8 @@ class KtstrTestSpec:
     host_check: Callable[[GuestRun], None] | None = None
     """Runs on the host after each run with its :class:`~ktstr.runner.GuestRun` (the
     observer's view of guest memory included); an ``AssertionError`` fails the run."""
+    payloads: tuple[Payload, ...] = ()
+    """Programs the scenario runs (RunPayload): packed into the guest."""
 
     @property
     def target(self) -> str:
@@ -205,6 +208,7 @@ def ktstr_test(
     host_check: Callable[[GuestRun], None] | None = None,
     allow_inconclusive: bool = False,
     watch_bpf_maps: Sequence[str] = (),
+    payloads: Sequence[Payload] = (),
 ) -> Any:
     """Declare ``scenario(ctx) -> AssertResult | dict`` as a VM test.
 
@@ -221,6 +225,8 @@ def ktstr_test(
     observer read from guest memory (``run.observation``). A run with no signal (the guest
     lost before the scenario, no worker progressing) is *inconclusive*: a failure whose
     message starts ``inconclusive:``, or a skip with ``allow_inconclusive=True``.
+    ``payloads`` are the programs (``ktstr.scenario.payload``) its RunPayload steps run:
+    the host packs them into the guest with their libraries.
     """
 
     def wrap(fn: F) -> F:
@@ -307,6 +313,7 @@ def ktstr_test(
             host_check=host_check,
             allow_inconclusive=bool(allow_inconclusive),
             watch_bpf_maps=_map_names(watch_bpf_maps, where),
+            payloads=_payloads(payloads, where),
         )
         wrapper = _guest_entry(fn)
         setattr(wrapper, SPEC_ATTR, spec)
@@ -315,6 +322,15 @@ def ktstr_test(
     if func is not None:
         return wrap(func)
     return wrap
+
+
+def _payloads(value: Any, where: str) -> tuple[Payload, ...]:
+    if isinstance(value, Payload):
+        value = (value,)
+    if not all(isinstance(p, Payload) for p in value):
+        raise KtstrError(f"{where}: payloads={value!r} must be a list of Payload "
+                         "(ktstr.scenario.payload: HACKBENCH, CYCLICTEST, STRESS_NG_CPU, ...)")
+    return tuple(value)
 
 
 def _map_names(value: Any, where: str) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from ktstr.reap import reap_stale_all
 from ktstr.reserve import ReservationTimeout
 from ktstr.results.sidecar import passed_tests, results_root, run_id
 from ktstr.sandbox.detect import RESUME_ENV
+from ktstr.scenario.payload_proc import resolve_program
 from ktstr.scheduler import BUILTIN, FlagProfile, Scheduler, parse_scheduler_option
 from ktstr.testing.decorator import MAX_REPEAT, KtstrTestSpec, check_repeat, spec_of
 from ktstr.topology import Topology
@@ -95,6 +96,8 @@ class SessionState:
     host_faults: list[tuple[str, str]] = field(default_factory=list)
     """(test, fault) for every run rerun after a fault of the emulated host."""
     test_files: tuple[Path, ...] = ()
+    payload_binaries: tuple[Path, ...] = ()
+    """The host programs of every selected test's payloads (those found here)."""
     """Every VM test module next to the collected ones: packed into one shared base
     initramfs, so the session builds (or looks up) one base instead of one per module."""
 
@@ -130,7 +133,8 @@ class SessionState:
         so runs under different schedulers share one cached base."""
         entry = self.kernel().entry
         built = dict(entry.schedulers) if entry is not None else {}
-        return tuple(Path(built[n]).resolve() for n in sorted(built) if Path(built[n]).is_file())
+        scheds = [Path(built[n]).resolve() for n in sorted(built) if Path(built[n]).is_file()]
+        return (*scheds, *self.payload_binaries)
 
     def vm_kernel(self) -> ResolvedKernel:
         """:meth:`kernel` for a test about to boot a VM; :class:`KtstrTestFailure` with
@@ -234,6 +238,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash[STATE]
     state.test_files = vm_test_files(session.items)
+    state.payload_binaries = payload_binaries(
+        [i.spec for i in session.items if isinstance(i, KtstrItem)])
     path = session.config.getoption("ktstr_dump_specs")
     if not path:
         return
@@ -244,6 +250,22 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         row["disks"] = [_disk_dict(d) for d in spec.disks]
         rows.append(row)
     Path(path).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def payload_binaries(specs: list[KtstrTestSpec]) -> tuple[Path, ...]:
+    """The host paths of the payload programs ``specs`` use, each once, sorted: one base
+    initramfs serves every test of the session."""
+    found = {resolve_program(p.program) for s in specs for p in s.payloads}
+    return tuple(sorted(Path(f).resolve() for f in found if f))
+
+
+def missing_payloads(spec: KtstrTestSpec) -> str | None:
+    """Why a payload of ``spec`` cannot be packed (its program is not on this host)."""
+    for p in spec.payloads:
+        if resolve_program(p.program) is None:
+            hint = f": apt-get install {p.package}" if p.package else ""
+            return f"payload {p.name}: program {p.program!r} not found on this host{hint}"
+    return None
 
 
 def vm_test_files(items: list[pytest.Item]) -> tuple[Path, ...]:
@@ -294,6 +316,9 @@ class KtstrItem(pytest.Item):
         started = time.time()
         host_faults: list[hostfault.HostFault] = []
         try:
+            missing = missing_payloads(self.spec)
+            if missing:
+                raise KtstrError(missing)
             kernel = state.vm_kernel()
             entry = kernel.entry
             if sched.sched_ext and entry is not None and not entry.sched_ext:
