@@ -53,6 +53,8 @@ class Checks:
     """Migrations per work unit, per worker."""
     min_work_rate: float | None = None
     """Work units per second, per worker."""
+    cross_node_migration_ratio: float | None = None
+    """Per worker: the share of its sampled migrations that crossed NUMA nodes."""
     weight_share_pct: float | None = None
     """Sibling cgroups on the same CPUs, one of them with a ``cpu.weight``: each one's
     share of their CPU time within this many percent of its weight's share. Meaningful
@@ -419,6 +421,13 @@ def evaluate(
             "migration_ratio", workers,
             lambda w: w.migrations / w.work_units if w.work_units else None,
             checks.migration_ratio, "", "migrations per work unit",
+        ))
+    if workers and checks.cross_node_migration_ratio is not None:
+        out.append(_worst(
+            "cross_node_migration_ratio", workers,
+            lambda w: w.cross_node_migrations / w.sampled_migrations
+            if w.sampled_migrations else None,
+            checks.cross_node_migration_ratio, "", "share of migrations across NUMA nodes",
         ))
     if workers and checks.min_work_rate is not None:
         out.append(_worst(

@@ -100,6 +100,8 @@ class WorkerStats:
     """Kernel count (se.nr_migrations in /proc/<pid>/sched) when available, else sampled."""
     sampled_migrations: int = 0
     """CPU changes seen by sampling sched_getcpu() about every millisecond of work."""
+    cross_node_migrations: int = 0
+    """Sampled moves between CPUs of different NUMA nodes."""
     max_gap_ms: float = 0.0
     off_cpu_pct: float = 0.0
     wake_latency: LatencySummary | None = None

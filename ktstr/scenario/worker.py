@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ktstr.cpulist import parse_cpu_list
 from ktstr.reap import die_with_parent
 from ktstr.telemetry import LatencySummary, WorkerStats, off_cpu_pct
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 # Slot layout: u64 words at the start, then per-CPU epoch stamps, then a latency ring.
 _STATE, _STOP, _UNITS, _START, _LAST, _MAXGAP, _MIGR, _EPOCH, _LASTCPU, _DEADLINE, \
-    _LATN, _LATMAX = range(12)
+    _LATN, _LATMAX, _XNODE = range(13)
 _ERR_OFF, _ERR_LEN = 128, 384
 _CPU_OFF = 1024
 MAX_CPUS = 1024
@@ -76,6 +77,8 @@ class WorkerRuntime:
         self._max_gap = 0
         self._last_cpu = -1
         self._migr = 0
+        self._xnode = 0
+        self._node_of = cpu_nodes()
         self._lat_n = 0
         self._lat_max = 0
         now = time.monotonic_ns()
@@ -132,6 +135,11 @@ class WorkerRuntime:
             if self._last_cpu >= 0 and cpu != self._last_cpu:
                 self._migr += 1
                 self.q[_MIGR] = self._migr
+                nodes = self._node_of
+                if cpu < len(nodes) and self._last_cpu < len(nodes) and \
+                        nodes[cpu] != nodes[self._last_cpu]:
+                    self._xnode += 1
+                    self.q[_XNODE] = self._xnode
             self._last_cpu = cpu
             self.q[_LASTCPU] = cpu + 1
 
@@ -297,6 +305,7 @@ class WorkerHandle:
             cpus_used=sorted(self.seen),
             migrations=kernel_migr if kernel_migr is not None else int(q[_MIGR]),
             sampled_migrations=int(q[_MIGR]),
+            cross_node_migrations=int(q[_XNODE]),
             max_gap_ms=gap / 1e6,
             off_cpu_pct=off_cpu_pct(wall, cpu_ns),
             wake_latency=(
@@ -389,6 +398,28 @@ def _child(spec: WorkerSpec, mm: mmap.mmap, parent: int) -> None:  # pragma: no 
     mm_q[_STATE] = RUNNING
     spec.work.run(rt)
     mm_q[_STATE] = DONE
+
+
+def cpu_nodes(root: str = "/sys/devices/system/node") -> list[int]:
+    """The NUMA node of each CPU id (from sysfs; one node 0 for all when it says nothing)."""
+    out: list[int] = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return out
+    for name in names:
+        if not (name.startswith("node") and name[4:].isdigit()):
+            continue
+        try:
+            with open(os.path.join(root, name, "cpulist")) as f:
+                cpus = parse_cpu_list(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        for cpu in cpus:
+            if cpu >= len(out):
+                out.extend([0] * (cpu + 1 - len(out)))
+            out[cpu] = int(name[4:])
+    return out
 
 
 def wait_started(handles: list[WorkerHandle], timeout: float = 15.0) -> None:

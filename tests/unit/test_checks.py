@@ -164,3 +164,22 @@ def test_evaluate_accepts_dicts_from_the_guest() -> None:
     assert [(r.name, r.passed, r.message) for r in out] == [("scenario", False, "custom reason")]
     assert evaluate({"anything": 1}) == []
     assert next(r.name for r in evaluate({}, log_text=CONSOLE_OK)) == "sched_ext_ejected"
+
+
+def test_cross_node_migration_ratio_check(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from ktstr.scenario.worker import cpu_nodes
+
+    for node, cpus in (("node0", "0-1"), ("node1", "2-3")):
+        (tmp_path / node).mkdir()
+        (tmp_path / node / "cpulist").write_text(cpus + "\n")
+    (tmp_path / "possible").write_text("0-1\n")  # not a node directory
+    assert cpu_nodes(str(tmp_path)) == [0, 0, 1, 1]
+    hopper = replace(w(idx=0), sampled_migrations=10, cross_node_migrations=6)
+    calm = replace(w(idx=1), sampled_migrations=10, cross_node_migrations=1)
+    checks = Checks(cross_node_migration_ratio=0.5)
+    r = by_name(evaluate(result(hopper, calm), checks), "cross_node_migration_ratio")
+    assert not r.passed and r.value == 0.6 and r.worker == "cg[0] pid 4000"
+    assert by_name(evaluate(result(calm), checks), "cross_node_migration_ratio").passed
+    assert Checks().cross_node_migration_ratio is None
