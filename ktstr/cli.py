@@ -21,6 +21,7 @@ from ktstr.version import VersionAction
 COMMANDS = {
     "kernel": "ktstr.kernel.cli",
     "stats": "ktstr.results.cli",
+    "replay": "ktstr.results.replay",
     "sandbox": "ktstr.sandbox.cli",
     "boot": "ktstr.boot",
     "shell": "ktstr.shell",

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 from ktstr import console, hostfault, initramfs, reap
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology, run_timeout_s
+from ktstr.tracing import TraceCapture, assemble
 from ktstr.vmm.devices.channel import ResultChannel
 from ktstr.vmm.vcpu import TRIPLE_FAULT
 from ktstr.wire.frame import decode_serial, note_error
 from ktstr.wire.messages import validate_message
-from ktstr.wire.request import MountSpec, RunRequest, SchedulerSpec
+from ktstr.wire.request import MountSpec, RunRequest, SchedulerSpec, TraceSpec
 
 if TYPE_CHECKING:
     from ktstr.observe.monitor import GuestObserver, Observation
@@ -94,6 +95,9 @@ class GuestRequest:
     keep_guest_ram: bool = False
     """With ``observe``: keep guest RAM open after the run for a vmcore; the caller then
     closes it (:meth:`ktstr.observe.monitor.Observation.close`)."""
+    trace: TraceSpec | None = None
+    """Trace the scenario in the guest (:mod:`ktstr.guest.trace`); the result is
+    :attr:`GuestRun.trace`."""
 
     @property
     def guest_memory_mb(self) -> int:
@@ -147,6 +151,8 @@ class GuestRun:
     """The VM's hard timeout (set by :func:`run_guest`)."""
     observation: Observation | None = None
     """What the host-side observer saw (``GuestRequest.observe``)."""
+    trace: TraceCapture | None = None
+    """The guest's trace (``GuestRequest.trace``), reassembled."""
 
     @property
     def attach_attempts(self) -> list[dict[str, Any]]:
@@ -211,6 +217,7 @@ def run_guest(request: GuestRequest) -> GuestRun:
         sysctls={k: str(v) for k, v in req.sysctls.items()},
         mounts=list(req.mounts),
         busybox=str(busybox) if busybox else None,
+        trace=req.trace,
     )
     chan = ResultChannel()
     chan.handlers["poke"] = lambda msg: _poke(chan, msg)
@@ -349,6 +356,7 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: V
         messages=[b for _, b in valid], channel_errors=errors, timings=timings,
         channel_bytes=nbytes,
         warnings=[str(m.get("text", "")) for m in by_type.get("warning", [])],
+        trace=assemble(by_type.get("trace_chunk", []), _last(by_type, "trace_info")),
     )
     if vm.device_errors:
         first = (vm.device_error_messages or ["?"])[0]

@@ -41,6 +41,7 @@ from ktstr.guest.sched import (
     SchedulerProcess,
     read_text,
 )
+from ktstr.guest.trace import Tracer, trace_messages
 from ktstr.topology import Topology
 from ktstr.wire import ports
 from ktstr.wire.request import REQUEST_PATH, RunRequest
@@ -258,6 +259,9 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
                   scheduler=sched.name if sched else None, scheduler_control=control)
     sampler = Sampler(req.sample_interval_s, control)
     sampler.start()
+    tracer = Tracer(req.trace) if req.trace is not None else None
+    if tracer is not None:
+        tracer.start()
     chan.send({"type": "scenario_start", "uptime": uptime()})
     failure: GuestFailure | None = None
     scenario_error: Exception | None = None
@@ -268,6 +272,9 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
         scenario_error = err
     finally:
         sampler.stop()
+        if tracer is not None:
+            for msg in trace_messages(*tracer.stop()):
+                chan.send(msg)
         chan.send({"type": "scenario_end", "uptime": uptime()})
         chan.send({"type": "sched_samples", "samples": sampler.samples})
         sched = control.proc  # the scenario may have detached or replaced it

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ktstr.console import UNREGISTERED, disabled_events, exit_text
+from ktstr.console import UNREGISTERED, disabled_events, exit_text, is_ejection
 from ktstr.wire.request import SchedulerSpec
 
 SCX = Path("/sys/kernel/sched_ext")
@@ -167,7 +167,8 @@ class SchedulerProcess:
             try:
                 state = self.wait_attached()
             except GuestFailure as err:
-                if err.kind not in ("scheduler_crashed", "scheduler_attach_timeout"):
+                if err.kind not in ("scheduler_crashed", "scheduler_attach_timeout",
+                                    "scheduler_ejected"):
                     raise
                 if self.proc is not None and self.proc.poll() is None:
                     self.proc.kill()
@@ -200,9 +201,18 @@ class SchedulerProcess:
             ):
                 self.name = state["ops"]
                 return state
+            lines = self.kmsg.sched_ext_lines(self._mark)
+            ejected = [e for e in disabled_events(lines) if is_ejection(e["reason"])]
+            if ejected:
+                # Ejected while enabling (a stall in the enable path, say): say so, not
+                # "did not attach" at the timeout.
+                raise GuestFailure(
+                    "scheduler_ejected",
+                    f"scheduler {self.spec.binary} was ejected while attaching "
+                    f"(sched_ext: {exit_text(ejected[-1])})",
+                    log_tail=tail(LOG_PATH), kernel_lines=lines)
             rc = self.proc.poll()
             if rc is not None:
-                lines = self.kmsg.sched_ext_lines(self._mark)
                 events = disabled_events(lines)
                 why = f" (sched_ext: {exit_text(events[-1])})" if events else ""
                 raise GuestFailure(

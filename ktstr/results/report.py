@@ -16,11 +16,13 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
 from typing import Any
 
 from ktstr.errors import KtstrError
 from ktstr.results.sidecar import Record, is_number, load_run, result_key
+from ktstr.tracing import Timeline, parse_trace
 
 
 def _pyplot() -> Any:
@@ -151,6 +153,78 @@ def _bar_field(rows: list[dict[str, Any]]) -> str:
     return ""
 
 
+def trace_files(record: Record) -> list[tuple[str, Path]]:
+    """The traces a result has: its own, and its repro's (label, path)."""
+    out = []
+    for label, holder in (("run", record), ("repro", record.get("repro") or {})):
+        trace = holder.get("trace") if isinstance(holder, dict) else None
+        path = trace.get("path") if isinstance(trace, dict) else None
+        if isinstance(path, str) and Path(path).is_file():
+            out.append((label, Path(path)))
+    return out
+
+
+def highlighted_pids(record: Record) -> set[int]:
+    """Tasks a failure names: the workers of its failed checks, the monitor's stalls."""
+    pids: set[int] = set()
+    for check in record.get("checks") or []:
+        if isinstance(check, dict) and not check.get("passed", True):
+            pids.update(int(p) for p in re.findall(r"pid (\d+)", str(check.get("worker") or "")))
+    observer = record.get("observer") if isinstance(record.get("observer"), dict) else {}
+    for stall in (observer or {}).get("stalls") or []:
+        if isinstance(stall, dict) and isinstance(stall.get("pid"), int):
+            pids.add(stall["pid"])
+    return pids
+
+
+def worker_pids(record: Record) -> list[int]:
+    workers = (record.get("metrics") or {}).get("workers") or []
+    return [w["pid"] for w in workers if isinstance(w, dict) and isinstance(w.get("pid"), int)]
+
+
+def timeline_figure(timeline: Timeline, highlight: set[int], title: str) -> Any:
+    """Per-CPU lanes of who ran when; highlighted tasks in red, the longest runnable wait
+    of one of them marked as the failure moment."""
+    plt = _pyplot()
+    lanes = timeline.cpus or [0]
+    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.55 * len(lanes)))
+    t0 = timeline.start
+    palette = plt.get_cmap("tab20")
+    for row, cpu in enumerate(lanes):
+        spans = [s for s in timeline.segments if s.cpu == cpu]
+        for s in spans:
+            if s.pid == 0:
+                continue  # idle: left blank
+            color = "#d62728" if s.pid in highlight else palette(s.pid % 20)
+            ax.broken_barh([(s.start - t0, max(s.end - s.start, 1e-6))], (row - 0.4, 0.8),
+                           color=color, linewidth=0)
+    waits = [(end - start, start, end, pid) for pid, (start, end)
+             in timeline.longest_wait.items() if pid in highlight]
+    if waits:
+        length, start, end, pid = max(waits)
+        ax.axvspan(start - t0, end - t0, color="#d62728", alpha=0.12)
+        ax.axvline(start - t0, color="#d62728", linestyle="--", linewidth=1)
+        ax.annotate(f"pid {pid} runnable, not run: {length * 1000:.0f} ms",
+                    (start - t0, len(lanes) - 0.5), color="#d62728", fontsize=8)
+    ax.set_yticks(range(len(lanes)), [f"CPU {c}" for c in lanes])
+    ax.set_ylim(-0.6, len(lanes) - 0.4)
+    ax.set_xlabel("seconds from the first traced event")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _latency_table(timeline: Timeline, pids: list[int]) -> str:
+    rows = [t for t in timeline.latencies if t.pid in set(pids)]
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{t.pid}</td><td>{html.escape(t.comm)}</td><td>{t.wakeups}</td>"
+                   f"<td>{t.p99_us:.0f}</td><td>{t.max_us:.0f}</td></tr>" for t in rows)
+    return ("<table border=1 cellspacing=0 cellpadding=2><tr><th>pid</th><th>comm</th>"
+            "<th>wakeups</th><th>wake-to-run p99 us</th><th>max us</th></tr>" + body +
+            "</table>")
+
+
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -187,6 +261,14 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
             parts.append(f"<pre>{html.escape(str(record['reason']))}</pre>")
         image = base64.b64encode(_png(figure_for(record))).decode()
         parts.append(f"<img src='data:image/png;base64,{image}'>")
+        for label, path in trace_files(record):
+            timeline = parse_trace(path.read_text(errors="replace"), worker_pids(record))
+            fig = timeline_figure(timeline, highlighted_pids(record),
+                                  f"{result_key(record)}: {label} trace ({timeline.events} "
+                                  f"events, {path.name})")
+            image = base64.b64encode(_png(fig)).decode()
+            parts.append(f"<h3>{label} timeline</h3><img src='data:image/png;base64,{image}'>")
+            parts.append(_latency_table(timeline, worker_pids(record)))
     _write(output, "\n".join(parts).encode())
     return output
 

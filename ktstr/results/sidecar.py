@@ -164,6 +164,14 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def file_digest(path: Path) -> str | None:
+    """sha256 of a file (the test module a sidecar came from), None if unreadable."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: float,
                    finished: float) -> Record:
     """The sidecar of one run of ``plan`` (before :func:`write_sidecar` adds the schema)."""
@@ -177,6 +185,7 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
     kernel = plan.kernel
     return {
         "test": plan.test_id,
+        "test_file": {"path": str(plan.test_file), "sha256": file_digest(plan.test_file)},
         "kernel": {
             "spec": plan.kernel_spec, "bzimage": str(kernel.bzimage),
             **({"id": kernel.entry.id, "version": kernel.entry.version, "key": kernel.entry.key,
@@ -212,6 +221,7 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
         "timeline": telemetry.get("timeline"),
         "scheduler_exit": run.sched_exit,
         "observer": run.observation.to_record() if run.observation is not None else None,
+        "trace": run.trace.record() if run.trace is not None else None,
         "console_tail": tail_lines(run.vm.console)
         if not verdict.passed or plan.spec.expect_err else None,
         "timings": {
@@ -353,7 +363,7 @@ def record_problem(data: object) -> str | None:
     if not isinstance(data, dict) or not isinstance(data.get("test"), str):
         return "not a ktstr sidecar (no 'test' string)"
     for key in ("kernel", "scheduler", "timings", "summary", "metrics", "timeline", "host",
-                "repeat_summary", "payload_metrics", "payload_metric_specs"):
+                "repeat_summary", "payload_metrics", "payload_metric_specs", "trace"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             return f"{key!r} must be an object"
     for key in ("verdict", "reason"):

@@ -74,6 +74,9 @@ class KtstrTestSpec:
     observer's view of guest memory included); an ``AssertionError`` fails the run."""
     payloads: tuple[Payload, ...] = ()
     """Programs the scenario runs (RunPayload): packed into the guest."""
+    trace: bool = False
+    """Trace the scenario in the guest (sched tracepoints; a Perfetto-ready text trace
+    beside the sidecar)."""
 
     @property
     def target(self) -> str:
@@ -209,6 +212,7 @@ def ktstr_test(
     allow_inconclusive: bool = False,
     watch_bpf_maps: Sequence[str] = (),
     payloads: Sequence[Payload] = (),
+    trace: bool = False,
 ) -> Any:
     """Declare ``scenario(ctx) -> AssertResult | dict`` as a VM test.
 
@@ -226,7 +230,8 @@ def ktstr_test(
     lost before the scenario, no worker progressing) is *inconclusive*: a failure whose
     message starts ``inconclusive:``, or a skip with ``allow_inconclusive=True``.
     ``payloads`` are the programs (``ktstr.scenario.payload``) its RunPayload steps run:
-    the host packs them into the guest with their libraries.
+    the host packs them into the guest with their libraries. ``trace=True`` records the
+    scheduler tracepoints during the scenario (``--ktstr-trace`` does it for every test).
     """
 
     def wrap(fn: F) -> F:
@@ -314,6 +319,7 @@ def ktstr_test(
             allow_inconclusive=bool(allow_inconclusive),
             watch_bpf_maps=_map_names(watch_bpf_maps, where),
             payloads=_payloads(payloads, where),
+            trace=bool(trace),
         )
         wrapper = _guest_entry(fn)
         setattr(wrapper, SPEC_ATTR, spec)

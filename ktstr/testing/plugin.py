@@ -32,7 +32,9 @@ from ktstr.sandbox.detect import RESUME_ENV
 from ktstr.scenario.payload_proc import resolve_program
 from ktstr.scheduler import BUILTIN, FlagProfile, Scheduler, parse_scheduler_option
 from ktstr.testing.decorator import MAX_REPEAT, KtstrTestSpec, check_repeat, spec_of
+from ktstr.testing.repro import reproduce
 from ktstr.topology import Topology
+from ktstr.wire.request import TraceSpec
 
 if TYPE_CHECKING:
     from ktstr.disks import DiskConfig
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
 
 KERNEL_ENV = "KTSTR_KERNEL"
 SCHEDULER_ENV = "KTSTR_SCHEDULER"
+CI_ENV = "CI"
+"""Set by CI services (and ``.ci/run``): failed VM tests get a repro run by default."""
 OUTSIDE_SANDBOX_HINT = (
     "run the VM tests through the sandbox: `nox -s vm_tests`, or "
     "`python -m ktstr sandbox run -- python -m pytest tests/vm`"
@@ -73,6 +77,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "`ktstr stats compare` can test significance; overrides @ktstr_test(repeat=)",
     )
     group.addoption(
+        "--ktstr-trace", action="store_true", default=False,
+        help="trace every VM test's scenario in the guest (sched tracepoints; a text trace "
+        "that Perfetto opens, beside each sidecar)",
+    )
+    group.addoption(
+        "--ktstr-repro", default=None, choices=("never", "on-failure"),
+        help="rerun a failed VM test once with tracing and kprobes on its failure's "
+        f"backtrace and say whether it reproduced (default: on-failure when {CI_ENV} is "
+        "set, else never)",
+    )
+    group.addoption(
         "--ktstr-dump-specs", default=None, metavar="FILE",
         help="write the collected VM tests' declarations as JSON",
     )
@@ -96,10 +111,14 @@ class SessionState:
     host_faults: list[tuple[str, str]] = field(default_factory=list)
     """(test, fault) for every run rerun after a fault of the emulated host."""
     test_files: tuple[Path, ...] = ()
-    payload_binaries: tuple[Path, ...] = ()
-    """The host programs of every selected test's payloads (those found here)."""
     """Every VM test module next to the collected ones: packed into one shared base
     initramfs, so the session builds (or looks up) one base instead of one per module."""
+    payload_binaries: tuple[Path, ...] = ()
+    """The host programs of every selected test's payloads (those found here)."""
+    trace: bool = False
+    """``--ktstr-trace``: trace every VM test."""
+    repro: str = "never"
+    """``--ktstr-repro``: rerun a failed test once, traced and probed (``on-failure``)."""
 
     def default_scheduler(self) -> tuple[Scheduler, FlagProfile]:
         return parse_scheduler_option(self.sched_spec)
@@ -172,6 +191,9 @@ def pytest_configure(config: pytest.Config) -> None:
         state.default_scheduler()
     except KtstrError as err:
         raise pytest.UsageError(f"--ktstr-scheduler / {SCHEDULER_ENV}: {err}") from None
+    state.trace = bool(config.getoption("ktstr_trace"))
+    state.repro = config.getoption("ktstr_repro") or (
+        "on-failure" if os.environ.get(CI_ENV) else "never")
     repeat = config.getoption("ktstr_repeat")
     if repeat is not None:
         try:
@@ -339,12 +361,17 @@ class KtstrItem(pytest.Item):
                 test_files=state.test_files,
                 binaries=state.base_binaries(),
                 phases={"resolve_s": round(time.time() - started, 3)},
+                trace=TraceSpec() if state.trace or self.spec.trace else None,
             )
             attempts: list[run.Attempt] = []
             for _ in range(state.repeat or self.spec.repeat):
                 attempts.append(hostfault.rerun_lost(lambda: run.run_once(plan), _attempt_fault,
                                                      host_faults))
-            verdict, shown, sidecar = run.write_results(plan, attempts, host_faults)
+            verdict, shown = run.combined_verdict(attempts)
+            repro = None
+            if not verdict.passed and state.repro == "on-failure":
+                repro, _again = reproduce(plan, attempts[shown])
+            verdict, shown, sidecar = run.write_results(plan, attempts, host_faults, repro)
             guest = attempts[shown].run
         except ReservationTimeout as err:
             # Busy host CPUs are not the test's failure: skipped, with who holds them.
@@ -363,7 +390,12 @@ class KtstrItem(pytest.Item):
         if not verdict.passed:
             title = (f"{self.name} [{sched.name}@{profile.name} {plan.topology.label}, "
                      f"kernel {plan.kernel_label}]")
-            raise KtstrTestFailure(run.format_failure(title, verdict, guest, sidecar))
+            text = run.format_failure(title, verdict, guest, sidecar)
+            if repro is not None:
+                text += f"\n{repro.line()}: {repro.reason}"
+                trace = (repro.trace or {}).get("path")
+                text += f"\n  repro trace: {trace}" if trace else ""
+            raise KtstrTestFailure(text)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, KtstrTestFailure | KtstrError):

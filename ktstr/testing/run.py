@@ -29,8 +29,9 @@ from ktstr.runner import GuestRequest, GuestRun
 from ktstr.scheduler import FlagProfile, Scheduler
 from ktstr.telemetry import telemetry_of
 from ktstr.testing.decorator import DEFAULT_TOPOLOGY, KtstrTestSpec
+from ktstr.testing.repro import ProbeTargets, Repro, probe_targets
 from ktstr.topology import Topology
-from ktstr.wire.request import MountSpec, SchedulerSpec
+from ktstr.wire.request import MountSpec, SchedulerSpec, TraceSpec
 
 if TYPE_CHECKING:
     from ktstr.kernel.pipeline import ResolvedKernel
@@ -74,6 +75,8 @@ class RunPlan:
     """More executables for the shared base initramfs (the kernel's schedulers)."""
     phases: dict[str, float] = field(default_factory=dict)
     """Host seconds spent before boot (``resolve_s``: KVM check, kernel, scheduler)."""
+    trace: TraceSpec | None = None
+    """Trace the scenario (``@ktstr_test(trace=True)``, ``--ktstr-trace``, repro runs)."""
 
     @property
     def checks(self) -> Checks:
@@ -113,6 +116,7 @@ class RunPlan:
             observe=self.observe_files,
             watch_maps=self.spec.watch_bpf_maps,
             keep_guest_ram=self.observe_files is not None,
+            trace=self.trace,
         )
 
     @property
@@ -287,6 +291,8 @@ class Attempt:
     run: GuestRun
     started: float
     finished: float
+    probes: ProbeTargets | None = None
+    """Where a repro of this failed run would put kprobes (``ktstr.testing.repro``)."""
 
 
 MAX_REASONS = 5
@@ -319,36 +325,63 @@ def combined_verdict(attempts: Sequence[Attempt]) -> tuple[Verdict, int]:
 def run_once(plan: RunPlan) -> Attempt:
     """Boot, check and judge one repeat; its wall time starts at its boot (resolving the
     kernel and scheduler happens once, ``timings.resolve_s``). A failed one leaves its
-    failure dump (:mod:`ktstr.observe.dump`) beside the sidecar."""
+    failure dump (:mod:`ktstr.observe.dump`) beside the sidecar, a traced one its trace."""
     started = time.time()
     run = boot(plan)
+    files = Artifacts(plan)
     try:
+        if run.trace is not None and run.trace.text:
+            run.trace.path = str(files.write("trace.txt", run.trace.text))
         checks = guest_checks(plan, run)
         dumped = False
         if run.observation is not None and (not run.ok or any(not c.passed for c in checks)):
-            write_failure_dump(plan, run)  # an expected failure too, for host_check to read
+            write_failure_dump(plan, run, files)  # an expected failure too, for host_check
             dumped = True
         if plan.spec.host_check is not None:
             checks.append(host_check(plan.spec.host_check, run))
         verdict = judge(run, checks, plan.spec.expect_err)
-        if not verdict.passed and not dumped and run.observation is not None:
-            write_failure_dump(plan, run)
+        probes = None
+        if not verdict.passed:
+            if not dumped and run.observation is not None:
+                write_failure_dump(plan, run, files)
+            # While guest RAM is still open: where a repro should probe.
+            probes = probe_targets(run.observation, plan.scheduler.sched_ext)
     finally:
         if run.observation is not None:
             run.observation.close()
-    return Attempt(verdict, run, started, time.time())
+    return Attempt(verdict, run, started, time.time(), probes)
 
 
-def write_failure_dump(plan: RunPlan, run: GuestRun) -> None:
+class Artifacts:
+    """One run's directory beside its sidecar, made when the first file needs it."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+        self._dir: Path | None = None
+
+    @property
+    def directory(self) -> Path:
+        if self._dir is None:
+            from ktstr.results.sidecar import artifact_dir
+
+            p = self.plan
+            self._dir = artifact_dir(p.test_id, p.scheduler.name, p.profile.name,
+                                     p.topology.label)
+        return self._dir
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = self.directory / name
+        path.write_bytes(data)
+        return path
+
+
+def write_failure_dump(plan: RunPlan, run: GuestRun, files: Artifacts) -> None:
     from ktstr.observe.dump import write_dump
-    from ktstr.results.sidecar import artifact_dir
 
     obs = run.observation
     assert obs is not None
-    directory = artifact_dir(plan.test_id, plan.scheduler.name, plan.profile.name,
-                             plan.topology.label)
     t = time.monotonic()
-    obs.dump_paths = write_dump(obs, directory)
+    obs.dump_paths = write_dump(obs, files.directory)
     run.timings["dump_s"] = time.monotonic() - t
 
 
@@ -358,7 +391,8 @@ def repeated_record(plan: RunPlan, attempts: Sequence[Attempt]) -> dict[str, Any
 
 
 def write_results(plan: RunPlan, attempts: Sequence[Attempt],
-                  host_faults: Sequence[HostFault] = ()) -> tuple[Verdict, int, Path]:
+                  host_faults: Sequence[HostFault] = (),
+                  repro: Repro | None = None) -> tuple[Verdict, int, Path]:
     """Write the one sidecar of all ``attempts``; (combined verdict, shown repeat, path).
 
     ``host_faults`` are the runs thrown away and rerun because the emulated host lost
@@ -366,4 +400,5 @@ def write_results(plan: RunPlan, attempts: Sequence[Attempt],
     verdict, shown = combined_verdict(attempts)
     record = combined_record(plan, attempts, verdict, shown)
     record["host_faults"] = [{"kind": f.kind, "detail": f.detail} for f in host_faults]
+    record["repro"] = repro.to_record() if repro is not None else None
     return verdict, shown, write_sidecar(record)

@@ -68,6 +68,19 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "details": opt(dict, fields={"log_tail": opt(str)}),
     },
     "end": {"exit_code": req(int), "uptime": opt(*NUMBER)},
+    # ktstr.guest.trace: the trace, zlib-compressed, base64, in order; then what it holds
+    "trace_chunk": {"seq": req(int), "data": req(str)},
+    "trace_info": {
+        "events": req(list, items=(str,)),
+        "missing": req(list, items=(str,)),
+        "kprobes": req(list, items=(str,)),
+        "kprobe_problems": req(list, items=(str,)),
+        "buffer_kb": req(int),
+        "bytes": req(int),
+        "chunks": req(int),
+        "overruns": opt(dict),
+        "error": opt(str, NULL),
+    },
 }
 
 

@@ -41,6 +41,24 @@ class MountSpec:
     options: str = ""
 
 
+SCHED_EVENTS = ("sched/sched_switch", "sched/sched_wakeup", "sched/sched_wakeup_new",
+                "sched/sched_migrate_task", "sched/sched_process_fork",
+                "sched/sched_process_exit")
+"""The tracepoints a traced run enables (plus every sched_ext one the kernel has)."""
+
+
+@dataclass
+class TraceSpec:
+    """Tracing in the guest: tracefs events, per-CPU buffer size, kprobes."""
+
+    events: list[str] = field(default_factory=lambda: list(SCHED_EVENTS))
+    buffer_kb: int = 4096
+    """Per-CPU ring buffer (tracefs ``buffer_size_kb``); the oldest events go first."""
+    kprobes: list[str] = field(default_factory=list)
+    """Kernel functions to probe, each recording its first arguments where it can."""
+    sched_ext_events: bool = True
+
+
 @dataclass
 class RunRequest:
     scenario: str | None = None
@@ -61,6 +79,7 @@ class RunRequest:
     sys_path: list[str] = field(default_factory=list)
     """Extra import path entries (packed site-packages, the test file's directory)."""
     busybox: str | None = None
+    trace: TraceSpec | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -70,6 +89,7 @@ class RunRequest:
         data = dict(data)
         sched = data.pop("scheduler", None)
         mounts = data.pop("mounts", [])
+        trace = data.pop("trace", None)
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
@@ -77,6 +97,7 @@ class RunRequest:
         return cls(
             scheduler=SchedulerSpec(**sched) if sched else None,
             mounts=[MountSpec(**m) for m in mounts],
+            trace=TraceSpec(**trace) if trace else None,
             **data,
         )
 
