@@ -88,6 +88,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "set, else never)",
     )
     group.addoption(
+        "--ktstr-pinned", default="all", choices=("all", "own"),
+        help="tests that pin a scheduler: run them all (default), or only those pinning the "
+        "run's scheduler binary (own: a matrix of sessions then runs each once)",
+    )
+    group.addoption(
         "--ktstr-dump-specs", default=None, metavar="FILE",
         help="write the collected VM tests' declarations as JSON",
     )
@@ -245,6 +250,13 @@ def pytest_pycollect_makeitem(
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
+    if config.getoption("ktstr_pinned") == "own":
+        own = config.stash[STATE].default_scheduler()[0].binary
+        foreign = [i for i in items if isinstance(i, KtstrItem) and i.spec.scheduler is not None
+                   and i.spec.scheduler.binary != own]
+        if foreign:
+            config.hook.pytest_deselected(items=foreign)
+            items[:] = [i for i in items if i not in foreign]
     if os.environ.get(RESUME_ENV) != "1":
         return
     done = passed_tests(results_root() / run_id())

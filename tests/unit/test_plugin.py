@@ -251,3 +251,24 @@ def test_a_resumed_run_skips_the_vm_tests_that_already_passed(
     monkeypatch.delenv("KTSTR_RESUME")
     result = pytester.runpytest(*PLUGIN, "--collect-only", "-q")
     result.stdout.fnmatch_lines(["test_suite.py::test_steady"])
+
+
+def test_pinned_own_runs_a_pinned_test_only_in_its_schedulers_session(
+        pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_suite=SUITE)
+    eevdf = pytester.runpytest(*PLUGIN, "--collect-only", "-q", "--ktstr-pinned", "own")
+    eevdf.stdout.fnmatch_lines(["test_suite.py::test_steady", "test_suite.py::test_plain",
+                                "*1 deselected*"])
+    assert "test_pinned" not in eevdf.stdout.str()
+    qmap = pytester.runpytest(*PLUGIN, "--collect-only", "-q", "--ktstr-pinned", "own",
+                              "--ktstr-scheduler", "scx_qmap@default")
+    qmap.stdout.fnmatch_lines(["test_suite.py::test_steady", "test_suite.py::test_pinned"])
+
+
+def test_trace_and_repro_options(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_suite=SUITE)
+    bad = pytester.runpytest(*PLUGIN, "--collect-only", "--ktstr-repro", "sometimes")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    ok = pytester.runpytest(*PLUGIN, "--collect-only", "-q", "--ktstr-trace",
+                            "--ktstr-repro", "on-failure")
+    assert ok.ret == pytest.ExitCode.OK
