@@ -35,6 +35,11 @@ from ktstr.scenario.controls import (
 )
 
 TASK_LEAF = "_w"
+
+
+class MissingControl(KtstrError):
+    """A controller file the scenario sets does not exist here (kernel config, v1 mounts)."""
+
 V1_COMPANIONS = ("cpu", "memory", "freezer")
 """v1 hierarchies a scenario may need beside cpuset, made only for cgroups that set them."""
 
@@ -172,7 +177,7 @@ class V1Backend(CgroupBackend):
     def companion(self, controller: str, name: str) -> str:
         top = self.companions.get(controller)
         if top is None:
-            raise KtstrError(
+            raise MissingControl(
                 f"cgroup {name}: no cgroup v1 {controller} hierarchy is mounted beside the "
                 f"cpuset one (mount -t cgroup -o {controller} cgroup /sys/fs/cgroup/{controller})"
             )
@@ -310,7 +315,7 @@ def _write_control(name: str, path: str, w: ControlWrite, available: Sequence[st
                    f"(available: {', '.join(available) or 'none'})")
         else:
             why = f"this kernel has no {w.file} ({CONFIG_OF_FILE.get(w.file, 'not built in')})"
-        raise KtstrError(f"cgroup {name}: cannot set {w.file}: {why}") from None
+        raise MissingControl(f"cgroup {name}: cannot set {w.file}: {why}") from None
     except OSError as err:
         raise KtstrError(
             f"cgroup {name}: the kernel refused {w.value!r} for {w.file}: {err.strerror}"

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from ktstr.errors import KtstrError
 from ktstr.scenario import catalog
 
 
@@ -19,8 +20,12 @@ def register(sub: Any) -> None:
         "run",
         help="run catalog scenarios on this host (host mode, the active scheduler)",
         description="Runs scenarios in a temporary cgroup subtree ktstr-<pid> that is "
-        "always removed. Exit 0 if every verdict passes, 1 if one fails, 2 on bad input.",
+        "always removed. Exit 0 if every verdict passes, 1 if one fails, 2 on bad input. A "
+        "scenario that needs a cgroup control this host lacks is skipped, saying which; one "
+        "that is expected to fail (not in the default run) passes when it fails.",
     )
+    p.add_argument("--all", action="store_true",
+                   help="every scenario of the catalog, the expected failures too")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="scenarios to run (default: every scenario in the default run)")
     p.add_argument("--duration", type=float, default=3.0, metavar="S",
@@ -53,25 +58,44 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ktstr.scenario.host import run_host
 
+    if args.all and args.names:
+        raise KtstrError("give scenario names or --all, not both")
     for name in args.names:
         catalog.get(name)  # fail fast, before any cgroup is created
-    results = run_host(args.names, duration=args.duration, workers=args.workers,
+    names = list(catalog.CATALOG) if args.all else args.names
+    results = run_host(names, duration=args.duration, workers=args.workers,
                        cpuset=args.cpuset)
-    passed = all(r.passed for r in results)
+    outcomes = [outcome(r) for r in results]
+    passed = all(o in ("PASS", "XFAIL", "SKIP") for o in outcomes)
     if args.json:
-        print(json.dumps({"passed": passed, "scenarios": [r.to_dict() for r in results]},
-                         indent=2))
+        print(json.dumps({"passed": passed, "scenarios": [
+            {**r.to_dict(), "outcome": o} for r, o in zip(results, outcomes, strict=True)]},
+            indent=2))
     else:
-        for r in results:
-            _print_human(r)
-        print(f"{'PASS' if passed else 'FAIL'}: {sum(bool(r.passed) for r in results)}/"
-              f"{len(results)} scenarios passed")
+        for r, o in zip(results, outcomes, strict=True):
+            _print_human(r, o)
+        counts = {o: outcomes.count(o) for o in dict.fromkeys(outcomes)}
+        print(f"{'PASS' if passed else 'FAIL'}: " + ", ".join(
+            f"{n} {o.lower()}" for o, n in counts.items()) + f" of {len(results)} scenarios")
     sys.stdout.flush()
     return 0 if passed else 1
 
 
-def _print_human(r: Any) -> None:
-    print(f"{'PASS' if r.passed else 'FAIL'} {r.name} ({r.topology}, {r.duration_s:.1f} s)")
+def outcome(r: Any) -> str:
+    """PASS, FAIL, SKIP (needs what this host lacks), XFAIL (an expected failure came)
+    or XPASS (an expected failure did not)."""
+    if r.passed is None:
+        return "SKIP"
+    if catalog.get(r.name).in_default_run:
+        return "PASS" if r.passed else "FAIL"
+    return "XPASS" if r.passed else "XFAIL"
+
+
+def _print_human(r: Any, verdict: str) -> None:
+    print(f"{verdict} {r.name} ({r.topology}, {r.duration_s:.1f} s)")
+    for note in r.notes:
+        if note.startswith("skipped: "):
+            print(f"  {note}")
     for c in r.cgroups:
         p99 = f", wake p99 {c.wake_p99_us:.0f} us" if c.wake_p99_us is not None else ""
         print(f"  cgroup {c.name}: {c.workers} workers, {c.work_units} units, off-CPU "

@@ -29,6 +29,7 @@ from ktstr.errors import KtstrError
 from ktstr.scenario import catalog
 from ktstr.scenario.cgroups import (
     CgroupBackend,
+    MissingControl,
     V2Backend,
     backend_for,
     cgroup_mounts,
@@ -301,6 +302,10 @@ def run_host(
                 raise KtstrError(f"scenario {sc.name}: {err}") from None
         for sc, steps in plans:
             resolved = Checks.resolve(scheduler=checks, test=sc.checks)
-            results.append(execute_steps(ctx, steps, duration=duration, name=sc.name,
-                                         checks=resolved))
+            try:
+                results.append(execute_steps(ctx, steps, duration=duration, name=sc.name,
+                                             checks=resolved))
+            except MissingControl as err:  # this host cannot express it: say so, go on
+                results.append(ScenarioResult(sc.name, session.topology.label, 0.0,
+                                              notes=[f"skipped: {err}"]))
     return results

@@ -1,18 +1,8 @@
-"""Named scenarios that scale to the topology they are given.
-
-Each entry builds its steps from :class:`Params` (topology, workers per
-cgroup, duration); ``n`` below is the number of CPUs. Worker counts that
-must be even (pairs) or divide the CPUs evenly (pinning) are chosen so a
-correct scheduler passes the default checks.
-"""
+"""The first scenarios: steady load, cpusets, affinity, classes, simple interaction."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
-
-from ktstr.errors import KtstrError
+from ktstr.scenario.catalog.base import DYNAMIC, Params, Scenario, even, one
 from ktstr.scenario.model import (
     AddCgroup,
     Affinity,
@@ -44,73 +34,27 @@ from ktstr.scenario.work import (
     Sleep,
     YieldHeavy,
 )
-from ktstr.topology import Topology
-
-
-@dataclass(frozen=True)
-class Params:
-    topology: Topology
-    workers: int | None = None
-    """Workers per cgroup (None: one per CPU)."""
-
-    @property
-    def n(self) -> int:
-        return self.topology.nr_cpus
-
-    @property
-    def w(self) -> int:
-        return self.workers if self.workers else self.n
-
-    @property
-    def halves(self) -> tuple[CpusetSpec | None, CpusetSpec | None]:
-        """Two disjoint cpusets when there are at least two CPUs, else no cpuset."""
-        if self.n >= 2:
-            return CpusetSpec.disjoint(0, 2), CpusetSpec.disjoint(1, 2)
-        return None, None
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    category: str
-    description: str
-    build: Callable[[Params], list[Step]]
-    checks: Mapping[str, Any] = field(default_factory=dict)
-    """Threshold overrides for this scenario (see ktstr.checks.Checks)."""
-    in_default_run: bool = True
-    """False for scenarios that are expected to fail a check (negative tests)."""
-
-    def steps(self, params: Params) -> list[Step]:
-        return self.build(params)
-
-
-def _one(*defs: CgroupDef) -> list[Step]:
-    return [Step(ops=tuple(AddCgroup(d) for d in defs))]
-
-
-def _even(k: int) -> int:
-    return max(2, k + (k % 2))
 
 
 def _steady(p: Params) -> list[Step]:
-    return _one(CgroupDef("cg0", workers=p.w), CgroupDef("cg1", workers=p.w))
+    return one(CgroupDef("cg0", workers=p.w), CgroupDef("cg1", workers=p.w))
 
 
 def _steady_llc(p: Params) -> list[Step]:
     t = p.topology
-    return _one(*(
+    return one(*(
         CgroupDef(f"llc{i}", CpusetSpec.llc(i), workers=p.workers or t.cpus_per_llc)
         for i in range(min(t.llcs, 8))
     ))
 
 
 def _oversubscribed(p: Params) -> list[Step]:
-    return _one(CgroupDef("cg0", workers=2 * p.w), CgroupDef("cg1", workers=2 * p.w))
+    return one(CgroupDef("cg0", workers=2 * p.w), CgroupDef("cg1", workers=2 * p.w))
 
 
 def _cpuset_apply(p: Params) -> list[Step]:
     a, b = p.halves
-    first = _one(CgroupDef("cg0", workers=p.w), CgroupDef("cg1", workers=p.w))
+    first = one(CgroupDef("cg0", workers=p.w), CgroupDef("cg1", workers=p.w))
     first[0] = Step(first[0].ops, hold=0.5)
     ops = tuple(SetCpuset(n, s) for n, s in (("cg0", a), ("cg1", b)) if s is not None)
     return [*first, Step(ops, hold=0.5)]
@@ -165,19 +109,19 @@ def _affinity_change(p: Params) -> list[Step]:
 
 
 def _affinity_pinned(p: Params) -> list[Step]:
-    return _one(CgroupDef("pinned", workers=p.n, affinity=Affinity.single()),
+    return one(CgroupDef("pinned", workers=p.n, affinity=Affinity.single()),
                 CgroupDef("free", workers=p.w))
 
 
 def _affinity_llc(p: Params) -> list[Step]:
     per = p.topology.llcs
-    return _one(CgroupDef("llc_aligned", workers=per * max(1, p.w // per),
+    return one(CgroupDef("llc_aligned", workers=per * max(1, p.w // per),
                           affinity=Affinity.llc_aligned()))
 
 
 def _mixed(p: Params) -> list[Step]:
     k = max(1, p.w // 2)
-    return _one(
+    return one(
         CgroupDef("spin", workers=k, work=CpuSpin()),
         CgroupDef("yield", workers=k, work=YieldHeavy()),
         CgroupDef("mixed", workers=k, work=Mixed()),
@@ -187,7 +131,7 @@ def _mixed(p: Params) -> list[Step]:
 
 def _nested_steady(p: Params) -> list[Step]:
     a, b = p.halves
-    return _one(CgroupDef("outer", workers=0, children=(
+    return one(CgroupDef("outer", workers=0, children=(
         CgroupDef("inner0", a, workers=p.w), CgroupDef("inner1", b, workers=p.w),
     )))
 
@@ -202,28 +146,28 @@ def _nested_move(p: Params) -> list[Step]:
 
 
 def _fork_exit(p: Params) -> list[Step]:
-    return _one(CgroupDef("forkers", workers=p.w, work=ForkExit()),
+    return one(CgroupDef("forkers", workers=p.w, work=ForkExit()),
                 CgroupDef("spin", workers=max(1, p.w // 2)))
 
 
 def _nice_sweep(p: Params) -> list[Step]:
-    return _one(CgroupDef("sweep", workers=p.w, work=NiceSweep()),
+    return one(CgroupDef("sweep", workers=p.w, work=NiceSweep()),
                 CgroupDef("spin", workers=p.w))
 
 
 def _pipe_io(p: Params) -> list[Step]:
-    return _one(CgroupDef("pipes", workers=_even(p.w), work=PipeIo()))
+    return one(CgroupDef("pipes", workers=even(p.w), work=PipeIo()))
 
 
 def _futex(p: Params) -> list[Step]:
-    return _one(CgroupDef("futex", workers=_even(p.w), work=FutexPingPong()))
+    return one(CgroupDef("futex", workers=even(p.w), work=FutexPingPong()))
 
 
 def _fifo_mix(p: Params) -> list[Step]:
     # RT work that sleeps two thirds of the time, pinned to one CPU: normal
     # workers must still run in its gaps.
     last = p.n - 1
-    return _one(
+    return one(
         CgroupDef("rt", CpusetSpec.exact([last]), workers=1, policy=SchedPolicy.fifo(1),
                   work=Bursty(on_ms=20, off_ms=80)),
         CgroupDef("normal", workers=p.w),
@@ -236,72 +180,69 @@ def _fifo_hog(p: Params) -> list[Step]:
     # The hog starts first: victims started before it would run freely until it
     # arrives (a few hundred ms under emulation), a share that hides the starvation.
     last = p.n - 1
-    return _one(
+    return one(
         CgroupDef("hog", CpusetSpec.exact([last]), workers=1, policy=SchedPolicy.fifo(10)),
         CgroupDef("victims", CpusetSpec.exact([last]), workers=2),
     )
 
 
 def _host_contention(p: Params) -> list[Step]:
-    return _one(CgroupDef("heavy", workers=4 * p.w), CgroupDef("yielders", workers=p.w,
+    return one(CgroupDef("heavy", workers=4 * p.w), CgroupDef("yielders", workers=p.w,
                                                                work=YieldHeavy()))
 
 
 def _io_sync(p: Params) -> list[Step]:
-    return _one(CgroupDef("io", workers=p.w, work=IoSync()))
+    return one(CgroupDef("io", workers=p.w, work=IoSync()))
 
 
 def _bursty(p: Params) -> list[Step]:
-    return _one(CgroupDef("bursty", workers=2 * p.w, work=Bursty()))
+    return one(CgroupDef("bursty", workers=2 * p.w, work=Bursty()))
 
 
 def _cache(p: Params) -> list[Step]:
-    return _one(CgroupDef("cache", workers=p.w, work=CachePressure()))
+    return one(CgroupDef("cache", workers=p.w, work=CachePressure()))
 
 
 def _mutex(p: Params) -> list[Step]:
-    return _one(CgroupDef("mutex", workers=max(2, p.w), work=MutexContention()))
+    return one(CgroupDef("mutex", workers=max(2, p.w), work=MutexContention()))
 
 
 def _policy_churn(p: Params) -> list[Step]:
-    return _one(CgroupDef("churn", workers=p.w, work=PolicyChurn()),
+    return one(CgroupDef("churn", workers=p.w, work=PolicyChurn()),
                 CgroupDef("spin", workers=p.w))
 
 
 def _affinity_churn(p: Params) -> list[Step]:
-    return _one(CgroupDef("churn", workers=p.w, work=AffinityChurn()))
+    return one(CgroupDef("churn", workers=p.w, work=AffinityChurn()))
 
 
 def _sequence(p: Params) -> list[Step]:
     seq = Sequence(phases=((CpuSpin(), 0.2), (Sleep(), 0.1), (YieldHeavy(), 0.2)))
-    return _one(CgroupDef("phases", workers=p.w, work=seq))
+    return one(CgroupDef("phases", workers=p.w, work=seq))
 
 
 def _batch_mix(p: Params) -> list[Step]:
-    return _one(CgroupDef("normal", workers=p.w),
+    return one(CgroupDef("normal", workers=p.w),
                 CgroupDef("batch", workers=p.w, policy=SchedPolicy.batch()))
 
 
-_DYNAMIC = {"fairness_spread_pct": 25.0}
-"""Dynamic scenarios compare workers whose cpusets changed mid-run: a looser spread."""
-
-_ENTRIES = [
+ENTRIES = [
     Scenario("steady", "basic", "two cgroups, one CPU-bound worker per CPU each", _steady),
     Scenario("steady_llc", "basic", "one cgroup per LLC, confined to it", _steady_llc),
     Scenario("oversubscribed", "basic", "two cgroups, two workers per CPU each", _oversubscribed),
     Scenario("batch_mix", "sched_class", "SCHED_BATCH cgroup next to a normal one", _batch_mix),
     Scenario("cpuset_apply_midrun", "cpuset", "split the CPUs between two cgroups mid-run",
-             _cpuset_apply, _DYNAMIC),
+             _cpuset_apply, DYNAMIC),
     Scenario("cpuset_clear_midrun", "cpuset", "drop two disjoint cpusets mid-run",
-             _cpuset_clear, _DYNAMIC),
+             _cpuset_clear, DYNAMIC),
     Scenario("cpuset_resize_midrun", "cpuset", "grow then move a cpuset mid-run",
-             _cpuset_resize, _DYNAMIC),
+             _cpuset_resize, DYNAMIC),
     Scenario("cpuset_swap_midrun", "cpuset", "swap two disjoint cpusets mid-run", _swap,
-             _DYNAMIC),
+             DYNAMIC),
     Scenario("cgroup_add_midrun", "dynamic", "a second cgroup joins mid-run", _cgroup_add),
     Scenario("cgroup_remove_midrun", "dynamic", "a cgroup is removed mid-run", _cgroup_remove),
     Scenario("affinity_change", "affinity", "pin each worker to its own CPU mid-run",
-             _affinity_change, _DYNAMIC),
+             _affinity_change, DYNAMIC),
     Scenario("affinity_pinned", "affinity", "one pinned worker per CPU beside free workers",
              _affinity_pinned),
     Scenario("affinity_llc", "affinity", "workers pinned to the CPUs of one LLC each",
@@ -311,7 +252,7 @@ _ENTRIES = [
     Scenario("nested_steady", "nested", "two child cgroups with disjoint cpusets",
              _nested_steady),
     Scenario("nested_task_move", "nested", "move every task between sibling cgroups mid-run",
-             _nested_move, _DYNAMIC),
+             _nested_move, DYNAMIC),
     Scenario("fork_exit_churn", "stress", "fork/exit loops beside CPU-bound workers",
              _fork_exit),
     Scenario("nice_sweep", "sched_class", "workers sweeping nice 0..19 beside fixed ones",
@@ -330,74 +271,8 @@ _ENTRIES = [
     Scenario("policy_churn", "sched_class", "workers cycling normal/batch/idle", _policy_churn,
              {"fairness_spread_pct": None, "starvation_gap_ms": 1500.0}),
     Scenario("affinity_churn", "affinity", "workers re-pinning to random CPUs", _affinity_churn,
-             _DYNAMIC),
+             DYNAMIC),
     Scenario("sequence_phases", "advanced", "spin, sleep and yield phases in a loop", _sequence),
     Scenario("fifo_hog_starvation", "stall", "a SCHED_FIFO spinner starves normal workers "
              "on one CPU (expected to fail starvation)", _fifo_hog, in_default_run=False),
 ]
-
-CATALOG: dict[str, Scenario] = {s.name: s for s in _ENTRIES}
-
-
-def get(name: str) -> Scenario:
-    try:
-        return CATALOG[name]
-    except KeyError:
-        raise KtstrError(
-            f"no scenario named {name!r}; `ktstr list` shows the {len(CATALOG)} scenarios"
-        ) from None
-
-
-def default_names() -> list[str]:
-    return [s.name for s in _ENTRIES if s.in_default_run]
-
-
-def validate(steps: list[Step], topology: Topology) -> None:
-    """Walk ``steps`` without running them: every op names a live cgroup and every
-    cpuset/affinity resolves on ``topology`` (raises KtstrError otherwise)."""
-    import os.path
-    import random
-
-    from ktstr.scenario.cpuset import resolve_affinity, resolve_cpuset
-
-    specs: dict[str, CpusetSpec | None] = {}
-    affs: dict[str, Affinity] = {}
-
-    def resolve() -> dict[str, tuple[int, ...]]:
-        out: dict[str, tuple[int, ...]] = {}
-        for name in sorted(specs, key=lambda n: n.count("/")):
-            parent = os.path.dirname(name)
-            base = out[parent] if parent else tuple(range(topology.nr_cpus))
-            spec = specs[name]
-            out[name] = base if spec is None else resolve_cpuset(spec, topology, base)
-        for name, aff in affs.items():
-            resolve_affinity(aff, topology, out[name], 0, random.Random(0))
-        return out
-
-    def need(name: str) -> str:
-        if name not in specs:
-            raise KtstrError(f"no cgroup {name!r} at this point of the scenario")
-        return name
-
-    for step in steps:
-        for op in step.ops:
-            if isinstance(op, AddCgroup):
-                for full, d in op.cgroup.flatten(op.parent):
-                    specs[full] = d.cpuset
-                    affs[full] = d.affinity
-                    d.work.make_shared(d.workers, "/tmp") if d.work.group_size > 1 else None
-            elif isinstance(op, RemoveCgroup):
-                for n in [n for n in specs if n == need(op.name) or n.startswith(op.name + "/")]:
-                    del specs[n]
-                    del affs[n]
-            elif isinstance(op, SetCpuset):
-                specs[need(op.name)] = op.cpuset
-            elif isinstance(op, ClearCpuset):
-                specs[need(op.name)] = None
-            elif isinstance(op, SwapCpusets):
-                specs[need(op.a)], specs[need(op.b)] = specs[op.b], specs[op.a]
-            elif isinstance(op, SetAffinity):
-                affs[need(op.name)] = op.affinity
-            elif isinstance(op, MoveAllTasks):
-                need(op.src), need(op.dst)
-            resolve()
