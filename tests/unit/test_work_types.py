@@ -9,6 +9,7 @@ are compared with a tolerance (:func:`near`), never for equality.
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -107,7 +108,7 @@ def needs_cpus(ctx: ScenarioContext, n: int) -> None:
 
 
 @pytest.mark.parametrize("work", [
-    AluHot(), IpcVariance(high_ms=5, low_ms=5, chase_kb=1024), NumaWorkingSetSweep(size_mb=8),
+    AluHot(), IpcVariance(high_ms=5, low_ms=5, chase_kb=256), NumaWorkingSetSweep(size_mb=8),
     CacheYield(size_kb=64),
 ], ids=lambda w: w.name)
 def test_cpu_and_memory_work_never_blocks(ctx: ScenarioContext, work: Work) -> None:
@@ -117,7 +118,7 @@ def test_cpu_and_memory_work_never_blocks(ctx: ScenarioContext, work: Work) -> N
 
 
 def test_smt_sibling_spin_pairs_move_in_lockstep(ctx: ScenarioContext) -> None:
-    res = run(ctx, SmtSiblingSpin(), 2)
+    res = run(ctx, SmtSiblingSpin(handoffs=1), 2)
     a, b = res.workers
     assert near(a.work_units, b.work_units), (a.work_units, b.work_units)
     if ctx.topology.threads_per_core == 1:
@@ -136,8 +137,9 @@ def test_io_rand_read_reads(ctx: ScenarioContext) -> None:
 
 def test_io_convoy_queues_on_one_lock(ctx: ScenarioContext) -> None:
     res = run(ctx, IoConvoy(), 3)
-    assert sum(lat(w) for w in res.workers) > 0  # someone found the lock taken
-    assert all(w.voluntary_switches > 0 for w in res.workers)
+    assert all(lat(w) > 0 and w.voluntary_switches > 0 for w in res.workers)  # all queued
+    units = [w.work_units for w in res.workers]
+    assert min(units) * 3 >= max(units), units  # the lock is handed on: everyone has turns
 
 
 # ---- wake-ups -----------------------------------------------------------------------
@@ -152,7 +154,6 @@ WAKERS: list[tuple[Work, int, tuple[int, ...]]] = [
     (SignalStorm(), 2, (0, 1)),
     (IdleChurn(), 2, (0, 1)),
     (PriorityInversion(), 3, (0,)),
-    (ProducerConsumerImbalance(), 3, (2,)),
     (PreemptStorm(), 2, (0,)),
 ]
 
@@ -165,6 +166,25 @@ def test_wake_work_records_latency_and_sleeps(ctx: ScenarioContext, work: Work, 
     for i in sleepers:
         w = res.workers[i]
         assert lat(w) > 0 and w.voluntary_switches > 0, w
+
+
+def test_pipe_work_waits_on_fds_beyond_select_range(ctx: ScenarioContext) -> None:
+    """Workers fork from whatever runs the scenario; a pytest session can hold >1024 fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    null = os.open(os.devnull, os.O_RDONLY)
+    filler: list[int] = []
+    try:
+        while not filler or filler[-1] < 1024:
+            filler.append(os.dup(null))
+        for w in run(ctx, PipeIo(), 2).workers:
+            assert lat(w) > 0
+    finally:
+        for fd in [null, *filler]:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.parametrize("work", [FutexFanOut(waiters=3), ThunderingHerd(waiters=3),
@@ -192,6 +212,8 @@ def test_producers_block_on_slow_consumers(ctx: ScenarioContext) -> None:
     backlog = produced - consumer.work_units
     assert -10 <= backlog <= 4096 // 64 + 10, (produced, consumer.work_units)  # the pipe bounds it
     assert all(p.cpu_share < consumer.cpu_share for p in producers)
+    assert all(p.voluntary_switches > 0 for p in producers)  # asleep on the full pipe
+    assert lat(consumer) > 0  # item latencies: queueing + wake-up
 
 
 # ---- churn --------------------------------------------------------------------------
@@ -296,7 +318,8 @@ def test_preempt_storm_preempts_its_spinner(ctx: ScenarioContext) -> None:
     fell_back = any("SCHED_FIFO 10 refused" in n for n in res.notes)
     assert fell_back or os.SCHED_FIFO in policies, (policies, res.notes)
     assert lat(storm) > 0 and spinner.involuntary_switches > 0
-    assert storm.cpus_used[-1:] == spinner.cpus_used[-1:] or len(spinner.cpus_used) > 1
+    if not fell_back:  # a woken FIFO task runs at once, whatever hogs its CPU
+        assert storm.wake_latency is not None and storm.wake_latency.p50_us < 1000, storm
 
 
 def test_deadline_policy_runs_or_reports_the_refusal(ctx: ScenarioContext) -> None:

@@ -190,13 +190,17 @@ def nonblocking_pipe(size: int | None = None) -> tuple[int, int]:
 
 
 def wait_fd(rt: WorkerRuntime, fd: int, write: bool = False) -> bool:
-    """Wait until ``fd`` is readable (writable); False once the worker must stop."""
-    while True:
-        r, w, _ = select.select([] if write else [fd], [fd] if write else [], [], POLL_S)
-        if r or w:
-            return True
+    """Wait until ``fd`` is readable (writable); False once the worker must stop.
+
+    poll(2), not select(2): a worker forked from a process with many files open may
+    hold fds beyond select's 1024.
+    """
+    p = select.poll()
+    p.register(fd, (select.POLLOUT if write else select.POLLIN) | select.POLLERR)
+    while not p.poll(POLL_S * 1000):
         if not rt.poll():
             return False
+    return True
 
 
 def read_exact(rt: WorkerRuntime, fd: int, n: int) -> bytes | None:

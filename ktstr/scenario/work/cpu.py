@@ -138,8 +138,8 @@ class SmtSiblingSpin(SharedLines):
 
     name: ClassVar[str] = "smt_sibling_spin"
     group_size: ClassVar[int] = 2
-    handoffs: int = 32
-    yield_every: int = 256
+    handoffs: int = 8
+    yield_every: int = 64
     pin: bool = True
 
     def __post_init__(self) -> None:
@@ -207,7 +207,12 @@ class IpcVariance(Work):
     def run(self, rt: WorkerRuntime) -> None:
         slots = 1 << ((self.chase_kb * 1024 // 4).bit_length() - 1)
         mask = slots - 1
-        table = array("I", ((i * _LCG_A + _LCG_C) & mask for i in range(slots)))
+        table = array("I")
+        for start in range(0, slots, 16384):  # a unit per chunk: building it is work too
+            upto = min(slots, start + 16384)
+            table.extend((i * _LCG_A + _LCG_C) & mask for i in range(start, upto))
+            if not rt.tick():
+                return
         n = self.iterations
         x = rt.rng.getrandbits(64) | 1
         cur = 0

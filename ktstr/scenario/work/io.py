@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ktstr.errors import KtstrError
-from ktstr.scenario.work.base import Line, Work, check_range, scratch_file, shared_mapping
+from ktstr.scenario.work.base import LINE, Work, check_range, scratch_file, shared_mapping
+from ktstr.scenario.work.lock import HandoffLock
 
 if TYPE_CHECKING:
     from ktstr.scenario.worker import WorkerRuntime
@@ -102,8 +100,9 @@ class IoRandRead(Work):
 @dataclass(frozen=True)
 class IoConvoy(Work):
     """Every worker of the batch writes ``block`` bytes to one shared file and
-    fdatasyncs it while holding one POSIX lock on it: a convoy behind the slowest
-    sync. Each worker writes its own block (the file stays ``workers * block``).
+    fdatasyncs it while holding one lock on it: a convoy behind each sync. The lock
+    is handed from holder to waiter (:class:`HandoffLock`), so every worker gets its
+    turn. Each worker writes its own block (the file stays ``workers * block``).
 
     A worker that found the lock taken records the hand-off latency: from the
     holder's release to this worker running with the lock.
@@ -118,31 +117,20 @@ class IoConvoy(Work):
 
     def make_shared(self, workers: int, scratch_dir: str) -> Any:
         super().make_shared(workers, scratch_dir)
-        return (scratch_file(scratch_dir, "ktstr-convoy-"), shared_mapping(1))
+        return (scratch_file(scratch_dir, "ktstr-convoy-"),
+                shared_mapping(HandoffLock.lines(workers)))
 
     def run(self, rt: WorkerRuntime) -> None:
         fd, mm = rt.shared
-        released = Line(mm, 0).q  # [0]: when the last holder let go
+        lock = HandoffLock(fd, mm, 0, len(mm) // LINE - 1, rt.member)  # every line it has
         buf = os.urandom(self.block)
         off = rt.member * self.block
         while True:
-            waited = False
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                fcntl.lockf(fd, fcntl.LOCK_EX)
-                waited = True
-            try:
+            with lock.held() as waited:
                 if waited:
-                    rt.record_latency(time.monotonic_ns() - released[0])
+                    rt.record_latency(time.monotonic_ns() - lock.released_ns)
                 os.pwrite(fd, buf, off)
                 if self.sync:
                     os.fdatasync(fd)
-            finally:
-                released[0] = time.monotonic_ns()
-                with contextlib.suppress(OSError):
-                    fcntl.lockf(fd, fcntl.LOCK_UN)
             if not rt.tick():
                 return

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import mmap
 import os
 import time
 from collections.abc import Iterator
@@ -11,7 +13,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ktstr.errors import KtstrError
-from ktstr.scenario.work.base import Work, check_range, group_member, scratch_file, spin
+from ktstr.scenario.syscalls import WAKE_ALL
+from ktstr.scenario.work.base import (
+    POLL_S,
+    Line,
+    Work,
+    check_range,
+    group_member,
+    scratch_file,
+    shared_mapping,
+    spin,
+)
 
 if TYPE_CHECKING:
     from ktstr.scenario.worker import WorkerRuntime
@@ -25,6 +37,69 @@ def record_lock(fd: int) -> Iterator[None]:
         yield
     finally:
         fcntl.lockf(fd, fcntl.LOCK_UN)
+
+
+class HandoffLock:
+    """A POSIX record lock on a shared fd that is handed on to a waiter.
+
+    POSIX locks are not fair: a releaser that keeps running takes the lock again
+    before the waiter it woke gets a CPU, and under load the waiters never do. So
+    a releaser that sees a waiter waits (at most POLL_S) until someone else has
+    taken it. Lines from ``first`` of the shared mapping: its ``word`` counts
+    acquisitions (written only under the lock), ``q[0]`` is the last release time;
+    then one line per member whose ``word`` says it is waiting (its own writer).
+    """
+
+    def __init__(self, fd: int, mm: mmap.mmap, first: int, members: int, me: int) -> None:
+        self.fd = fd
+        self.state = Line(mm, first)
+        self.waiting = [Line(mm, first + 1 + i).word for i in range(members)]
+        self.me = me
+
+    @staticmethod
+    def lines(members: int) -> int:
+        return 1 + members
+
+    def acquire(self) -> bool:
+        """Take the lock; True if it was held by someone else (this worker slept)."""
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            self.waiting[self.me].value = 1
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            self.waiting[self.me].value = 0
+            waited = True
+        acq = self.state.word
+        acq.value = acq.value + 1
+        acq.wake(WAKE_ALL)  # a releaser waiting for the hand-off
+        return waited
+
+    @property
+    def released_ns(self) -> int:
+        return int(self.state.q[0])
+
+    def release(self) -> None:
+        acq = self.state.word
+        gen = acq.value
+        self.state.q[0] = time.monotonic_ns()
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        if not any(w.value for i, w in enumerate(self.waiting) if i != self.me):
+            return
+        end = time.monotonic() + POLL_S
+        while acq.value == gen and (left := end - time.monotonic()) > 0:
+            acq.wait(gen, left)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[bool]:
+        """``with lock.held() as waited:``"""
+        waited = self.acquire()
+        try:
+            yield waited
+        finally:
+            self.release()
 
 
 @dataclass(frozen=True)
@@ -87,11 +162,14 @@ class PriorityInversion(Work):
 
     def make_shared(self, workers: int, scratch_dir: str) -> Any:
         super().make_shared(workers, scratch_dir)
-        return [scratch_file(scratch_dir, "ktstr-pi-") for _ in range(workers // 3)]
+        trios = workers // 3
+        return ([scratch_file(scratch_dir, "ktstr-pi-") for _ in range(trios)],
+                shared_mapping(trios * HandoffLock.lines(3)))
 
     def run(self, rt: WorkerRuntime) -> None:
         trio, tier = group_member(rt, self)
-        fd = rt.shared[trio]
+        fds, mm = rt.shared
+        lock = HandoffLock(fds[trio], mm, trio * HandoffLock.lines(3), 3, tier)
         nice = (self.high_nice, self.medium_nice, self.low_nice)[tier]
         try:
             os.setpriority(os.PRIO_PROCESS, 0, nice)
@@ -105,14 +183,13 @@ class PriorityInversion(Work):
                     return
         if tier == 2:
             while True:
-                with record_lock(fd):
+                with lock.held():
                     spin(self.hold_iterations)
-                spin(self.high_iterations)  # a gap in which the high member can take it
                 if not rt.tick():
                     return
         while True:
             t0 = time.monotonic_ns()
-            with record_lock(fd):
+            with lock.held():
                 rt.record_latency(time.monotonic_ns() - t0)
                 spin(self.high_iterations)
             if not rt.tick():
