@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from ktstr.scenario.work.base import (
+    Line,
     SharedLines,
     Work,
     check_range,
@@ -158,7 +159,7 @@ class SmtSiblingSpin(SharedLines):
         pair, role = group_member(rt, self)
         if self.pin:
             self._pin(rt, pair, role)
-        turn = memoryview(rt.shared)[pair * 64 : pair * 64 + 8].cast("Q")
+        turn = Line(rt.shared, pair).q
         other = 1 - role
         every = self.yield_every
         while True:
