@@ -140,14 +140,23 @@ class PolicyKind(enum.Enum):
     IDLE = "idle"
     FIFO = "fifo"
     RR = "rr"
+    DEADLINE = "deadline"
 
 
 @dataclass(frozen=True)
 class SchedPolicy:
-    """A scheduling class; ``priority`` (1-99) only for FIFO/RR."""
+    """A scheduling class; ``priority`` (1-99) only for FIFO/RR; ``runtime_ns``,
+    ``deadline_ns``, ``period_ns`` only for DEADLINE (0 < runtime <= deadline <= period).
+
+    The worker applies DEADLINE with sched_setattr; a refusal by the kernel (EPERM,
+    EBUSY, EINVAL) is that worker's error in the telemetry, not a crash.
+    """
 
     kind: PolicyKind = PolicyKind.NORMAL
     priority: int = 0
+    runtime_ns: int = 0
+    deadline_ns: int = 0
+    period_ns: int = 0
 
     def __post_init__(self) -> None:
         if self.realtime and not 1 <= self.priority <= 99:
@@ -156,6 +165,21 @@ class SchedPolicy:
             )
         if not self.realtime and self.priority:
             raise KtstrError(f"sched policy {self.kind.value} takes no priority")
+        times = (self.runtime_ns, self.deadline_ns, self.period_ns)
+        if self.kind is not PolicyKind.DEADLINE:
+            if any(times):
+                raise KtstrError(
+                    f"sched policy {self.kind.value} takes no runtime/deadline/period"
+                )
+            return
+        if min(times) <= 0 or not self.runtime_ns <= self.deadline_ns <= self.period_ns:
+            raise KtstrError(
+                "sched policy deadline: needs 0 < runtime <= deadline <= period, got "
+                f"runtime {self.runtime_ns} ns, deadline {self.deadline_ns} ns, period "
+                f"{self.period_ns} ns"
+            )
+        if self.period_ns >= 1 << 63:
+            raise KtstrError(f"sched policy deadline: period {self.period_ns} ns is too long")
 
     @property
     def realtime(self) -> bool:
@@ -181,7 +205,26 @@ class SchedPolicy:
     def rr(cls, priority: int = 1) -> SchedPolicy:
         return cls(PolicyKind.RR, priority)
 
+    @classmethod
+    def deadline(
+        cls, runtime_us: float, deadline_us: float, period_us: float | None = None
+    ) -> SchedPolicy:
+        """SCHED_DEADLINE, times in microseconds; the period defaults to the deadline."""
+        period = deadline_us if period_us is None else period_us
+        return cls(PolicyKind.DEADLINE, runtime_ns=round(runtime_us * 1000),
+                   deadline_ns=round(deadline_us * 1000), period_ns=round(period * 1000))
+
+    @property
+    def deadline_params(self) -> tuple[int, int, int] | None:
+        """(runtime, deadline, period) in ns for DEADLINE, else None."""
+        if self.kind is not PolicyKind.DEADLINE:
+            return None
+        return self.runtime_ns, self.deadline_ns, self.period_ns
+
     def describe(self) -> str:
+        if self.kind is PolicyKind.DEADLINE:
+            return (f"deadline:{self.runtime_ns / 1000:g}/{self.deadline_ns / 1000:g}/"
+                    f"{self.period_ns / 1000:g}us")
         return f"{self.kind.value}:{self.priority}" if self.realtime else self.kind.value
 
 

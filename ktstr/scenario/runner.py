@@ -57,6 +57,7 @@ from ktstr.scenario.model import (
     format_cpu_list,
 )
 from ktstr.scenario.payload_proc import PayloadProcess
+from ktstr.scenario.syscalls import SCHED_DEADLINE
 from ktstr.scenario.work import Work
 from ktstr.telemetry import CgroupStats, PayloadResult, PhaseStats, ScenarioResult, WorkerStats
 from ktstr.topology import Topology
@@ -67,6 +68,7 @@ _POLICY = {
     PolicyKind.IDLE: os.SCHED_IDLE,
     PolicyKind.FIFO: os.SCHED_FIFO,
     PolicyKind.RR: os.SCHED_RR,
+    PolicyKind.DEADLINE: SCHED_DEADLINE,
 }
 _SAMPLE_S = 0.05
 
@@ -474,6 +476,10 @@ class Runner:
 
     def spawn(self, cg: _Cgroup, count: int, work: Work) -> list[wk.WorkerHandle]:
         d = cg.definition
+        for leaf in work.cgroup_leaves():  # made once, then removed with their parent
+            if f"{cg.name}/{leaf}" not in self.cgroups:
+                self.add(CgroupDef(leaf, workers=0), cg.name)
+        leaves = tuple(self.backend.task_path(f"{cg.name}/{leaf}") for leaf in work.cgroup_leaves())
         shared = work.make_shared(count, self.scratch_dir)
         self._shared.append(shared)
         handles: list[wk.WorkerHandle] = []
@@ -491,12 +497,16 @@ class Runner:
                     policy=_POLICY[d.policy.kind],
                     priority=d.policy.priority,
                     policy_name=d.policy.describe(),
+                    deadline=d.policy.deadline_params,
                     nice=d.nice,
                     member=member,
                     shared=shared,
                     scratch_dir=self.scratch_dir,
                     max_lifetime_s=self.lifetime_s,
                     seed=self.rng.randrange(1 << 30),
+                    topology=self.topology,
+                    cpu_ids=self.cpu_ids,
+                    cgroup_leaves=leaves,
                 )
                 cg.next_index += 1
                 with signals_blocked():  # a Ctrl-C between fork and bookkeeping leaks a pid
@@ -515,6 +525,10 @@ class Runner:
         for h in handles:
             self.last_cpus[h.cgroup] = self.real(self.effective.get(h.cgroup, ()))
         self.finished.extend(wk.stop(list(handles)))
+        for h in handles:  # what workers noted (a fallback taken), once per cgroup
+            note = f"cgroup {h.cgroup}: {h.note}" if h.note else None
+            if note and note not in self.notes:
+                self.notes.append(note)
         gone = {id(h) for h in handles}
         self.live = [h for h in self.live if id(h) not in gone]
 

@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ktstr.cpulist import parse_cpu_list
 from ktstr.reap import die_with_parent
+from ktstr.scenario.syscalls import set_deadline
 from ktstr.telemetry import LatencySummary, WorkerStats, off_cpu_pct
+from ktstr.topology import CpuPlace, Topology
 
 if TYPE_CHECKING:
     from ktstr.scenario.work import Work
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
 _STATE, _STOP, _UNITS, _START, _LAST, _MAXGAP, _MIGR, _EPOCH, _LASTCPU, _DEADLINE, \
     _LATN, _LATMAX, _XNODE = range(13)
 _ERR_OFF, _ERR_LEN = 128, 384
+_NOTE_OFF, _NOTE_LEN = 512, 512
 _CPU_OFF = 1024
 MAX_CPUS = 1024
 _LAT_OFF = _CPU_OFF + 4 * MAX_CPUS  # 5120
@@ -61,6 +65,9 @@ class WorkerRuntime:
         shared: Any,
         scratch_dir: str,
         seed: int,
+        *,
+        places: Mapping[int, CpuPlace] | None = None,
+        cgroup_leaves: tuple[str, ...] = (),
     ) -> None:
         self.mm = mm
         self.q = memoryview(mm)[:_ERR_OFF].cast("Q")
@@ -72,6 +79,12 @@ class WorkerRuntime:
         """Whatever the work type's ``make_shared`` built before the fork."""
         self.scratch_dir = scratch_dir
         self.rng = random.Random(seed)
+        self.places: Mapping[int, CpuPlace] = places or {}
+        """Real CPU id -> where it sits in the scenario's topology (empty: unknown)."""
+        self.cgroup_leaves = cgroup_leaves
+        """Task directories of the leaf cgroups the runner made for the work
+        (:meth:`Work.cgroup_leaves`), in the work's order."""
+        self._notes: list[str] = []
         self.running = True
         self._units = 0
         self._max_gap = 0
@@ -155,6 +168,23 @@ class WorkerRuntime:
     def allowed_cpus(self) -> list[int]:
         return sorted(os.sched_getaffinity(0))
 
+    def note(self, text: str) -> None:
+        """Tell the scenario something it should know but that is no failure (a
+        fallback taken); the runner adds it to the result's notes once."""
+        if text not in self._notes:
+            self._notes.append(text)
+            _put_text(self.mm, _NOTE_OFF, _NOTE_LEN, "; ".join(self._notes))
+
+
+def _put_text(mm: mmap.mmap, off: int, cap: int, text: str) -> None:
+    data = text.encode()[: cap - 1]
+    mm[off : off + cap] = data.ljust(cap, b"\0")
+
+
+def _get_text(mm: mmap.mmap, off: int, cap: int) -> str | None:
+    raw = bytes(mm[off : off + cap]).rstrip(b"\0")
+    return raw.decode(errors="replace") if raw else None
+
 
 @dataclass
 class WorkerSpec:
@@ -169,12 +199,18 @@ class WorkerSpec:
     policy: int = os.SCHED_OTHER
     priority: int = 0
     policy_name: str = "normal"
+    deadline: tuple[int, int, int] | None = None
+    """SCHED_DEADLINE (runtime, deadline, period) in ns; set, it replaces ``policy``."""
     nice: int = 0
     member: int = 0
     shared: Any = None
     scratch_dir: str = "/tmp"
     max_lifetime_s: float = 600.0
     seed: int = 0
+    topology: Topology | None = None
+    cpu_ids: tuple[int, ...] = ()
+    """Real CPU id of each topology CPU (empty: identity)."""
+    cgroup_leaves: tuple[str, ...] = ()
 
 
 @dataclass
@@ -211,8 +247,12 @@ class WorkerHandle:
 
     @property
     def error(self) -> str | None:
-        raw = bytes(self.mm[_ERR_OFF : _ERR_OFF + _ERR_LEN]).rstrip(b"\0")
-        return raw.decode(errors="replace") if raw else None
+        return _get_text(self.mm, _ERR_OFF, _ERR_LEN)
+
+    @property
+    def note(self) -> str | None:
+        """What the worker noted (:meth:`WorkerRuntime.note`), "; "-joined."""
+        return _get_text(self.mm, _NOTE_OFF, _NOTE_LEN)
 
     @property
     def alive(self) -> bool:
@@ -368,8 +408,7 @@ def spawn(spec: WorkerSpec) -> WorkerHandle:
             _child(spec, mm, parent)
             code = 0
         except BaseException as err:
-            msg = f"{type(err).__name__}: {err}".encode()[: _ERR_LEN - 1]
-            mm[_ERR_OFF : _ERR_OFF + len(msg)] = msg
+            _put_text(mm, _ERR_OFF, _ERR_LEN, f"{type(err).__name__}: {err}")
             q[_STATE] = FAILED
             code = 3
         finally:
@@ -391,9 +430,18 @@ def _child(spec: WorkerSpec, mm: mmap.mmap, parent: int) -> None:  # pragma: no 
         os.sched_setaffinity(0, spec.affinity)
     if spec.nice:
         os.setpriority(os.PRIO_PROCESS, 0, spec.nice)
-    if spec.policy != os.SCHED_OTHER:
+    if spec.deadline is not None:  # SCHED_DEADLINE, through sched_setattr
+        refused = apply_deadline(*spec.deadline)
+        if refused:  # reported in the telemetry; the worker runs on as it was
+            _put_text(mm, _ERR_OFF, _ERR_LEN, refused)
+    elif spec.policy != os.SCHED_OTHER:
         os.sched_setscheduler(0, spec.policy, os.sched_param(spec.priority))
-    rt = WorkerRuntime(mm, spec.member, spec.shared, spec.scratch_dir, spec.seed)
+    places: dict[int, CpuPlace] = {}
+    if spec.topology is not None:
+        ids = spec.cpu_ids or tuple(range(spec.topology.nr_cpus))
+        places = {ids[p.cpu]: p for p in spec.topology.places}
+    rt = WorkerRuntime(mm, spec.member, spec.shared, spec.scratch_dir, spec.seed,
+                       places=places, cgroup_leaves=spec.cgroup_leaves)
     mm_q = memoryview(mm)[:_ERR_OFF].cast("Q")
     mm_q[_STATE] = RUNNING
     spec.work.run(rt)
@@ -420,6 +468,29 @@ def cpu_nodes(root: str = "/sys/devices/system/node") -> list[int]:
                 out.extend([0] * (cpu + 1 - len(out)))
             out[cpu] = int(name[4:])
     return out
+
+
+_DEADLINE_HINTS = {
+    errno.EPERM: "needs CAP_SYS_NICE, and an affinity covering its whole root domain (a "
+                 "cpuset or affinity narrower than the machine's is refused)",
+    errno.EBUSY: "admission control: not enough deadline bandwidth left "
+                 "(kernel.sched_rt_runtime_us, other deadline tasks)",
+    errno.EINVAL: "parameters out of the kernel's range (runtime >= 1024 ns, period within "
+                  "kernel.sched_deadline_period_min_us..max_us)",
+}
+
+
+def apply_deadline(runtime_ns: int, deadline_ns: int, period_ns: int) -> str | None:
+    """Make the caller SCHED_DEADLINE; None, or why the kernel refused (for telemetry)."""
+    try:
+        set_deadline(runtime_ns, deadline_ns, period_ns)
+    except OSError as err:
+        name = errno.errorcode.get(err.errno or 0, str(err.errno))
+        hint = _DEADLINE_HINTS.get(err.errno or 0, err.strerror or "")
+        return (f"SCHED_DEADLINE runtime {runtime_ns} ns, deadline {deadline_ns} ns, period "
+                f"{period_ns} ns refused by the kernel: {name} ({hint}); the worker ran under "
+                "its previous policy")
+    return None
 
 
 def wait_started(handles: list[WorkerHandle], timeout: float = 15.0) -> None:

@@ -86,8 +86,7 @@ def validate(steps: list[Step], topology: Topology) -> None:
                 for full, d in op.cgroup.flatten(op.parent):
                     specs[full] = d.cpuset
                     affs[full] = d.affinity
-                    if d.work.group_size > 1:
-                        d.work.make_shared(d.worker_count(topology.nr_cpus), "/tmp")
+                    d.work.check_workers(d.worker_count(topology.nr_cpus))
             elif isinstance(op, RemoveCgroup):
                 for n in [n for n in specs if n == need(op.name) or n.startswith(op.name + "/")]:
                     del specs[n]
