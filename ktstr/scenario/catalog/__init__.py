@@ -9,7 +9,7 @@ live in themed modules; this package is their one registry.
 from __future__ import annotations
 
 from ktstr.errors import KtstrError
-from ktstr.scenario.catalog import cgroups, core, performance
+from ktstr.scenario.catalog import cgroups, core, performance, workloads
 from ktstr.scenario.catalog.base import CATEGORIES, Params, Scenario
 from ktstr.scenario.model import (
     AddCgroup,
@@ -34,7 +34,8 @@ from ktstr.topology import Topology
 
 __all__ = ["CATALOG", "CATEGORIES", "Params", "Scenario", "default_names", "get", "validate"]
 
-_ENTRIES: list[Scenario] = [*core.ENTRIES, *cgroups.ENTRIES, *performance.ENTRIES]
+_ENTRIES: list[Scenario] = [*core.ENTRIES, *cgroups.ENTRIES, *workloads.ENTRIES,
+                            *performance.ENTRIES]
 
 CATALOG: dict[str, Scenario] = {s.name: s for s in _ENTRIES}
 
