@@ -93,3 +93,15 @@ def test_validate_rejects_impossible_steps() -> None:
         catalog.validate([Step((AddCgroup(CgroupDef("a", CpusetSpec.llc(5))),))], topo)
     with pytest.raises(KtstrError, match="no cgroup 'b'"):
         catalog.validate([Step((SetCpuset("b", CpusetSpec.all()),))], topo)
+
+
+def test_catalog_covers_the_categories() -> None:
+    from collections import Counter
+
+    from ktstr.scenario.catalog import CATEGORIES
+
+    counts = Counter(s.category for s in catalog.CATALOG.values())
+    assert len(catalog.CATALOG) >= 81 and set(counts) == set(CATEGORIES), counts
+    assert all(s.description and len(s.description) < 110 for s in catalog.CATALOG.values())
+    with pytest.raises(ValueError, match="category 'misc' is not one of"):
+        catalog.Scenario("x", "misc", "d", lambda p: [])
