@@ -218,6 +218,8 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
         },
         "summary": summarize_workers(w for w in workers if isinstance(w, Mapping)),
         **payload_sections(telemetry.get("payloads")),
+        "phases": [p for p in telemetry.get("phases") or [] if isinstance(p, Mapping)] or None,
+        "notes": [str(n) for n in telemetry.get("notes") or []][:200] or None,
         "timeline": telemetry.get("timeline"),
         "scheduler_exit": run.sched_exit,
         "observer": run.observation.to_record() if run.observation is not None else None,
@@ -369,7 +371,7 @@ def record_problem(data: object) -> str | None:
     for key in ("verdict", "reason"):
         if data.get(key) is not None and not isinstance(data[key], str):
             return f"{key!r} must be a string"
-    for key in ("checks", "host_faults", "payloads"):
+    for key in ("checks", "host_faults", "payloads", "phases"):
         if data.get(key) is not None and not _objects(data[key]):
             return f"{key!r} must be a list of objects"
     repeats = data.get("repeats")
