@@ -73,6 +73,12 @@ for _k, _s in vm.combinations([k for k in _VM_KERNELS if k != _VM_DEFAULT]):
 
 
 @nox.session
+def vm_catalog(session: nox.Session) -> None:
+    """Every catalog scenario as a VM test (through the sandbox where KVM is unusable)."""
+    vm.vm_catalog(session)
+
+
+@nox.session
 def gauntlet(session: nox.Session) -> None:
     """Suite x topology presets x flag profiles; `-- --budget SECONDS` picks a covering subset."""
     vm.gauntlet(session)

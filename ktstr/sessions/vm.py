@@ -33,6 +33,8 @@ from ktstr.sessions import kernels, system
 SCHEDULERS = tuple(BUILTIN)
 """Every built-in scheduler; the matrix's second axis."""
 SUITE = "tests/vm"
+CATALOG_SUITE = "tests/catalog"
+"""Every catalog scenario as a VM test (``nox -s vm_catalog``)."""
 VM_KERNELS_ENV = "KTSTR_VM_KERNELS"
 GUEST_MEMORY_MB = 1024
 """Host memory budgeted per parallel VM test, for the parallelism budget: its guest's RAM
@@ -169,6 +171,18 @@ def vm_tests(session: nox.Session, kernel: str, scheduler: str) -> None:
     # matrix runs it once, not once per session.
     argv = pytest_argv(kernel, scheduler, jobs,
                        ["--ktstr-pinned", "own", *(session.posargs or [SUITE])])
+    session.run(*in_sandbox_argv(session, argv), env=env)
+
+
+def vm_catalog(session: nox.Session) -> None:
+    """The catalog as a VM suite on the default kernel; posargs go to pytest (e.g.
+    ``--ktstr-scheduler scx_simple``, ``-k weight``)."""
+    default, _ids = catalog()
+    install(session)
+    prepare(session, default)
+    env = {"KTSTR_RUN_ID": run_id(default, "catalog"), "KTSTR_KERNEL": default}
+    session.log(f"results: ktstr-results/{env['KTSTR_RUN_ID']}")
+    argv = pytest_argv(default, None, parallel_jobs(), [CATALOG_SUITE, *session.posargs])
     session.run(*in_sandbox_argv(session, argv), env=env)
 
 
