@@ -10,6 +10,7 @@ from ``/dev/kmsg`` and parse them with :mod:`ktstr.console`, as the host does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -204,6 +205,13 @@ class SchedulerProcess:
             lines = self.kmsg.sched_ext_lines(self._mark)
             ejected = [e for e in disabled_events(lines) if is_ejection(e["reason"])]
             if ejected:
+                # The kernel logs the exit's message on the line after; the scheduler
+                # process ends once it sees the exit. Give both a moment, so the message
+                # (what an attach policy's transient patterns match) is there.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(2.0)
+                lines = self.kmsg.sched_ext_lines(self._mark)
+                ejected = [e for e in disabled_events(lines) if is_ejection(e["reason"])]
                 # Ejected while enabling (a stall in the enable path, say): say so, not
                 # "did not attach" at the timeout.
                 raise GuestFailure(

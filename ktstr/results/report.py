@@ -191,13 +191,15 @@ def timeline_figure(timeline: Timeline, highlight: set[int], title: str) -> Any:
     t0 = timeline.start
     palette = plt.get_cmap("tab20")
     for row, cpu in enumerate(lanes):
-        spans = [s for s in timeline.segments if s.cpu == cpu]
-        for s in spans:
-            if s.pid == 0:
+        # One call per colour: traces hold tens of thousands of segments.
+        by_color: dict[Any, list[tuple[float, float]]] = {}
+        for s in timeline.segments:
+            if s.cpu != cpu or s.pid == 0:
                 continue  # idle: left blank
             color = "#d62728" if s.pid in highlight else palette(s.pid % 20)
-            ax.broken_barh([(s.start - t0, max(s.end - s.start, 1e-6))], (row - 0.4, 0.8),
-                           color=color, linewidth=0)
+            by_color.setdefault(color, []).append((s.start - t0, max(s.end - s.start, 1e-6)))
+        for color, spans in by_color.items():
+            ax.broken_barh(spans, (row - 0.4, 0.8), color=color, linewidth=0)
     waits = [(end - start, start, end, pid) for pid, (start, end)
              in timeline.longest_wait.items() if pid in highlight]
     if waits:

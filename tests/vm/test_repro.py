@@ -62,7 +62,7 @@ def test_repro_report_and_replay(tmp_path: Path, request: pytest.FixtureRequest)
     kernel = request.config.getoption("ktstr_kernel") or "6.12"
     (tmp_path / "test_inner.py").write_text(INNER)
     env = {**os.environ, "KTSTR_RESULTS_DIR": str(tmp_path / "results"),
-           "KTSTR_RUN_ID": "inner"}
+           "KTSTR_RUN_ID": "inner", "MPLCONFIGDIR": str(tmp_path / "mpl")}
     env.pop("KTSTR_RESUME", None)
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly",
             "-ra", "--ktstr-kernel", kernel, "--ktstr-repro", "on-failure", "test_inner.py"]
@@ -83,7 +83,7 @@ def test_repro_report_and_replay(tmp_path: Path, request: pytest.FixtureRequest)
 
     report = subprocess.run([sys.executable, "-m", "ktstr", "stats", "report",
                              str(tmp_path / "results" / "inner")], env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
+                            capture_output=True, text=True, timeout=1200, check=False)
     assert report.returncode == 0, report.stderr
     page = (tmp_path / "results" / "inner" / "report.html").read_text()
     assert "repro timeline" in page, page[:2000]
