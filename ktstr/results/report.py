@@ -207,9 +207,9 @@ def timeline_figure(timeline: Timeline, highlight: set[int], title: str) -> Any:
         ax.axvspan(start - t0, end - t0, color="#d62728", alpha=0.12)
         ax.axvline(start - t0, color="#d62728", linestyle="--", linewidth=1)
         ax.annotate(f"pid {pid} runnable, not run: {length * 1000:.0f} ms",
-                    (start - t0, len(lanes) - 0.5), color="#d62728", fontsize=8)
+                    (start - t0, len(lanes) - 0.35), color="#d62728", fontsize=8)
     ax.set_yticks(range(len(lanes)), [f"CPU {c}" for c in lanes])
-    ax.set_ylim(-0.6, len(lanes) - 0.4)
+    ax.set_ylim(-0.6, len(lanes) - 0.05)  # room above the lanes for the mark's label
     ax.set_xlabel("seconds from the first traced event")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -331,7 +331,7 @@ def run_once(plan: RunPlan) -> Attempt:
     files = Artifacts(plan)
     try:
         if run.trace is not None and run.trace.text:
-            run.trace.path = str(files.write("trace.txt", run.trace.text))
+            run.trace.path = str(files.write("trace.txt", run.trace.text).resolve())
         checks = guest_checks(plan, run)
         dumped = False
         if run.observation is not None and (not run.ok or any(not c.passed for c in checks)):
