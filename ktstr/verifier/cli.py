@@ -132,7 +132,9 @@ def judge_cell(name: str, topology: str, run: GuestRun) -> Cell:
     attached = any(m.get("type") == "sched_attached" for m in run.messages)
     log = str(run.details.get("log_tail") or "")
     verifies: bool | None
-    if attached:
+    if attached or run.failure == "scheduler_ejected":
+        # Ejected while attaching (scx_bpf_error in ops.init, say): the kernel ran the
+        # scheduler's programs, so every one of them had loaded, verified.
         verifies = True
     elif looks_like_verifier_log(log) or looks_like_verifier_log(run.message):
         verifies = False
@@ -143,8 +145,9 @@ def judge_cell(name: str, topology: str, run: GuestRun) -> Cell:
         for s in obs.samples if s.scx_enabled for c in s.cpus))
     workers = telemetry_of(run.result).get("workers") or []
     progressed = bool(workers) and all(w.get("work_units") for w in workers)
+    progs = (obs.progs or (obs.exit_bpf.progs if obs.exit_bpf else ())) if obs else ()
     cell = Cell(name, topology, verifies, attached, attached and ran_ext and progressed,
-                programs={p.name: p.verified_insns for p in (obs.progs if obs else ())})
+                programs={p.name: p.verified_insns for p in progs})
     if not run.ok:
         cell.failure = f"{run.failure}: {run.message.splitlines()[0] if run.message else ''}"
     if verifies is False:
