@@ -54,6 +54,12 @@ def off_cpu_pct(wall_ns: int, cpu_ns: int) -> float:
 # ---- records -------------------------------------------------------------------
 
 
+def known_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data``'s entries that are fields of the dataclass ``cls`` (newer ones dropped)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
 @dataclass
 class LatencySummary:
     """Wake latencies in microseconds."""
@@ -225,8 +231,7 @@ class PayloadResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PayloadResult:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_fields(cls, data))
 
 
 @dataclass
@@ -256,8 +261,7 @@ class PhaseStats:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PhaseStats:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_fields(cls, data))
 
 
 @dataclass

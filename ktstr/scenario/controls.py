@@ -179,6 +179,18 @@ def _uclamp(value: float) -> str:
     return f"{value:.2f}"
 
 
+def _idle_and_uclamp(c: CgroupControls) -> list[ControlWrite]:
+    """The files v1 and v2 spell alike."""
+    out = []
+    if c.idle is not None:
+        out.append(ControlWrite("cpu", "cpu.idle", str(int(c.idle))))
+    if c.uclamp_min is not None:
+        out.append(ControlWrite("cpu", "cpu.uclamp.min", _uclamp(c.uclamp_min)))
+    if c.uclamp_max is not None:
+        out.append(ControlWrite("cpu", "cpu.uclamp.max", _uclamp(c.uclamp_max)))
+    return out
+
+
 def v2_writes(c: CgroupControls) -> list[ControlWrite]:
     out: list[ControlWrite] = []
     if c.weight is not None:
@@ -188,12 +200,7 @@ def v2_writes(c: CgroupControls) -> list[ControlWrite]:
     if c.cpu_max is not None:
         quota = "max" if c.cpu_max.quota_us is None else str(c.cpu_max.quota_us)
         out.append(ControlWrite("cpu", "cpu.max", f"{quota} {c.cpu_max.period_us}"))
-    if c.idle is not None:
-        out.append(ControlWrite("cpu", "cpu.idle", str(int(c.idle))))
-    if c.uclamp_min is not None:
-        out.append(ControlWrite("cpu", "cpu.uclamp.min", _uclamp(c.uclamp_min)))
-    if c.uclamp_max is not None:
-        out.append(ControlWrite("cpu", "cpu.uclamp.max", _uclamp(c.uclamp_max)))
+    out += _idle_and_uclamp(c)
     if c.memory_max is not None:
         out.append(ControlWrite("memory", "memory.max", str(c.memory_max)))
     return out
@@ -210,12 +217,7 @@ def v1_writes(c: CgroupControls) -> list[ControlWrite]:
         out.append(ControlWrite("cpu", "cpu.cfs_period_us", str(c.cpu_max.period_us)))
         quota = -1 if c.cpu_max.quota_us is None else c.cpu_max.quota_us
         out.append(ControlWrite("cpu", "cpu.cfs_quota_us", str(quota)))
-    if c.idle is not None:
-        out.append(ControlWrite("cpu", "cpu.idle", str(int(c.idle))))
-    if c.uclamp_min is not None:
-        out.append(ControlWrite("cpu", "cpu.uclamp.min", _uclamp(c.uclamp_min)))
-    if c.uclamp_max is not None:
-        out.append(ControlWrite("cpu", "cpu.uclamp.max", _uclamp(c.uclamp_max)))
+    out += _idle_and_uclamp(c)
     if c.memory_max is not None:
         out.append(ControlWrite("memory", "memory.limit_in_bytes", str(c.memory_max)))
     return out
