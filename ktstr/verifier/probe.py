@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def run(ctx: Any) -> Any:
+def run(ctx: Any) -> dict[str, Any]:
     from ktstr.scenario import CgroupDef
     from ktstr.testing import execute_defs
 
-    return execute_defs(ctx, [CgroupDef("probe", workers=2)])
+    # The guest runtime takes a dict (the JSON it sends back), not the result object.
+    return execute_defs(ctx, [CgroupDef("probe", workers=2)]).to_dict()
