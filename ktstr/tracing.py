@@ -46,10 +46,17 @@ def assemble(chunks: Sequence[Mapping[str, Any]], info: Mapping[str, Any] | None
     meta = dict(info or {})
     if info is None:
         return TraceCapture(b"", meta, "the trace's info message never came (guest lost?)")
+    # Every number here is the guest's: compare, never materialise, what it claims.
     ordered = sorted(chunks, key=lambda c: c["seq"])
-    if [c["seq"] for c in ordered] != list(range(meta.get("chunks", len(ordered)))):
-        return TraceCapture(b"", meta, f"trace chunks {[c['seq'] for c in ordered]} of "
-                                       f"{meta.get('chunks')} arrived")
+    want = meta.get("chunks", len(ordered))
+    seqs = [c["seq"] for c in ordered]
+    if want != len(ordered) or any(seq != i for i, seq in enumerate(seqs)):
+        return TraceCapture(b"", meta, f"trace chunks {seqs[:8]}{'...' if len(seqs) > 8 else ''}"
+                                       f" ({len(seqs)}) of {want} arrived")
+    encoded = sum(len(c["data"]) for c in ordered)
+    if encoded > 2 * max_bytes:
+        return TraceCapture(b"", meta, f"the trace's {encoded} encoded bytes exceed the "
+                                       f"{2 * max_bytes}-byte limit")
     try:
         packed = base64.b64decode("".join(c["data"] for c in ordered), validate=True)
         inflater = zlib.decompressobj()

@@ -206,3 +206,13 @@ def test_report_draws_the_timeline_of_a_traced_result(tmp_path: Path) -> None:
     page = out.read_text()
     assert "run timeline" in page and "wake-to-run p99 us" in page
     assert page.count("data:image/png;base64,") == 2
+
+
+def test_a_guests_claims_about_its_trace_cost_no_host_memory() -> None:
+    # A claimed chunk count of 10**18 once became list(range(10**18)) on the host.
+    huge = assemble([{"seq": 0, "data": ""}], {"chunks": 10**18})
+    assert huge is not None and "of 1000000000000000000 arrived" in str(huge.problem)
+    far = assemble([{"seq": 10**18, "data": ""}], {"chunks": 1})
+    assert far is not None and "arrived" in str(far.problem)
+    big = assemble([{"seq": 0, "data": "A" * 64}], {"chunks": 1}, max_bytes=16)
+    assert big is not None and "exceed" in str(big.problem)
