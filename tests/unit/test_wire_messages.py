@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from ktstr.guest.sched import ExitReport
+from ktstr.guest.trace import trace_messages
 from ktstr.initramfs import BaseArchive
 from ktstr.runner import collect, decode_serial
 from ktstr.vmm.vm import VmResult
@@ -45,6 +46,10 @@ GOOD: list[dict[str, Any]] = [
     {"type": "failure", "kind": "exception", "message": "boom", "traceback": "tb",
      "details": {"log_tail": "x"}},
     {"type": "end", "exit_code": 0, "uptime": 5.0},
+    # What ktstr.guest.trace sends: the trace in chunks, then what it holds.
+    *trace_messages(b"# tracer: nop\n", {
+        "events": ["sched/sched_switch"], "missing": [], "kprobes": [], "kprobe_problems": [],
+        "buffer_kb": 1024, "bytes": 14, "overruns": {}, "error": None}),
     {"type": "something_new", "whatever": [1, 2]},  # unknown types pass (kept, unused)
 ]
 
