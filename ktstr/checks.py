@@ -467,7 +467,7 @@ def competing_siblings(cgroups: Iterable[CgroupStats]) -> list[list[CgroupStats]
     for c in cgroups:
         groups.setdefault((c.name.rpartition("/")[0], tuple(c.cpus)), []).append(c)
     return [sorted(g, key=lambda c: c.name) for g in groups.values()
-            if len(g) > 1 and any("weight" in c.controls for c in g)]
+            if len(g) > 1 and any(c.weight_set for c in g)]
 
 
 def check_weight_share(cgroups: list[CgroupStats], limit_pct: float) -> CheckResult:

@@ -167,6 +167,8 @@ class CgroupStats:
     """Its controller settings at the end, as ``CgroupControls.describe`` says them."""
     weight: int = 100
     """Its effective ``cpu.weight`` (100 when unset)."""
+    weight_set: bool = False
+    """A ``cpu.weight`` or ``cpu.weight.nice`` was declared for it (even the default)."""
     cpu_max_cpus: float | None = None
     """Its ``cpu.max`` limit in CPUs (None: no limit)."""
     frozen_ms: float = 0.0
@@ -181,8 +183,14 @@ class CgroupStats:
 
     @classmethod
     def aggregate(
-        cls, name: str, cpus: Sequence[int], workers: Sequence[WorkerStats]
+        cls, name: str, cpus: Sequence[int], workers: Sequence[WorkerStats], *,
+        controls: str = "", weight: int | None = None, cpu_max_cpus: float | None = None,
+        frozen_ms: float = 0.0, cpu_stat: Mapping[str, int] | None = None,
     ) -> CgroupStats:
+        """The cgroup's record, whole: its workers' aggregates and its controller settings.
+
+        ``weight`` None means no weight was declared (the record says 100, unset).
+        """
         off = [w.off_cpu_pct for w in workers]
         p99 = [w.wake_latency.p99_us for w in workers if w.wake_latency and w.wake_latency.count]
         return cls(
@@ -199,6 +207,12 @@ class CgroupStats:
             migrations=sum(w.migrations for w in workers),
             wake_p99_us=max(p99) if p99 else None,
             wall_ns=max((w.wall_ns for w in workers), default=0),
+            controls=controls,
+            weight=100 if weight is None else weight,
+            weight_set=weight is not None,
+            cpu_max_cpus=cpu_max_cpus,
+            frozen_ms=frozen_ms,
+            cpu_stat=dict(cpu_stat or {}),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,7 +329,7 @@ class ScenarioResult:
             topology=data["topology"],
             duration_s=data["duration_s"],
             workers=[WorkerStats.from_dict(w) for w in data.get("workers", [])],
-            cgroups=[CgroupStats(**c) for c in data.get("cgroups", [])],
+            cgroups=[CgroupStats(**known_fields(CgroupStats, c)) for c in data.get("cgroups", [])],
             notes=list(data.get("notes", [])),
             checks=list(data.get("checks", [])),
             passed=data.get("passed"),

@@ -139,6 +139,11 @@ class CgroupControls:
         return all(getattr(self, f.name) is None for f in fields(self))
 
     @property
+    def weight_declared(self) -> bool:
+        """``cpu.weight`` or ``cpu.weight.nice`` is set (even to the default)."""
+        return self.weight is not None or self.weight_nice is not None
+
+    @property
     def effective_weight(self) -> int:
         """The ``cpu.weight`` these controls give the cgroup (the default when unset)."""
         if self.weight is not None:

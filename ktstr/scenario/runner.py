@@ -563,17 +563,19 @@ class Runner:
         for name, workers in by_cg.items():
             cpus = self.real(self.effective[name]) if name in self.effective else \
                 self.last_cpus.get(name, ())
-            stats = CgroupStats.aggregate(name, cpus, workers)
             cg = self.cgroups.get(name) or self.gone.get(name)
-            if cg is not None:
-                stats.controls = cg.controls.describe()
-                stats.weight = cg.controls.effective_weight
-                stats.cpu_max_cpus = cg.controls.cpu_max.limit_cpus \
-                    if cg.controls.cpu_max else None
-                stats.frozen_ms = round(cg.frozen_s * 1000, 1)
-                stats.cpu_stat = cg.cpu_stat if cg.cpu_stat is not None else \
-                    self.backend.cpu_stat(name)
-            cgroups.append(stats)
+            if cg is None:
+                cgroups.append(CgroupStats.aggregate(name, cpus, workers))
+                continue
+            c = cg.controls
+            cgroups.append(CgroupStats.aggregate(
+                name, cpus, workers,
+                controls=c.describe(),
+                weight=c.effective_weight if c.weight_declared else None,
+                cpu_max_cpus=c.cpu_max.limit_cpus if c.cpu_max else None,
+                frozen_ms=round(cg.frozen_s * 1000, 1),
+                cpu_stat=cg.cpu_stat if cg.cpu_stat is not None else self.backend.cpu_stat(name),
+            ))
         return ScenarioResult(
             name=self.name,
             topology=self.topology.label,

@@ -23,17 +23,17 @@ from ktstr.scenario.model import (
     UnfreezeCgroup,
 )
 from ktstr.scenario.runner import ScenarioContext, execute_steps
-from ktstr.telemetry import CgroupStats
+from ktstr.telemetry import CgroupStats, WorkerStats
 
 
-def _stats(name: str, cpu_ns: int, weight: int = 100, cpus: tuple[int, ...] = (0,),
-           cpu_max: float | None = None, wall_ns: int = 10**9) -> CgroupStats:
-    return CgroupStats(
-        name=name, cpus=list(cpus), workers=2, work_units=10, cpu_ns=cpu_ns,
-        off_cpu_pct_min=0, off_cpu_pct_max=0, off_cpu_spread=0, throughput_cv=0,
-        max_gap_ms=0, migrations=0, wake_p99_us=None, wall_ns=wall_ns,
-        controls=f"weight={weight}" if weight != 100 else "", weight=weight,
-        cpu_max_cpus=cpu_max,
+def _stats(name: str, cpu_ns: int, weight: int | None = None, cpus: tuple[int, ...] = (0,),
+           cpu_max: float | None = None, wall_ns: int = 10**9,
+           controls: str | None = None) -> CgroupStats:
+    worker = WorkerStats(cgroup=name, index=0, pid=1, work="spin", work_units=10, cpu_ns=cpu_ns,
+                         wall_ns=wall_ns)
+    return CgroupStats.aggregate(
+        name, cpus, [worker], weight=weight, cpu_max_cpus=cpu_max,
+        controls=f"weight={weight}" if controls is None and weight is not None else controls or "",
     )
 
 
@@ -115,6 +115,18 @@ def test_weight_share_ignores_cgroups_that_do_not_compete() -> None:
     assert check_weight_share(apart, 15).value is None
     plain = [_stats("a", 900), _stats("b", 100)]
     assert check_weight_share(plain, 15).value is None
+    # What decides is the declaration, not the controls' wording.
+    worded = [_stats("a", 900, controls="weight.nice? no"), _stats("b", 100)]
+    assert check_weight_share(worded, 15).value is None
+    explicit_default = [_stats("a", 900, 100), _stats("b", 100)]
+    assert not check_weight_share(explicit_default, 15).passed
+
+
+def test_a_cgroup_record_is_whole_when_built() -> None:
+    c = _stats("a", 5, 300, cpu_max=0.5)
+    assert (c.weight, c.weight_set, c.cpu_max_cpus, c.controls) == (300, True, 0.5, "weight=300")
+    unset = _stats("b", 5)
+    assert (unset.weight, unset.weight_set) == (100, False)
 
 
 def test_bandwidth_check() -> None:
