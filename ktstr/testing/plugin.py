@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 KERNEL_ENV = "KTSTR_KERNEL"
 SCHEDULER_ENV = "KTSTR_SCHEDULER"
+PINS_MARK = "pins_scheduler"
 CI_ENV = "CI"
 """Set by CI services (and ``.ci/run``): failed VM tests get a repro run by default."""
 OUTSIDE_SANDBOX_HINT = (
@@ -188,6 +189,9 @@ def _kernel_default() -> str:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots a real kernel in a VM (ktstr)")
     config.addinivalue_line("markers", "expect_err: a ktstr VM test that passes only if it fails")
+    config.addinivalue_line(
+        "markers", f"{PINS_MARK}(name): a plain test that boots its own VMs under scheduler "
+        "NAME; --ktstr-pinned own runs it only in that scheduler's session")
     reap_stale_all()  # what killed runs left: temp dirs, unpack trees, loop devices
     kernel = config.getoption("ktstr_kernel") or os.environ.get(KERNEL_ENV) or _kernel_default()
     sched = config.getoption("ktstr_scheduler") or os.environ.get(SCHEDULER_ENV) or "eevdf"
@@ -251,9 +255,8 @@ def pytest_pycollect_makeitem(
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
     if config.getoption("ktstr_pinned") == "own":
-        own = config.stash[STATE].default_scheduler()[0].binary
-        foreign = [i for i in items if isinstance(i, KtstrItem) and i.spec.scheduler is not None
-                   and i.spec.scheduler.binary != own]
+        own = config.stash[STATE].default_scheduler()[0]
+        foreign = [i for i in items if _pinned_elsewhere(i, own)]
         if foreign:
             config.hook.pytest_deselected(items=foreign)
             items[:] = [i for i in items if i not in foreign]
@@ -267,6 +270,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         items[:] = keep
         print(f"ktstr: resuming run {run_id()}: {len(skipped)} VM test(s) passed before the "
               f"sandbox was lost and are not run again (their sidecars stand)", flush=True)
+
+
+def _pinned_elsewhere(item: pytest.Item, own: Scheduler) -> bool:
+    """The item pins a scheduler other than the run's: a VM test's declared scheduler, or a
+    plain test's ``pins_scheduler`` mark."""
+    if isinstance(item, KtstrItem):
+        return item.spec.scheduler is not None and item.spec.scheduler.binary != own.binary
+    mark = item.get_closest_marker(PINS_MARK)
+    return mark is not None and mark.args[0] != own.name
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

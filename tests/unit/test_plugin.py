@@ -74,6 +74,25 @@ def test_collects_decorated_functions_as_vm_items(pytester: pytest.Pytester) -> 
     result.assert_outcomes(passed=1, deselected=2)
 
 
+def test_pinned_own_keeps_only_the_sessions_own_pinned_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_suite=SUITE + '''
+import pytest
+
+@pytest.mark.pins_scheduler("eevdf")
+def test_boots_its_own():
+    assert True
+''')
+    def collected(*args: str) -> set[str]:
+        result = pytester.runpytest(*PLUGIN, "--collect-only", "-q", *args)
+        return {line.split("::")[-1] for line in result.stdout.lines if "::" in line}
+
+    everything = {"test_steady", "test_pinned", "test_plain", "test_boots_its_own"}
+    assert collected() == everything
+    assert collected("--ktstr-pinned", "own") == everything - {"test_pinned"}
+    assert collected("--ktstr-pinned", "own", "--ktstr-scheduler", "scx_qmap") == \
+        everything - {"test_boots_its_own"}
+
+
 def test_bad_declaration_fails_collection_with_clear_message(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         test_bad='''

@@ -56,8 +56,7 @@ def _sidecars(root: Path) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.skipif(os.environ.get("KTSTR_SCHEDULER", "eevdf") != "eevdf",
-                    reason="pins its schedulers: run once, in the eevdf session")
+@pytest.mark.pins_scheduler("eevdf")  # boots its own VMs: once per matrix
 def test_repro_report_and_replay(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     kernel = request.config.getoption("ktstr_kernel") or "6.12"
     (tmp_path / "test_inner.py").write_text(INNER)

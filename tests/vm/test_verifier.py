@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.environ.get("KTSTR_SCHEDULER", "eevdf") != "eevdf",
-                                reason="boots its own VMs: run once, in the eevdf session")
+pytestmark = pytest.mark.pins_scheduler("eevdf")  # boots its own VMs: once per matrix
 
 EM_BPF = 247
 # ldxdw r0, [r9 + 0]: r9 is never written at a program's entry, so the verifier refuses.
