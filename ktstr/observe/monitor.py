@@ -41,6 +41,7 @@ from ktstr.observe.kimage import (
 )
 from ktstr.observe.program import GuestProgram, GuestRam, KernelFiles, open_program
 from ktstr.paths import cache_root
+from ktstr.vmm.threadtime import thread_time
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -219,14 +220,7 @@ def watched(name: str, patterns: Sequence[str]) -> bool:
 
 
 def _host_run_ns(tids: list[int]) -> tuple[int, ...]:
-    out = []
-    for tid in tids:
-        try:
-            with open(f"/proc/self/task/{tid}/schedstat") as fh:
-                out.append(int(fh.read().split()[0]))
-        except (OSError, ValueError, IndexError):
-            out.append(-1)
-    return tuple(out)
+    return tuple(t.run_ns if (t := thread_time(tid)) is not None else -1 for tid in tids)
 
 
 class GuestObserver:

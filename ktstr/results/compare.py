@@ -261,8 +261,34 @@ def _load_range(run: Sequence[Record]) -> str:
     return f"{min(loads):.2f}..{max(loads):.2f}" if loads else "not recorded"
 
 
+DILATION_CONFOUNDS = 0.10
+"""Mean vCPU dilations further apart than this (a share of run time) confound a comparison."""
+
+
+def mean_dilation(run: Sequence[Record]) -> float | None:
+    """The run's tests' mean vCPU dilation (sidecar ``dilation.mean``), None if unrecorded."""
+    means = [float(m) for r in run if isinstance(d := r.get("dilation"), Mapping)
+             and isinstance(m := d.get("mean"), int | float)]
+    return sum(means) / len(means) if means else None
+
+
+def dilation_lines(run_a: Sequence[Record], run_b: Sequence[Record]) -> list[str]:
+    """The two runs' vCPU dilation, and a warning when it differs enough to confound."""
+    da, db = mean_dilation(run_a), mean_dilation(run_b)
+    if da is None and db is None:
+        return []
+    shown = [f"{d * 100:.1f}%" if d is not None else "not recorded" for d in (da, db)]
+    lines = [f"vCPU dilation (host time runnable, not running): A {shown[0]}, B {shown[1]}"]
+    if da is not None and db is not None and abs(da - db) > DILATION_CONFOUNDS:
+        lines.append(f"warning: the runs' vCPU dilation differs by {abs(da - db) * 100:.1f} "
+                     f"points (> {DILATION_CONFOUNDS * 100:g}): the host took different "
+                     "shares of CPU from the guests, so timing changes may be the host's")
+    return lines
+
+
 def context_lines(run_a: Sequence[Record], run_b: Sequence[Record]) -> list[str]:
-    """Where the two runs were measured, as far as they differ (load average always)."""
+    """Where the two runs were measured, as far as they differ (load average and vCPU
+    dilation always)."""
     lines = []
     for label, section, name in CONTEXT_FIELDS:
         va, vb = _values(run_a, section, name), _values(run_b, section, name)
@@ -270,7 +296,7 @@ def context_lines(run_a: Sequence[Record], run_b: Sequence[Record]) -> list[str]
             lines.append(f"context differs: {label}: {va} (A) vs {vb} (B)")
     lines.append(f"host load average (1 min, at write time): A {_load_range(run_a)}, "
                  f"B {_load_range(run_b)}")
-    return lines
+    return lines + dilation_lines(run_a, run_b)
 
 
 def _stats(s: SampleStats | None, unit: str) -> str:

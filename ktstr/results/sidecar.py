@@ -12,7 +12,8 @@ watchdog_timeout_s, attach_attempts}, ``topology`` (label), ``nr_cpus``,
 [{name, passed, value, threshold, detail, worker}], ``metrics`` {cgroups: {name:
 {...}}, workers: [{cgroup, worker, ...}]}, ``summary`` {metric: number} (what
 ``stats compare`` diffs), ``timeline`` (optional samples for the report),
-``scheduler_exit``, ``console_tail`` (on failure), ``timings`` {started, finished,
+``scheduler_exit``, ``dilation`` {per_vcpu, mean, max} (host time each vCPU thread waited
+runnable, as a share of the run), ``console_tail`` (on failure), ``timings`` {started, finished,
 wall_s, boot_ms, vm_s, disks_s, prep_s, vm_run_s, resolve_s}, ``host`` {cpu_model,
 nr_cpus, loadavg, kernel_release, ktstr_version, sandbox} (where it ran).
 
@@ -224,6 +225,7 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
         "scheduler_exit": run.sched_exit,
         "observer": run.observation.to_record() if run.observation is not None else None,
         "trace": run.trace.record() if run.trace is not None else None,
+        "dilation": dilation_record(run.vm.vcpu_dilation),
         "console_tail": tail_lines(run.vm.console)
         if not verdict.passed or plan.spec.expect_err else None,
         "timings": {
@@ -238,6 +240,16 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
         },
         "host": host_context(),
     }
+
+
+def dilation_record(per_vcpu: Sequence[float | None]) -> dict[str, Any] | None:
+    """``dilation`` {per_vcpu, mean, max}: the share of the run each vCPU's host thread was
+    runnable but not running (None where the host could not say)."""
+    known = [d for d in per_vcpu if d is not None]
+    if not known:
+        return None
+    return {"per_vcpu": [None if d is None else round(d, 4) for d in per_vcpu],
+            "mean": round(sum(known) / len(known), 4), "max": round(max(known), 4)}
 
 
 def check_row(check: CheckResult) -> dict[str, Any]:

@@ -68,6 +68,8 @@ class RunOutcome:
     """Guest accesses dropped because the device raised, by device and address."""
     device_error_messages: list[str] = field(default_factory=list)
     """The first few of those errors' messages."""
+    vcpu_dilation: list[float | None] = field(default_factory=list)
+    """Per vCPU, the share of the run its thread waited runnable on the host."""
 
 
 class Machine:
@@ -298,6 +300,7 @@ class Machine:
             queued_sites=dict(self.ring.sites),
             device_errors=self.device_errors.counts,
             device_error_messages=list(self.device_errors.messages),
+            vcpu_dilation=[v.dilation for v in self.vcpus],
         )
 
     def _observe(self, call: Callable[[Machine], bool | None]) -> bool | None:

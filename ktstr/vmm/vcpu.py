@@ -32,6 +32,7 @@ from collections.abc import Callable
 from ktstr.vmm import kvm
 from ktstr.vmm.bus import MmioBus, PioBus
 from ktstr.vmm.kvm import KvmIoctlError, VcpuFd
+from ktstr.vmm.threadtime import ThreadTime, dilation, thread_time
 
 KICK_SIGNAL = signal.SIGUSR1
 IMMEDIATE_EXIT_OFFSET = kvm.kvm_run.immediate_exit.offset
@@ -407,6 +408,9 @@ class Vcpu:
         self.run_state: kvm.kvm_run | None = kvm.kvm_run.from_buffer(self._map)
         self.thread: threading.Thread | None = None
         self.started = threading.Event()
+        self.host_start: ThreadTime | None = None
+        self.host_end: ThreadTime | None = None
+        """The thread's host schedstat when its loop began and ended (see :attr:`dilation`)."""
 
     @property
     def exit_counts(self) -> Counter[str]:
@@ -433,7 +437,13 @@ class Vcpu:
             with contextlib.suppress(OSError):
                 signal.pthread_kill(thread.ident, KICK_SIGNAL)
 
+    @property
+    def dilation(self) -> float | None:
+        """The share of its run this vCPU's thread was runnable on the host but not running."""
+        return dilation(self.host_start, self.host_end)
+
     def _thread_main(self) -> None:
+        self.host_start = thread_time()
         self.started.set()
         try:
             self._loop()
@@ -442,6 +452,8 @@ class Vcpu:
                 StopReason.ERROR,
                 error=f"vcpu {self.index}: {type(exc).__name__}: {exc}",
             )
+        finally:
+            self.host_end = thread_time()
 
     def _loop(self) -> None:
         # Everything the hot path touches is a local: under emulation every

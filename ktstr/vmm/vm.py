@@ -79,6 +79,15 @@ class VmResult:
     """The first few device errors, each ``"<key>: <access>: <exception>"``."""
     observer_error: str | None = None
     """The host-side observer (``Vm(observer=)``) failed: the run itself is unaffected."""
+    vcpu_dilation: list[float | None] = field(default_factory=list)
+    """Per vCPU, the share of the run its host thread was runnable but not running (None:
+    the host has no schedstat, or the thread never stopped)."""
+
+    @property
+    def dilation(self) -> float | None:
+        """The vCPUs' mean :attr:`vcpu_dilation` (None when none was measured)."""
+        known = [d for d in self.vcpu_dilation if d is not None]
+        return sum(known) / len(known) if known else None
 
     @property
     def console_tail(self) -> str:
@@ -391,6 +400,7 @@ class Vm:
             device_errors=outcome.device_errors,
             device_error_messages=outcome.device_error_messages,
             observer_error=self.machine.observer_error if self.machine else None,
+            vcpu_dilation=outcome.vcpu_dilation,
         )
 
     def stop(self) -> None:

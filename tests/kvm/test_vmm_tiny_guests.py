@@ -7,6 +7,8 @@ vCPU thread and no fd behind.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -129,6 +131,30 @@ def test_spinning_guest_is_stopped_by_the_timeout(irqchip: bool) -> None:
     elapsed = time.monotonic() - start
     assert out.timed_out and out.reason == "timeout"
     assert 1.0 <= elapsed < 3.0
+
+
+def test_a_vcpu_sharing_its_host_cpu_is_dilated() -> None:
+    # The vCPU thread inherits the main thread's affinity: put it on one host CPU with a
+    # spinning process; a halted vCPU sleeps, so it never waits runnable.
+    cpu = min(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                               preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    try:
+        os.sched_setaffinity(0, {cpu})
+        with real_mode(bytes.fromhex("EBFE")) as m:  # jmp $
+            shared = m.run(1.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+        os.sched_setaffinity(0, saved)
+    # cli; hlt under the in-kernel irqchip: the thread sleeps in KVM for the whole second.
+    with real_mode(bytes.fromhex("FAF4"), irqchip=True) as m:
+        alone = m.run(1.0)
+    assert shared.timed_out and len(shared.vcpu_dilation) == 1
+    assert shared.vcpu_dilation[0] is not None and shared.vcpu_dilation[0] > 0.25, shared
+    assert alone.duration_s >= 0.9
+    assert alone.vcpu_dilation[0] is not None and alone.vcpu_dilation[0] < 0.05, alone
 
 
 def test_guest_spinning_with_interrupts_off_is_detected_as_hung() -> None:

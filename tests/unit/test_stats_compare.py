@@ -14,7 +14,7 @@ from ktstr.errors import KtstrError
 from ktstr.results.cli import register
 from ktstr.results.compare import Status, compare_runs, compare_samples
 from ktstr.results.metrics import METRICS
-from ktstr.results.sidecar import load_run
+from ktstr.results.sidecar import dilation_record, load_run
 
 N = 10
 
@@ -207,6 +207,31 @@ def test_host_context_differences_are_printed(
     assert "context differs: kernel cache key: k1 (A) vs k2 (B)" in out
     assert "B 7.50..7.50" in out
     assert "ktstr version" not in out  # the same on both sides
+
+
+def test_dilation_is_shown_and_a_difference_that_confounds_is_warned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = random.Random(7)
+    quiet, busy, similar = (record(plan("t::a"), rng, Dist(), 2) for _ in range(3))
+    quiet["dilation"] = dilation_record([0.01, 0.03])
+    busy["dilation"] = dilation_record([0.30, None])
+    similar["dilation"] = dilation_record([0.05, 0.07])
+    for name, rec in (("q", quiet), ("b", busy), ("s", similar)):
+        write_run(tmp_path, name, [rec])
+    stats(["--root", str(tmp_path), "compare", "q", "b"])
+    out = capsys.readouterr().out
+    assert "vCPU dilation (host time runnable, not running): A 2.0%, B 30.0%" in out
+    assert "warning: the runs' vCPU dilation differs by 28.0 points" in out
+    stats(["--root", str(tmp_path), "compare", "q", "s"])
+    out = capsys.readouterr().out
+    assert "A 2.0%, B 6.0%" in out and "warning: the runs' vCPU dilation" not in out
+
+
+def test_dilation_record() -> None:
+    assert dilation_record([]) is None and dilation_record([None]) is None
+    assert dilation_record([0.1, None, 0.3]) == {"per_vcpu": [0.1, None, 0.3], "mean": 0.2,
+                                                 "max": 0.3}
 
 
 def test_old_single_run_sidecar_compares_with_repeats(
