@@ -27,6 +27,7 @@ import nox
 
 from ktstr.gauntlet import Shard
 from ktstr.meminfo import host_memory_mb
+from ktstr.reserve import HostTopology, max_concurrent
 from ktstr.scheduler import BUILTIN
 from ktstr.sessions import kernels, system
 
@@ -36,6 +37,8 @@ SUITE = "tests/vm"
 CATALOG_SUITE = "tests/catalog"
 """Every catalog scenario as a VM test (``nox -s vm_catalog``)."""
 VM_KERNELS_ENV = "KTSTR_VM_KERNELS"
+SUITE_MIN_VCPUS = 2
+"""The vCPUs of the VM suite's smallest tests (1n1l2c1t and the like)."""
 GUEST_MEMORY_MB = 1024
 """Host memory budgeted per parallel VM test, for the parallelism budget: its guest's RAM
 (``Topology.default_memory_mb``, 256 MB for the suite's small topologies) plus the pytest
@@ -90,12 +93,15 @@ def selected_kernels(default: str, all_ids: Sequence[str]) -> list[str]:
     return [k.strip() for k in raw.split(",") if k.strip()]
 
 
-def parallel_jobs(cpus: int | None = None, memory_mb: int | None = None) -> int:
-    """How many VMs at once: one per two host CPUs, bounded by memory (>= 1)."""
-    cpus = cpus or os.cpu_count() or 1
+def parallel_jobs(host: HostTopology | None = None, memory_mb: int | None = None) -> int:
+    """How many VMs at once (pytest ``-n``): as many of the suite's smallest runs as the
+    host CPU reservations fit side by side (:func:`ktstr.reserve.max_concurrent`), bounded
+    by memory (>= 1). Larger tests wait on their reservations, so workers never overcommit."""
+    if host is None:
+        host = HostTopology.read(allowed=os.sched_getaffinity(0))
     if memory_mb is None:
         memory_mb = host_memory_mb()
-    by_cpu = cpus // 2
+    by_cpu = max_concurrent(SUITE_MIN_VCPUS, host)
     by_mem = (memory_mb // 2) // GUEST_MEMORY_MB
     return max(1, min(by_cpu, by_mem))
 

@@ -4,6 +4,7 @@ test_workflow.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from ktstr.errors import KtstrError
 from ktstr.gauntlet import Shard
 from ktstr.paths import repo_root
+from ktstr.reserve import HostTopology
 from ktstr.sessions import vm
 
 ROOT = repo_root()
@@ -69,11 +71,18 @@ def test_selected_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     assert vm.selected_kernels("6.12", ["6.12", "6.1"]) == ["6.1", "6.12"]
 
 
-def test_parallel_jobs_budget() -> None:
-    assert vm.parallel_jobs(cpus=2, memory_mb=24576) == 1
-    assert vm.parallel_jobs(cpus=16, memory_mb=65536) == 8
-    assert vm.parallel_jobs(cpus=64, memory_mb=8192) == 4  # memory-bound
-    assert vm.parallel_jobs(cpus=1, memory_mb=512) == 1
+def _host(cpus: int, per_llc: int = 8) -> HostTopology:
+    return HostTopology(tuple(tuple(range(i, min(i + per_llc, cpus)))
+                              for i in range(0, cpus, per_llc)))
+
+
+def test_parallel_jobs_are_what_reservations_fit() -> None:
+    assert vm.parallel_jobs(_host(2), memory_mb=24576) == 1  # a 2-core machine: exactly one
+    assert vm.parallel_jobs(_host(16), memory_mb=65536) == 8
+    assert vm.parallel_jobs(_host(64), memory_mb=8192) == 4  # memory-bound
+    assert vm.parallel_jobs(_host(1), memory_mb=512) == 1
+    assert vm.parallel_jobs(_host(7, per_llc=3), memory_mb=65536) == 3
+    assert vm.parallel_jobs(memory_mb=65536) == max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 def test_gauntlet_plan_helper(tmp_path: Path) -> None:
