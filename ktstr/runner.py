@@ -23,6 +23,7 @@ from ktstr.errors import KtstrError
 from ktstr.topology import Topology, run_timeout_s
 from ktstr.tracing import TraceCapture, assemble
 from ktstr.vmm.devices.channel import ResultChannel
+from ktstr.vmm.performance import Performance
 from ktstr.vmm.vcpu import TRIPLE_FAULT
 from ktstr.wire.frame import decode_serial, note_error
 from ktstr.wire.messages import validate_message
@@ -98,6 +99,11 @@ class GuestRequest:
     trace: TraceSpec | None = None
     """Trace the scenario in the guest (:mod:`ktstr.guest.trace`); the result is
     :attr:`GuestRun.trace`."""
+    pin_cpus: tuple[int, ...] = ()
+    """Performance mode (:mod:`ktstr.vmm.performance`) when set: vCPU ``i`` pinned to host
+    CPU ``pin_cpus[i]``; what the host gave is in ``GuestRun.vm.performance``."""
+    fifo_vcpus: bool = False
+    """In performance mode, SCHED_FIFO vCPU threads."""
 
     @property
     def guest_memory_mb(self) -> int:
@@ -238,7 +244,9 @@ def run_guest(request: GuestRequest) -> GuestRun:
         vm = Vm(Path(req.kernel), [suffix, base.path], req.topology, memory_mb=memory_mb,
                 cmdline_extra=extra, devices=vm_devices, timeout=timeout_s, quiet=req.quiet,
                 on_console=req.on_console, console_input=req.console_input,
-                observer=observer)
+                observer=observer,
+                performance=Performance(req.pin_cpus, fifo=req.fifo_vcpus)
+                if req.pin_cpus else None)
         if req.vm_hook is not None:
             req.vm_hook(vm)
         start = time.monotonic()

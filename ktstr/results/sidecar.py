@@ -13,7 +13,8 @@ watchdog_timeout_s, attach_attempts}, ``topology`` (label), ``nr_cpus``,
 {...}}, workers: [{cgroup, worker, ...}]}, ``summary`` {metric: number} (what
 ``stats compare`` diffs), ``timeline`` (optional samples for the report),
 ``scheduler_exit``, ``dilation`` {per_vcpu, mean, max} (host time each vCPU thread waited
-runnable, as a share of the run), ``console_tail`` (on failure), ``timings`` {started, finished,
+runnable, as a share of the run), ``performance`` (performance mode: what the host gave,
+``PerformanceApplied.to_record``), ``console_tail`` (on failure), ``timings`` {started, finished,
 wall_s, boot_ms, vm_s, disks_s, prep_s, vm_run_s, resolve_s}, ``host`` {cpu_model,
 nr_cpus, loadavg, kernel_release, ktstr_version, sandbox} (where it ran).
 
@@ -226,6 +227,7 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
         "observer": run.observation.to_record() if run.observation is not None else None,
         "trace": run.trace.record() if run.trace is not None else None,
         "dilation": dilation_record(run.vm.vcpu_dilation),
+        "performance": run.vm.performance,
         "console_tail": tail_lines(run.vm.console)
         if not verdict.passed or plan.spec.expect_err else None,
         "timings": {

@@ -77,6 +77,11 @@ class KtstrTestSpec:
     trace: bool = False
     """Trace the scenario in the guest (sched tracepoints; a Perfetto-ready text trace
     beside the sidecar)."""
+    performance_mode: bool = False
+    """vCPUs pinned to whole reserved host LLCs, RAM on 2 MB pages, HLT/PAUSE exits off
+    (:mod:`ktstr.vmm.performance`)."""
+    fifo_vcpus: bool = False
+    """In performance mode, SCHED_FIFO vCPU threads too."""
 
     @property
     def target(self) -> str:
@@ -213,6 +218,8 @@ def ktstr_test(
     watch_bpf_maps: Sequence[str] = (),
     payloads: Sequence[Payload] = (),
     trace: bool = False,
+    performance_mode: bool = False,
+    fifo_vcpus: bool = False,
 ) -> Any:
     """Declare ``scenario(ctx) -> AssertResult | dict`` as a VM test.
 
@@ -232,6 +239,10 @@ def ktstr_test(
     ``payloads`` are the programs (``ktstr.scenario.payload``) its RunPayload steps run:
     the host packs them into the guest with their libraries. ``trace=True`` records the
     scheduler tracepoints during the scenario (``--ktstr-trace`` does it for every test).
+    ``performance_mode=True`` pins each vCPU to a host CPU of whole reserved LLCs, backs
+    guest RAM with 2 MB pages and disables HLT/PAUSE exits where the host allows
+    (``--ktstr-perf-mode`` for every test); ``fifo_vcpus`` adds SCHED_FIFO vCPU threads. The
+    sidecar's ``performance`` says what the host gave and what it could not.
     """
 
     def wrap(fn: F) -> F:
@@ -297,6 +308,8 @@ def ktstr_test(
             raise KtstrError(f"{where}: topology {topo.label} breaks its own constraint: {why}")
         _check_checks(checks, where)
         runs = check_repeat(repeat, where)
+        if fifo_vcpus and not performance_mode:
+            raise KtstrError(f"{where}: fifo_vcpus=True needs performance_mode=True")
         if host_check is not None and not callable(host_check):
             raise KtstrError(f"{where}: host_check={host_check!r} must be a function of the run")
         spec = KtstrTestSpec(
@@ -320,6 +333,8 @@ def ktstr_test(
             watch_bpf_maps=_map_names(watch_bpf_maps, where),
             payloads=_payloads(payloads, where),
             trace=bool(trace),
+            performance_mode=bool(performance_mode),
+            fifo_vcpus=bool(fifo_vcpus),
         )
         wrapper = _guest_entry(fn)
         setattr(wrapper, SPEC_ATTR, spec)

@@ -89,6 +89,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "set, else never)",
     )
     group.addoption(
+        "--ktstr-perf-mode", default=None, choices=("on", "fifo"),
+        help="performance mode for every VM test: vCPUs pinned to whole reserved host LLCs, "
+        "2 MB pages, HLT/PAUSE exits off (fifo: SCHED_FIFO vCPU threads too)",
+    )
+    group.addoption(
         "--ktstr-pinned", default="all", choices=("all", "own"),
         help="tests that pin a scheduler: run them all (default), or only those pinning the "
         "run's scheduler binary (own: a matrix of sessions then runs each once)",
@@ -123,6 +128,8 @@ class SessionState:
     """The host programs of every selected test's payloads (those found here)."""
     trace: bool = False
     """``--ktstr-trace``: trace every VM test."""
+    perf_mode: str | None = None
+    """``--ktstr-perf-mode``: performance mode for every VM test (``on`` or ``fifo``)."""
     repro: str = "never"
     """``--ktstr-repro``: rerun a failed test once, traced and probed (``on-failure``)."""
 
@@ -201,6 +208,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except KtstrError as err:
         raise pytest.UsageError(f"--ktstr-scheduler / {SCHEDULER_ENV}: {err}") from None
     state.trace = bool(config.getoption("ktstr_trace"))
+    state.perf_mode = config.getoption("ktstr_perf_mode")
     state.repro = config.getoption("ktstr_repro") or (
         "on-failure" if os.environ.get(CI_ENV) else "never")
     repeat = config.getoption("ktstr_repeat")
@@ -386,6 +394,8 @@ class KtstrItem(pytest.Item):
                 binaries=state.base_binaries(),
                 phases={"resolve_s": round(time.time() - started, 3)},
                 trace=TraceSpec() if state.trace or self.spec.trace else None,
+                performance=state.perf_mode is not None or self.spec.performance_mode,
+                fifo_vcpus=state.perf_mode == "fifo" or self.spec.fifo_vcpus,
             )
             attempts: list[run.Attempt] = []
             for _ in range(state.repeat or self.spec.repeat):

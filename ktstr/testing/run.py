@@ -77,6 +77,9 @@ class RunPlan:
     """Host seconds spent before boot (``resolve_s``: KVM check, kernel, scheduler)."""
     trace: TraceSpec | None = None
     """Trace the scenario (``@ktstr_test(trace=True)``, ``--ktstr-trace``, repro runs)."""
+    performance: bool = False
+    """Performance mode (``@ktstr_test(performance_mode=True)``, ``--ktstr-perf-mode``)."""
+    fifo_vcpus: bool = False
 
     @property
     def checks(self) -> Checks:
@@ -136,8 +139,13 @@ def boot(plan: RunPlan) -> GuestRun:
     from ktstr.runner import run_guest
 
     request = plan.request()
-    # Host CPUs for the vCPUs first (ktstr.reserve): concurrent runs never overcommit.
-    with reserve(plan.topology.nr_cpus, test=plan.test_id) as held:
+    # Host CPUs for the vCPUs first (ktstr.reserve): concurrent runs never overcommit;
+    # performance mode holds whole LLCs and pins the vCPUs to them.
+    with reserve(plan.topology.nr_cpus, test=plan.test_id,
+                 llc_aligned=plan.performance) as held:
+        if plan.performance:
+            request = replace(request, pin_cpus=held.cpus[:plan.topology.nr_cpus],
+                              fifo_vcpus=plan.fifo_vcpus)
         if plan.spec.disks:
             from ktstr.disks.clones import per_test_disks
 

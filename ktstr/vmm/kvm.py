@@ -217,6 +217,11 @@ class kvm_lapic_state(ctypes.Structure):
     _fields_ = [("regs", c_char * KVM_APIC_REG_SIZE)]
 
 
+class kvm_enable_cap(ctypes.Structure):
+    _fields_ = [("cap", c_uint32), ("flags", c_uint32), ("args", c_uint64 * 4),
+                ("pad", ctypes.c_uint8 * 64)]
+
+
 class kvm_coalesced_mmio_zone(ctypes.Structure):
     _fields_ = [("addr", c_uint64), ("size", c_uint32), ("pio", c_uint32)]
 
@@ -466,6 +471,9 @@ KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_TSC_DEADLINE_TIMER = 72
 KVM_CAP_BINARY_STATS_FD = 203
 KVM_CAP_PRE_FAULT_MEMORY = 236
+KVM_CAP_X86_DISABLE_EXITS = 143
+KVM_X86_DISABLE_EXITS_HLT = 1 << 1
+KVM_X86_DISABLE_EXITS_PAUSE = 1 << 2
 
 # --- request numbers ---------------------------------------------------------
 
@@ -499,6 +507,7 @@ KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_XCRS = IOR(KVMIO, 0xA6, kvm_xcrs)
 KVM_SET_XCRS = IOW(KVMIO, 0xA7, kvm_xcrs)
 KVM_GET_STATS_FD = IO(KVMIO, 0xCE)
+KVM_ENABLE_CAP = IOW(KVMIO, 0xA3, kvm_enable_cap)
 KVM_PRE_FAULT_MEMORY = IOWR(KVMIO, 0xD5, kvm_pre_fault_memory)
 KVM_GET_MP_STATE = IOR(KVMIO, 0x98, kvm_mp_state)
 KVM_SET_MP_STATE = IOW(KVMIO, 0x99, kvm_mp_state)
@@ -671,6 +680,12 @@ class VmFd(KvmFd):
 
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         return VcpuFd(self.ioctl(KVM_CREATE_VCPU, vcpu_id), f"vcpu {vcpu_id} fd")
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        request = kvm_enable_cap(cap=cap)
+        for i, value in enumerate(args):
+            request.args[i] = value
+        self.ioctl(KVM_ENABLE_CAP, request)
 
 
 class VcpuFd(KvmFd):

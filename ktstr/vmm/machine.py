@@ -21,6 +21,7 @@ from ktstr.vmm import kvm, layout
 from ktstr.vmm.bus import AttachContext, DeviceErrors, MmioBus, PioBus, VmDevice
 from ktstr.vmm.irq import IrqLine
 from ktstr.vmm.memory import GuestMemory
+from ktstr.vmm.performance import Performance, PerformanceApplied
 from ktstr.vmm.stats import VcpuStats
 from ktstr.vmm.vcpu import (
     REASON_SIGNAL,
@@ -70,6 +71,8 @@ class RunOutcome:
     """The first few of those errors' messages."""
     vcpu_dilation: list[float | None] = field(default_factory=list)
     """Per vCPU, the share of the run its thread waited runnable on the host."""
+    performance: PerformanceApplied | None = None
+    """What performance mode got from the host (None: not asked for)."""
 
 
 class Machine:
@@ -80,8 +83,12 @@ class Machine:
     test guests use to finish.
     """
 
-    def __init__(self, regions: list[tuple[int, int]], *, irqchip: bool = True) -> None:
+    def __init__(self, regions: list[tuple[int, int]], *, irqchip: bool = True,
+                 performance: Performance | None = None) -> None:
         self._closed = False
+        self.performance = performance
+        self.applied = PerformanceApplied() if performance is not None else None
+        """What performance mode got (None: not asked for)."""
         self.kvm: kvm.Kvm | None = None
         self.vm: kvm.VmFd | None = None
         self.memory: GuestMemory | None = None
@@ -106,11 +113,34 @@ class Machine:
                 self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
                 self.vm.create_irqchip()
                 self.vm.create_pit2()
-            self.memory = GuestMemory(regions)
+            if performance is not None and performance.disable_exits:
+                self._disable_exits()
+            self.memory = GuestMemory(regions, hugepages=bool(performance and
+                                                              performance.hugepages))
+            if self.applied is not None and self.memory.backing == "4k":
+                self.applied.lack(f"2 MB pages: {self.memory.backing_note.lstrip('; ')}")
             self.memory.register(self.vm)
         except BaseException:
             self.close()
             raise
+
+    def _disable_exits(self) -> None:
+        """HLT and PAUSE run in the guest (its vCPUs own their host CPUs); before any vCPU."""
+        assert self.kvm is not None and self.vm is not None and self.applied is not None
+        want = {"hlt": kvm.KVM_X86_DISABLE_EXITS_HLT, "pause": kvm.KVM_X86_DISABLE_EXITS_PAUSE}
+        supported = self.kvm.check_extension(kvm.KVM_CAP_X86_DISABLE_EXITS)
+        given = {name: bit for name, bit in want.items() if supported & bit}
+        for name in want.keys() - given.keys():
+            self.applied.lack(f"{name} exits: this KVM cannot disable them "
+                              f"(KVM_CAP_X86_DISABLE_EXITS = {supported:#x})")
+        if not given:
+            return
+        try:
+            self.vm.enable_cap(kvm.KVM_CAP_X86_DISABLE_EXITS, sum(given.values()))
+        except kvm.KvmIoctlError as err:
+            self.applied.lack(f"hlt/pause exits: {err}")
+            return
+        self.applied.disabled_exits = sorted(given)
 
     # --- assembly ---
 
@@ -139,8 +169,28 @@ class Machine:
         except BaseException:
             fd.close()
             raise
+        perf = self.performance
+        if perf is not None:
+            vcpu.pin_cpu = perf.cpus[vcpu.index] if vcpu.index < len(perf.cpus) else None
+            vcpu.fifo = perf.fifo
         self.vcpus.append(vcpu)
         return vcpu
+
+    def performance_record(self) -> PerformanceApplied | None:
+        """What performance mode got, with each vCPU thread's pinning and policy (after a
+        run: the threads apply them as they start)."""
+        applied = self.applied
+        if applied is None:
+            return None
+        applied.pinned = [v.pinned for v in self.vcpus]
+        applied.fifo = [v.fifo_on for v in self.vcpus]
+        for v in self.vcpus:
+            for line in v.tuning_errors:
+                applied.lack(line)
+        if self.memory is not None:
+            applied.memory = self.memory.backing
+            applied.huge_kb = self.memory.huge_kb()
+        return applied
 
     def attach(self, device: VmDevice, ctx: AttachContext) -> None:
         self.devices.append(device)
@@ -301,6 +351,7 @@ class Machine:
             device_errors=self.device_errors.counts,
             device_error_messages=list(self.device_errors.messages),
             vcpu_dilation=[v.dilation for v in self.vcpus],
+            performance=self.performance_record(),
         )
 
     def _observe(self, call: Callable[[Machine], bool | None]) -> bool | None:

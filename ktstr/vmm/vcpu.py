@@ -32,6 +32,7 @@ from collections.abc import Callable
 from ktstr.vmm import kvm
 from ktstr.vmm.bus import MmioBus, PioBus
 from ktstr.vmm.kvm import KvmIoctlError, VcpuFd
+from ktstr.vmm.performance import FIFO_PRIORITY
 from ktstr.vmm.threadtime import ThreadTime, dilation, thread_time
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -408,6 +409,13 @@ class Vcpu:
         self.run_state: kvm.kvm_run | None = kvm.kvm_run.from_buffer(self._map)
         self.thread: threading.Thread | None = None
         self.started = threading.Event()
+        self.pin_cpu: int | None = None
+        self.fifo = False
+        """Asked by performance mode: pin the thread to this host CPU; run it SCHED_FIFO."""
+        self.pinned: int | None = None
+        self.fifo_on = False
+        self.tuning_errors: list[str] = []
+        """What the thread applied of those, and what the host refused (one line each)."""
         self.host_start: ThreadTime | None = None
         self.host_end: ThreadTime | None = None
         """The thread's host schedstat when its loop began and ended (see :attr:`dilation`)."""
@@ -442,7 +450,25 @@ class Vcpu:
         """The share of its run this vCPU's thread was runnable on the host but not running."""
         return dilation(self.host_start, self.host_end)
 
+    def _tune_thread(self) -> None:
+        """Performance mode's pinning and policy, from inside the thread (they are per thread);
+        a refusal is recorded, never raised."""
+        if self.pin_cpu is not None:
+            try:
+                os.sched_setaffinity(0, {self.pin_cpu})
+                self.pinned = self.pin_cpu
+            except OSError as err:
+                self.tuning_errors.append(f"pinning vCPU {self.index} to host CPU "
+                                          f"{self.pin_cpu}: {err.strerror}")
+        if self.fifo:
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(FIFO_PRIORITY))
+                self.fifo_on = True
+            except OSError as err:
+                self.tuning_errors.append(f"SCHED_FIFO for vCPU {self.index}: {err.strerror}")
+
     def _thread_main(self) -> None:
+        self._tune_thread()
         self.host_start = thread_time()
         self.started.set()
         try:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ktstr.errors import KtstrError
 from ktstr.topology import Topology
@@ -18,6 +19,7 @@ from ktstr.vmm import kvm, layout
 from ktstr.vmm.bus import MmioSlot, VmDevice
 from ktstr.vmm.machine import Machine, RunObserver, RunOutcome
 from ktstr.vmm.memory import GuestMemory
+from ktstr.vmm.performance import Performance
 from ktstr.vmm.vcpu import StopReason, site_summary
 
 # --- Linux boot ----------------------------------------------------------------------------
@@ -82,6 +84,8 @@ class VmResult:
     vcpu_dilation: list[float | None] = field(default_factory=list)
     """Per vCPU, the share of the run its host thread was runnable but not running (None:
     the host has no schedstat, or the thread never stopped)."""
+    performance: dict[str, Any] | None = None
+    """What performance mode got (``PerformanceApplied.to_record``; None: not asked for)."""
 
     @property
     def dilation(self) -> float | None:
@@ -152,9 +156,13 @@ class Vm:
         stall_timeout: float = DEFAULT_STALL_S,
         prefault: bool = False,
         observer: RunObserver | None = None,
+        performance: Performance | None = None,
     ) -> None:
         from ktstr import bzimage
 
+        if performance is not None:
+            performance.check_fits(topology.nr_cpus)
+        self.performance = performance
         self.prefault = prefault
         self.observer = observer
         self.prefault_s: float | None = None
@@ -214,7 +222,8 @@ class Vm:
         from ktstr.vmm.devices.i8042 import I8042
         from ktstr.vmm.devices.serial import Serial
 
-        machine = self.machine = Machine(self.regions, irqchip=True)
+        machine = self.machine = Machine(self.regions, irqchip=True,
+                                         performance=self.performance)
         self._reserved: list[tuple[int, int]] = []
         self._next_slot = 0
         ctx = machine.context(alloc_slot=self._alloc_slot, reserve=self._reserve_ram)
@@ -318,13 +327,21 @@ class Vm:
             for e in machine.kvm.supported_cpuid()
         ]
         deadline = bool(machine.kvm.check_extension(kvm.KVM_CAP_TSC_DEADLINE_TIMER))
+        # Pinned vCPUs that halt in the guest are never preempted: say so to the guest.
+        realtime = machine.applied is not None and "hlt" in machine.applied.disabled_exits
+        if realtime and machine.applied is not None:
+            machine.applied.hints_realtime = x86cpuid.has_leaf(
+                supported, x86cpuid.KVM_CPUID_FEATURES)
+            if not machine.applied.hints_realtime:
+                machine.applied.lack("KVM_HINTS_REALTIME: this KVM has no paravirt CPUID leaf")
         xcr0 = x86cpuid.xcr0_for(supported)
         if xcr0 and not machine.kvm.check_extension(kvm.KVM_CAP_XCRS):
             xcr0 = 0
         for place in self.topology.places:
             vcpu = machine.add_vcpu(place.apic_id)
             entries = x86cpuid.cpuid_for_vcpu(
-                supported, self.topology, place, tsc_deadline=deadline
+                supported, self.topology, place, tsc_deadline=deadline,
+                hints_realtime=True if realtime else None,
             )
             vcpu.fd.set_cpuid2(
                 [
@@ -401,6 +418,7 @@ class Vm:
             device_error_messages=outcome.device_error_messages,
             observer_error=self.machine.observer_error if self.machine else None,
             vcpu_dilation=outcome.vcpu_dilation,
+            performance=outcome.performance.to_record() if outcome.performance else None,
         )
 
     def stop(self) -> None:

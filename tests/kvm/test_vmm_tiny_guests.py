@@ -12,12 +12,16 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from ktstr.errors import KtstrError
 from ktstr.probe import measure_guest_mips
 from ktstr.vmm import kvm
 from ktstr.vmm.machine import Machine
+from ktstr.vmm.memory import thp_unavailable
+from ktstr.vmm.performance import Performance
 from ktstr.vmm.vcpu import MAX_EXIT_SITES, SITE_OTHER, SITE_QUEUED_OUT
 
 pytestmark = [
@@ -59,8 +63,9 @@ def no_leaks() -> Iterator[None]:
     assert _fds() == fds, "an fd leaked"
 
 
-def real_mode(code: bytes, *, irqchip: bool = False, cs: int = 0, rip: int = LOAD) -> Machine:
-    machine = Machine([(0, 0x10000)], irqchip=irqchip)
+def real_mode(code: bytes, *, irqchip: bool = False, cs: int = 0, rip: int = LOAD,
+              ram: int = 0x10000, performance: Performance | None = None) -> Machine:
+    machine = Machine([(0, ram)], irqchip=irqchip, performance=performance)
     assert machine.memory is not None
     machine.memory.write(LOAD, code)
     vcpu = machine.add_vcpu(0)
@@ -155,6 +160,47 @@ def test_a_vcpu_sharing_its_host_cpu_is_dilated() -> None:
     assert shared.vcpu_dilation[0] is not None and shared.vcpu_dilation[0] > 0.25, shared
     assert alone.duration_s >= 0.9
     assert alone.vcpu_dilation[0] is not None and alone.vcpu_dilation[0] < 0.05, alone
+
+
+def test_performance_mode_pins_the_vcpu_and_backs_ram_with_huge_pages() -> None:
+    cpu = max(os.sched_getaffinity(0))
+    perf = Performance(cpus=(cpu,), hugepages=True, fifo=True)
+    seen: dict[str, str] = {}
+
+    def look(m: Machine) -> None:
+        time.sleep(0.3)
+        tid = m.vcpus[0].thread.native_id  # type: ignore[union-attr]
+        for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            seen[key] = value.strip()
+        seen["policy"] = str(os.sched_getscheduler(tid))
+
+    with real_mode(bytes.fromhex("EBFE"), ram=32 << 20, performance=perf) as m:
+        assert m.memory is not None
+        m.memory.write(8 << 20, b"\1" * (8 << 20))  # touched: faulted in as huge pages
+        watcher = threading.Thread(target=look, args=(m,))
+        watcher.start()
+        out = m.run(1.0)
+        watcher.join()
+    assert seen["Cpus_allowed_list"] == str(cpu)
+    assert seen["policy"] == str(os.SCHED_FIFO)
+    applied = out.performance
+    assert applied is not None and applied.pinned == [cpu] and applied.fifo == [True]
+    if thp_unavailable() is None:
+        assert applied.memory == "thp" and applied.huge_kb and applied.huge_kb >= 4096, applied
+    else:
+        assert applied.memory == "4k" and any("2 MB pages" in x for x in applied.missing)
+    # HLT/PAUSE exits: either disabled, or the reason this KVM could not is recorded.
+    for name in ("hlt", "pause"):
+        assert name in applied.disabled_exits or any(
+            x.startswith(f"{name} exits") or x.startswith("hlt/pause") for x in applied.missing)
+
+
+def test_performance_mode_refuses_more_vcpus_than_cpus() -> None:
+    with pytest.raises(KtstrError, match=r"4 vCPUs cannot be pinned one per host CPU on the 2"):
+        Performance(cpus=(0, 1)).check_fits(4)
+    with pytest.raises(KtstrError, match="distinct host CPUs"):
+        Performance(cpus=(1, 1))
 
 
 def test_guest_spinning_with_interrupts_off_is_detected_as_hung() -> None:

@@ -170,6 +170,8 @@ def test_decorator_validation() -> None:
         ktstr_test(scheduler="nope")(scenario)
     with pytest.raises(KtstrError, match="needs SMT"):
         ktstr_test(topology="1n1l2c1t", requires_smt=True)(scenario)
+    with pytest.raises(KtstrError, match="fifo_vcpus=True needs performance_mode=True"):
+        ktstr_test(fifo_vcpus=True)(scenario)
     with pytest.raises(KtstrError, match="exactly one argument"):
         ktstr_test(two_args)
     with pytest.raises(KtstrError, match="module level"):
@@ -181,6 +183,8 @@ def test_decorator_validation() -> None:
     spec = spec_of(ktstr_test(scheduler="scx_qmap@batch", memory_mb=512)(scenario))
     assert spec is not None and spec.profile is not None and spec.profile.name == "batch"
     assert spec.target.endswith(":scenario")
+    perf = spec_of(ktstr_test(performance_mode=True, fifo_vcpus=True)(scenario))
+    assert perf is not None and perf.performance_mode and perf.fifo_vcpus
 
 
 def test_disk_config_validated_at_decoration() -> None:

@@ -13,6 +13,8 @@ from ktstr.topology import PRESETS, Topology
 from ktstr.vmm.x86.cpuid import (
     CPUID1_ECX_TSC_DEADLINE,
     CPUID1_ECX_X2APIC,
+    KVM_CPUID_FEATURES,
+    KVM_HINTS_REALTIME,
     CpuidEntry,
     cpuid_for_vcpu,
     family_model,
@@ -319,3 +321,16 @@ def test_guest_apic_id_reach() -> None:
     # The paravirt leaf passes through, so a KVM that offers the bit reaches the guest.
     out = cpuid_for_vcpu(ext, PRESETS["max-cpu"], PRESETS["max-cpu"].place(251))
     assert guest_apic_id_reach(out) == 0x7FFF
+
+
+def test_realtime_hint_is_set_only_when_asked() -> None:
+    topo, place = Topology.parse("1n1l2c1t"), Topology.parse("1n1l2c1t").places[0]
+
+    def edx(**kw: bool | None) -> int:
+        out = {(e.function, e.index): e for e in cpuid_for_vcpu(amd_supported(), topo, place,
+                                                                  **kw)}  # type: ignore[arg-type]
+        return out[(KVM_CPUID_FEATURES, 0)].edx
+
+    assert edx() == 0  # as KVM reported it
+    assert edx(hints_realtime=True) & KVM_HINTS_REALTIME
+    assert not edx(hints_realtime=False) & KVM_HINTS_REALTIME

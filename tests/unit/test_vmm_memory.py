@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ktstr.meminfo import free_hugetlb_bytes
 from ktstr.vmm import layout
-from ktstr.vmm.memory import GuestMemory, GuestMemoryError
+from ktstr.vmm.memory import HUGE_PAGE, GuestMemory, GuestMemoryError, thp_unavailable
 
 SIZE = 4 * layout.GiB  # low 3 GiB + 1 GiB above 4 GiB; MAP_NORESERVE makes this cheap
 
@@ -109,3 +112,38 @@ def test_bad_regions_rejected() -> None:
         GuestMemory([(0, 0x1001)])
     with pytest.raises(ValueError):
         GuestMemory([(0, 0x2000), (0x1000, 0x1000)])
+
+
+# ---- 2 MB pages (performance mode) ----------------------------------------------------
+
+
+def test_free_hugetlb_pages_are_read_from_meminfo(tmp_path: Path) -> None:
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal: 1000 kB\nHugePages_Free:      3\nHugepagesize:    2048 kB\n")
+    assert free_hugetlb_bytes(HUGE_PAGE, info) == 3 * HUGE_PAGE
+    info.write_text("HugePages_Free: 3\nHugepagesize: 1048576 kB\n")  # 1 GB default pages
+    assert free_hugetlb_bytes(HUGE_PAGE, info) == 0
+    assert free_hugetlb_bytes(HUGE_PAGE, tmp_path / "missing") == 0
+
+
+def test_thp_availability_says_why_not(tmp_path: Path) -> None:
+    enabled = tmp_path / "enabled"
+    assert "no CONFIG_TRANSPARENT_HUGEPAGE" in (thp_unavailable(enabled) or "")
+    enabled.write_text("always madvise [never]\n")
+    assert "never" in (thp_unavailable(enabled) or "")
+    enabled.write_text("always [madvise] never\n")
+    assert thp_unavailable(enabled) is None
+
+
+def test_huge_page_backing_is_aligned_and_counted() -> None:
+    if thp_unavailable() is not None:
+        pytest.skip(f"this host cannot give THP: {thp_unavailable()}")
+    with GuestMemory.for_size(64 * layout.MiB, hugepages=True) as m:
+        assert m.backing == "thp" and m.host_addr % HUGE_PAGE == 0
+        m.write(0, b"\1" * (16 * layout.MiB))
+        assert m.read(16 * layout.MiB - 1, 2) == b"\1\0"
+        assert (m.huge_kb() or 0) >= 8 * 1024, m.huge_kb()
+        with pytest.raises(GuestMemoryError):
+            m.read(64 * layout.MiB, 1)  # the spare huge page is not guest RAM
+    with GuestMemory.for_size(64 * layout.MiB) as plain:
+        assert plain.backing == "4k" and plain.backing_note == ""

@@ -67,6 +67,8 @@ EXT1_ECX_TOPOEXT = 1 << 22
 # KVM paravirt features (leaf 0x40000001 EAX)
 KVM_CPUID_FEATURES = 0x40000001
 KVM_FEATURE_MSI_EXT_DEST_ID = 1 << 15
+KVM_HINTS_REALTIME = 1 << 0
+"""Leaf 0x40000001 EDX: vCPUs are never preempted (performance mode's pinned vCPUs)."""
 APIC_ID_REACH_8BIT = 255
 APIC_ID_REACH_EXT_DEST = 0x7FFF
 
@@ -173,10 +175,12 @@ def cpuid_for_vcpu(
     place: CpuPlace,
     *,
     tsc_deadline: bool = False,
+    hints_realtime: bool | None = None,
 ) -> list[CpuidEntry]:
     """The CPUID table for the vCPU at ``place``: ``supported`` with topology leaves edited.
 
-    Pure: the input is not modified. Leaves absent from ``supported`` (other than
+    ``hints_realtime`` sets (True) or clears (False) KVM_HINTS_REALTIME; None leaves
+    what KVM reports. Pure: the input is not modified. Leaves absent from ``supported`` (other than
     0xB/0x1F subleaves, which are generated when the max basic leaf covers them) stay
     absent, so a host without e.g. TopoExt yields a guest without it.
     """
@@ -204,6 +208,8 @@ def cpuid_for_vcpu(
             )
         elif fn == 0x80000001:
             e = replace(e, ecx=_flag(e.ecx, EXT1_ECX_CMP_LEGACY, multi))
+        elif fn == KVM_CPUID_FEATURES and hints_realtime is not None:
+            e = replace(e, edx=_flag(e.edx, KVM_HINTS_REALTIME, hints_realtime))
         elif fn == 0x80000006 and (ven == VENDOR_HYGON or (fam == 0x17 and model <= 0x1F)):
             e = replace(e, edx=0)
         elif fn == 0x80000008:
@@ -229,6 +235,10 @@ def cpuid_for_vcpu(
         out += _level_entries(0x1F, topo, apic_id)
     out.sort(key=lambda e: (e.function, e.index))
     return out
+
+
+def has_leaf(entries: Sequence[CpuidEntry], function: int) -> bool:
+    return any(e.function == function for e in entries)
 
 
 def guest_apic_id_reach(supported: Sequence[CpuidEntry]) -> int:
