@@ -152,8 +152,9 @@ def cmd_show(args: argparse.Namespace) -> int:
                     f"         check {check.get('name')}: value {check.get('value')} "
                     f"threshold {check.get('threshold')} {check.get('detail') or ''}".rstrip()
                 )
-        if line := monitor_line(r.get("observer")):
-            print(f"         {line}")
+        for line in (monitor_line(r.get("observer")), host_line(r)):
+            if line:
+                print(f"         {line}")
         values = _mapping(r.get("payload_metrics"))
         if values:
             print("         payloads: " + ", ".join(f"{k} {v:g}" for k, v in sorted(values.items())
@@ -164,6 +165,23 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def host_line(record: Record) -> str:
+    """What the host gave the run: vCPU dilation, and performance mode's pinning and pages."""
+    parts = []
+    dilation = _mapping(record.get("dilation"))
+    if isinstance(dilation.get("mean"), int | float):
+        parts.append(f"vCPU dilation {dilation['mean'] * 100:.1f}% mean, "
+                     f"{float(dilation.get('max') or 0) * 100:.1f}% max")
+    perf = _mapping(record.get("performance"))
+    if perf:
+        pinned = [c for c in perf.get("pinned") or [] if isinstance(c, int)]
+        parts.append(f"performance mode: pinned to CPUs {pinned or 'none'}, RAM "
+                     f"{perf.get('memory')}, exits off {perf.get('disabled_exits') or 'none'}"
+                     + (f"; not given: {'; '.join(map(str, perf['missing']))}"
+                        if perf.get("missing") else ""))
+    return "host: " + "; ".join(parts) if parts else ""
 
 
 def monitor_line(observer: object) -> str:

@@ -283,3 +283,17 @@ def test_bad_options(tmp_path: Path, argv: list[str], message: str) -> None:
     runs(tmp_path, Dist(), Dist(), n_a=2, n_b=2)
     with pytest.raises(KtstrError, match=message):
         stats(["--root", str(tmp_path), "compare", "a", "b", *argv])
+
+
+def test_show_says_what_the_host_gave(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rec = record(plan("t::a"), random.Random(9), Dist(), 1)
+    rec["dilation"] = dilation_record([0.02, 0.04])
+    rec["performance"] = {"pinned": [2, 3], "memory": "4k", "huge_kb": None, "fifo": [False],
+                          "disabled_exits": ["hlt"], "hints_realtime": True,
+                          "missing": ["2 MB pages: transparent hugepages are off"]}
+    write_run(tmp_path, "a", [rec])
+    assert stats(["--root", str(tmp_path), "show", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "host: vCPU dilation 3.0% mean, 4.0% max; performance mode: pinned to CPUs [2, 3]" \
+        in out
+    assert "not given: 2 MB pages: transparent hugepages are off" in out
