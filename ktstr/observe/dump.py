@@ -1,6 +1,6 @@
 """The failure dump of a VM test: what the observer saw, written next to the sidecar.
 
-``<sidecar stem>.dump/state.json`` holds the frozen guest's snapshot (every CPU, every
+``<sidecar stem>.files/state.json`` holds the frozen guest's snapshot (every CPU, every
 runnable task with its sched_ext state and stack, the DSQs), the snapshot taken when the
 scheduler began an error exit, the stalled tasks the monitor saw and its last samples;
 ``vmcore`` is guest RAM as an ELF core (``drgn -c vmcore -s vmlinux``).

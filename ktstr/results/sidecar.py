@@ -104,18 +104,18 @@ def sidecar_name(test: str, scheduler: str = "", profile: str = "", topology: st
 def artifact_dir(test: str, scheduler: str = "", profile: str = "", topology: str = "",
                  run: str | None = None, root: Path | None = None) -> Path:
     """A fresh directory beside the sidecar of (test, scheduler, profile, topology) for
-    its files (the failure dump): ``<stem>.dump``, then ``<stem>.dump-2``, ... per run."""
+    its files (failure dump, trace): ``<stem>.files``, then ``<stem>.files-2``, ... per run."""
     stem = sidecar_name(test, scheduler, profile, topology).removesuffix(".json")
     parent = (root or results_root()) / (run or run_id())
     parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
-        path = parent / (f"{stem}.dump" if n == 1 else f"{stem}.dump-{n}")
+        path = parent / (f"{stem}.files" if n == 1 else f"{stem}.files-{n}")
         try:
             path.mkdir()
         except FileExistsError:
             continue
         return path
-    raise KtstrError(f"too many dumps of {test} in {parent}")
+    raise KtstrError(f"too many file directories of {test} in {parent}")
 
 
 def result_key(record: Mapping[str, Any]) -> str:
