@@ -50,7 +50,9 @@ def test_cpuset_change(ctx):
     return execute_steps(ctx, steps, setup=setup)
 
 
-@ktstr_test(topology="tiny-1llc", duration=2.0)
+# Random pairs overlap (a CPU may hold three workers while another holds one), so the
+# workers' off-CPU times differ by the draw, not by the scheduler: fairness is not the claim.
+@ktstr_test(topology="tiny-1llc", duration=2.0, checks=Checks(fairness_spread_pct=None))
 def test_affinity(ctx):
     """Workers pinned one CPU each, then re-pinned to random pairs: no isolation breach."""
     setup = [CgroupDef("pinned", workers=4, affinity=Affinity.single())]
