@@ -413,6 +413,11 @@ class GuestObserver:
         obs.sample_cost_s.append(time.monotonic() - now)
         if len(obs.sample_cost_s) > MAX_SAMPLES:
             del obs.sample_cost_s[: MAX_SAMPLES // 2]
+        if self.watch_maps and len(obs.samples) == 1:
+            # Watched maps need drgn, whose open costs seconds under emulation: open it
+            # now (the run queues exist, so the kernel's paging is final), not when the
+            # scheduler attaches, or a short run ends before its maps are ever read.
+            self._program()
         if scx_enabled and self.watch_maps and now >= self._next_maps:
             self._next_maps = now + MAPS_EVERY_S
             guest = self._program()
