@@ -26,7 +26,8 @@ from ktstr.boot import (
 from ktstr.hostfault import run_vm
 from ktstr.topology import Topology
 
-pytestmark = pytest.mark.vm
+# Nothing here depends on the session's scheduler: a matrix runs it once, with eevdf.
+pytestmark = [pytest.mark.vm, pytest.mark.pins_scheduler("eevdf")]
 
 BOOT_COMPLAINTS = re.compile(
     r"WARNING:|BUG:|Oops|ACPI Error|Clockevents: could not|lapic is not functional|"

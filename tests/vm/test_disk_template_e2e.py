@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.vm
+# Nothing here depends on the session's scheduler: a matrix runs it once, with eevdf.
+pytestmark = [pytest.mark.vm, pytest.mark.pins_scheduler("eevdf")]
 THIS = Path(__file__).resolve()
 MODULE = "test_disk_template_e2e"
 BTRFS_SUPER_MAGIC = 0x9123683E  # linux/magic.h; pinned here, not imported from the host code

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.vm
+# Nothing here depends on the session's scheduler: a matrix runs it once, with eevdf.
+pytestmark = [pytest.mark.vm, pytest.mark.pins_scheduler("eevdf")]
 THIS = Path(__file__).resolve()
 MODULE = "test_guest_runtime"
 

@@ -29,7 +29,8 @@ def _performance_applied(run: GuestRun) -> None:
     assert run.vm.dilation is not None
 
 
-@ktstr_test(topology="1n1l2c1t", duration=2.0, performance_mode=True, gauntlet=False,
+@ktstr_test(topology="1n1l2c1t", scheduler="eevdf", duration=2.0, performance_mode=True,
+            gauntlet=False,
             checks=Checks(fairness_spread_pct=None), host_check=_performance_applied)
 def test_performance_mode_is_applied(ctx):
     return execute_defs(ctx, [CgroupDef("a", workers=2)])
