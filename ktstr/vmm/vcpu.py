@@ -593,10 +593,7 @@ class Vcpu:
             elif reason == kvm.KVM_EXIT_SHUTDOWN:
                 # A Linux guest reboots through the i8042 or ACPI; a triple fault is a crash
                 # nobody could print, so keep where it happened.
-                self.control.stop(
-                    StopReason.REBOOT,
-                    f"vcpu {self.index}: {TRIPLE_FAULT} (shutdown)\n{describe_state(self.fd)}",
-                )
+                self.control.stop(StopReason.REBOOT, self._shutdown_detail())
                 return
             elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
                 run = self.run_state
@@ -639,6 +636,22 @@ class Vcpu:
             return (f"{head}: thread still inside KVM_RUN (did not answer the kick); "
                     f"last exits: {last}")
         return f"{head}: {summarize_state(self.fd)}; last exits: {last}"
+
+    def _shutdown_detail(self) -> str:
+        """A triple fault's detail. On AMD, KVM re-INITs the vCPU at the shutdown intercept
+        (the VMCB is undefined after it), so registers at the reset vector say nothing of
+        where it faulted: the last exit sites are then all there is."""
+        head = f"vcpu {self.index}: {TRIPLE_FAULT} (shutdown)"
+        last = ", ".join(site_name(site) for site in self.recent) or "none"
+        try:
+            regs, sregs = self.fd.get_regs(), self.fd.get_sregs()
+            reset = regs.rip == 0xFFF0 and sregs.cs.selector == 0xF000 and not sregs.cr0 & 1
+        except OSError:
+            reset = False
+        if reset:
+            return (f"{head}\nits registers are the reset state (KVM re-INITs a vCPU on an AMD "
+                    f"shutdown intercept): where it faulted is lost; last exits: {last}")
+        return f"{head}\n{describe_state(self.fd)}\nlast exits: {last}"
 
     def _fail(self, what: str) -> None:
         self.control.stop(
