@@ -8,19 +8,22 @@ cpu.max is CFS bandwidth control, so it is stated for EEVDF.
 from __future__ import annotations
 
 from ktstr.checks import Checks
-from ktstr.scenario import CgroupControls, CgroupDef, CpuMax
+from ktstr.scenario import CgroupControls, CgroupDef, CpuMax, CpusetSpec
 from ktstr.telemetry import ScenarioResult
 from ktstr.testing import execute_defs, ktstr_test
 
-# Both cgroups saturate both CPUs; only the weight split is under test.
+# Both cgroups saturate the same CPU; only the weight split is under test.
 _SHARE = Checks(weight_share_pct=15.0, fairness_spread_pct=None, starvation=False,
                 max_gap_ms=None)
 
 
 def _weights_two_to_one(ctx) -> ScenarioResult:
+    # One CPU: across several, a group's weight is split by where its tasks sit (3+1 heavy
+    # against 1+3 light gives about 1.7:1), so the split would measure placement too.
+    one = CpusetSpec.exact([0])
     result = execute_defs(ctx, [
-        CgroupDef("heavy", workers=4, controls=CgroupControls(weight=200)),
-        CgroupDef("light", workers=4, controls=CgroupControls(weight=100)),
+        CgroupDef("heavy", cpuset=one, workers=2, controls=CgroupControls(weight=200)),
+        CgroupDef("light", cpuset=one, workers=2, controls=CgroupControls(weight=100)),
     ], checks=_SHARE)
     heavy, light = result.cgroup("heavy"), result.cgroup("light")
     ratio = heavy.cpu_ns / max(light.cpu_ns, 1)
