@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ktstr.errors import KtstrError
+from ktstr.vmm.threadtime import mean_dilation
 
 if TYPE_CHECKING:
     from ktstr.checks import CheckResult
@@ -247,11 +248,11 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
 def dilation_record(per_vcpu: Sequence[float | None]) -> dict[str, Any] | None:
     """``dilation`` {per_vcpu, mean, max}: the share of the run each vCPU's host thread was
     runnable but not running (None where the host could not say)."""
-    known = [d for d in per_vcpu if d is not None]
-    if not known:
+    mean = mean_dilation(list(per_vcpu))
+    if mean is None:
         return None
     return {"per_vcpu": [None if d is None else round(d, 4) for d in per_vcpu],
-            "mean": round(sum(known) / len(known), 4), "max": round(max(known), 4)}
+            "mean": round(mean, 4), "max": round(max(d for d in per_vcpu if d is not None), 4)}
 
 
 def check_row(check: CheckResult) -> dict[str, Any]:

@@ -37,3 +37,9 @@ def dilation(start: ThreadTime | None, end: ThreadTime | None) -> float | None:
     if start is None or end is None or end.at_ns <= start.at_ns:
         return None
     return max(0.0, min(1.0, (end.wait_ns - start.wait_ns) / (end.at_ns - start.at_ns)))
+
+
+def mean_dilation(per_vcpu: list[float | None]) -> float | None:
+    """The mean of the vCPUs' dilations that were measured (None when none was)."""
+    known = [d for d in per_vcpu if d is not None]
+    return sum(known) / len(known) if known else None

@@ -20,6 +20,7 @@ from ktstr.vmm.bus import MmioSlot, VmDevice
 from ktstr.vmm.machine import Machine, RunObserver, RunOutcome
 from ktstr.vmm.memory import GuestMemory
 from ktstr.vmm.performance import Performance
+from ktstr.vmm.threadtime import mean_dilation
 from ktstr.vmm.vcpu import StopReason, site_summary
 
 # --- Linux boot ----------------------------------------------------------------------------
@@ -90,8 +91,7 @@ class VmResult:
     @property
     def dilation(self) -> float | None:
         """The vCPUs' mean :attr:`vcpu_dilation` (None when none was measured)."""
-        known = [d for d in self.vcpu_dilation if d is not None]
-        return sum(known) / len(known) if known else None
+        return mean_dilation(self.vcpu_dilation)
 
     @property
     def console_tail(self) -> str:
