@@ -34,7 +34,7 @@ from typing import Any
 from ktstr import console
 from ktstr.cpulist import format_cpu_list
 from ktstr.errors import KtstrError
-from ktstr.telemetry import CgroupStats, ScenarioResult, WorkerStats, telemetry_of
+from ktstr.telemetry import CgroupStats, Overhead, ScenarioResult, WorkerStats, telemetry_of
 
 
 @dataclass(frozen=True)
@@ -442,7 +442,26 @@ def evaluate(
         out.append(check_bandwidth(result.cgroups, checks.bandwidth_pct))
     if log_text is not None and checks.health:
         out.extend(scheduler_health(log_text))
+    if result.overhead is not None:
+        out = [with_overhead(c, result.overhead) for c in out]
     return out
+
+
+# Checks whose value is time lost on a CPU: the host's steal and the harness's own
+# CPU time are part of what they measured.
+_TIME_CHECKS = frozenset({"fairness", "starvation", "max_gap", "wake_p99", "throughput_cv",
+                          "min_work_rate", "weight_share"})
+
+
+def with_overhead(check: CheckResult, overhead: Overhead) -> CheckResult:
+    """A failed timing check's message, plus what the host and the harness took."""
+    if check.passed or check.name not in _TIME_CHECKS:
+        return check
+    steal = overhead.steal_pct
+    note = (f"; meanwhile the host stole {min(steal.values()):.0f}-{max(steal.values()):.0f}% "
+            f"of each guest CPU" if steal and overhead.max_steal_pct >= 1 else "")
+    note += f"; the harness used {overhead.harness_cpu_pct:.0f}% of one CPU"
+    return replace(check, message=check.message + note)
 
 
 def check_payloads(result: ScenarioResult) -> CheckResult:

@@ -110,6 +110,8 @@ class WorkerStats:
     """Sampled moves between CPUs of different NUMA nodes."""
     max_gap_ms: float = 0.0
     off_cpu_pct: float = 0.0
+    """Share of the measurement window off-CPU: from when the step that spawned the
+    worker finished its ops (all its siblings forked) to the snapshot."""
     wake_latency: LatencySummary | None = None
     allowed_cpus: list[int] = field(default_factory=list)
     """Where the worker was allowed to run at the end (cpuset, narrowed by its affinity)."""
@@ -279,6 +281,35 @@ class PhaseStats:
 
 
 @dataclass
+class Overhead:
+    """What the harness and the host took from the workers during the scenario."""
+
+    harness_cpu_ms: float = 0.0
+    """CPU time of the guest harness process (sampling, spawning, stopping workers)."""
+    harness_cpu_pct: float = 0.0
+    """The same as a share of one CPU over the scenario's wall time."""
+    steal_pct: dict[int, float] = field(default_factory=dict)
+    """Per guest CPU: share of its time the host ran something else (/proc/stat steal)."""
+    harness_pid: int = 0
+
+    @property
+    def max_steal_pct(self) -> float:
+        return max(self.steal_pct.values(), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["steal_pct"] = {str(k): v for k, v in self.steal_pct.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Overhead:
+        kwargs = known_fields(cls, data)
+        steal = dict(data.get("steal_pct") or {})
+        kwargs["steal_pct"] = {int(k): float(v) for k, v in steal.items()}
+        return cls(**kwargs)
+
+
+@dataclass
 class ScenarioResult:
     """Everything one scenario run measured."""
 
@@ -295,6 +326,7 @@ class ScenarioResult:
     """Set when the scenario attached or detached schedulers: one entry per phase."""
     payloads: list[PayloadResult] = field(default_factory=list)
     """Every payload run (hackbench, cyclictest, ...), with the metrics it produced."""
+    overhead: Overhead | None = None
 
     def worker(self, cgroup: str, index: int) -> WorkerStats:
         for w in self.workers:
@@ -320,6 +352,7 @@ class ScenarioResult:
             "notes": list(self.notes),
             **({"phases": [p.to_dict() for p in self.phases]} if self.phases else {}),
             **({"payloads": [p.to_dict() for p in self.payloads]} if self.payloads else {}),
+            **({"overhead": self.overhead.to_dict()} if self.overhead else {}),
         }
 
     @classmethod
@@ -335,6 +368,7 @@ class ScenarioResult:
             passed=data.get("passed"),
             phases=[PhaseStats.from_dict(p) for p in data.get("phases", [])],
             payloads=[PayloadResult.from_dict(p) for p in data.get("payloads", [])],
+            overhead=Overhead.from_dict(data["overhead"]) if data.get("overhead") else None,
         )
 
 

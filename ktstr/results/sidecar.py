@@ -224,6 +224,8 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
         "phases": [p for p in telemetry.get("phases") or [] if isinstance(p, Mapping)] or None,
         "notes": [str(n) for n in telemetry.get("notes") or []][:200] or None,
         "timeline": telemetry.get("timeline"),
+        "overhead": overhead if isinstance(overhead := telemetry.get("overhead"), Mapping)
+        else None,
         "scheduler_exit": run.sched_exit,
         "observer": run.observation.to_record() if run.observation is not None else None,
         "trace": run.trace.record() if run.trace is not None else None,
@@ -380,7 +382,8 @@ def record_problem(data: object) -> str | None:
     if not isinstance(data, dict) or not isinstance(data.get("test"), str):
         return "not a ktstr sidecar (no 'test' string)"
     for key in ("kernel", "scheduler", "timings", "summary", "metrics", "timeline", "host",
-                "repeat_summary", "payload_metrics", "payload_metric_specs", "trace"):
+                "repeat_summary", "payload_metrics", "payload_metric_specs", "trace",
+                "overhead"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             return f"{key!r} must be an object"
     for key in ("verdict", "reason"):

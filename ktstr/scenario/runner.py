@@ -56,6 +56,7 @@ from ktstr.scenario.model import (
     WaitPayload,
     format_cpu_list,
 )
+from ktstr.scenario.overhead import OverheadMeter
 from ktstr.scenario.payload_proc import PayloadProcess
 from ktstr.scenario.syscalls import SCHED_DEADLINE
 from ktstr.scenario.work import Work
@@ -71,6 +72,7 @@ _POLICY = {
     PolicyKind.DEADLINE: SCHED_DEADLINE,
 }
 _SAMPLE_S = 0.05
+_SAMPLE_CPU_BUDGET = 0.03  # share of one CPU the placement sampling may use
 
 
 @runtime_checkable
@@ -211,6 +213,7 @@ class Runner:
         """Payloads started and not yet waited for or killed, by label."""
         self.payload_results: list[PayloadResult] = []
         self.started = time.monotonic()
+        self.overhead = OverheadMeter()
         self._phase = self._phase_begin("")
 
     # -- cpu mapping --------------------------------------------------------
@@ -536,14 +539,21 @@ class Runner:
 
     def hold(self, seconds: float) -> None:
         """Sleep while sampling worker placement and noticing workers that died."""
+        for h in self.live:
+            h.open_window()
         end = time.monotonic() + seconds
+        period = _SAMPLE_S
         while True:
             left = end - time.monotonic()
             if left <= 0:
                 return
-            time.sleep(min(_SAMPLE_S, left))
+            time.sleep(min(period, left))
+            cost = time.thread_time()
             for h in self.live:
                 h.sample_proc()
+            # On a slow (emulated) guest the harness samples less often rather than
+            # take more than its budget of a CPU from the workers it measures.
+            period = max(_SAMPLE_S, (time.thread_time() - cost) / _SAMPLE_CPU_BUDGET)
             dead = [h for h in self.live if h.state in (wk.DONE, wk.FAILED)]
             if dead:
                 self.stop_workers(dead)
@@ -556,6 +566,7 @@ class Runner:
             self.phases.append(self._phase_end(self._phase))
         self._end_payloads("scenario end")
         self.stop_workers(list(self.live))
+        overhead = self.overhead.read()
         by_cg: dict[str, list[WorkerStats]] = {}
         for w in self.finished:
             by_cg.setdefault(w.cgroup, []).append(w)
@@ -585,6 +596,7 @@ class Runner:
             notes=self.notes,
             phases=self.phases,
             payloads=self.payload_results,
+            overhead=overhead,
         )
 
     def close(self) -> None:
@@ -599,6 +611,7 @@ class Runner:
         self.payloads = {}
         for h in self.live:
             wk.kill_and_reap(h.pid)
+            h.files.close()
         self.live = []
         for name in sorted(self._created, key=lambda n: n.count("/"), reverse=True):
             with contextlib.suppress(KtstrError, OSError):

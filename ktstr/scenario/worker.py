@@ -219,6 +219,42 @@ class _ProcSample:
     epoch: int = -1
 
 
+class ProcFiles:
+    """A task's ``/proc/<pid>/{stat,schedstat}`` held open and re-read with pread.
+
+    Opening a /proc file walks the path and builds a file object every time; under
+    emulation that made the harness's 50 ms placement sampling cost a quarter of a
+    CPU, taken from the workers it measures. An open fd also keeps naming the same
+    task after its pid is reused (reads then fail with ESRCH).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fds: dict[str, int] = {}
+
+    def read(self, name: str) -> bytes:
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(f"/proc/{self.pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(fd, 4096, 0)
+
+    def schedstat(self) -> tuple[int, int, int]:
+        """(on-CPU ns, run-queue wait ns, timeslices)."""
+        a, b, c = self.read("schedstat").split()[:3]
+        return int(a), int(b), int(c)
+
+    def processor(self) -> int:
+        """The CPU the task last ran on ("processor", field 39 of stat)."""
+        text = self.read("stat")
+        return int(text[text.rindex(b")") + 2 :].split()[39 - 3])
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
 @dataclass
 class WorkerHandle:
     """The parent's view of one worker process."""
@@ -236,6 +272,21 @@ class WorkerHandle:
     _prev_allowed: frozenset[int] = frozenset()
     _proc: _ProcSample = field(default_factory=_ProcSample)
     final: WorkerStats | None = None
+    files: ProcFiles = field(init=False)
+    window: tuple[int, int] | None = None
+    """(monotonic ns, on-CPU ns) when the worker's measurement window opened: once
+    the step that spawned it finished its ops (:meth:`open_window`)."""
+
+    def __post_init__(self) -> None:
+        self.files = ProcFiles(self.pid)
+
+    def open_window(self) -> None:
+        """Measure off-CPU time from now on, not from the fork: the harness forking
+        the step's other workers is not the scheduler's doing."""
+        if self.window is not None or not self.alive:
+            return
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            self.window = (time.monotonic_ns(), self.files.schedstat()[0])
 
     @property
     def q(self) -> memoryview:
@@ -295,8 +346,8 @@ class WorkerHandle:
         if not self.alive:
             return
         try:
-            cpu_ns = _read_schedstat(self.pid)[0]
-            cpu = _read_stat_processor(self.pid)
+            cpu_ns = self.files.schedstat()[0]
+            cpu = self.files.processor()
         except (OSError, ValueError, IndexError):
             return
         prev = self._proc
@@ -316,7 +367,7 @@ class WorkerHandle:
         vol = invol = 0
         kernel_migr: int | None = None
         try:
-            cpu_ns, run_delay, slices = _read_schedstat(self.pid)
+            cpu_ns, run_delay, slices = self.files.schedstat()
             vol, invol = _read_switches(self.pid)
             kernel_migr = _read_nr_migrations(self.pid)
         except (OSError, ValueError, IndexError):
@@ -328,6 +379,7 @@ class WorkerHandle:
         lat_view = memoryview(self.mm)[_LAT_OFF:SLOT_SIZE].cast("I")
         lat_samples = [lat_view[i] for i in range(min(lat_n, LAT_CAP))]
         wall = max(1, now - self.spawn_ns)
+        win_start, win_cpu = self.window or (self.spawn_ns, 0)
         return WorkerStats(
             cgroup=self.cgroup,
             index=self.spec.index,
@@ -347,7 +399,7 @@ class WorkerHandle:
             sampled_migrations=int(q[_MIGR]),
             cross_node_migrations=int(q[_XNODE]),
             max_gap_ms=gap / 1e6,
-            off_cpu_pct=off_cpu_pct(wall, cpu_ns),
+            off_cpu_pct=off_cpu_pct(now - win_start, cpu_ns - win_cpu),
             wake_latency=(
                 LatencySummary.from_ns(lat_samples, int(q[_LATMAX])) if lat_n else None
             ),
@@ -355,12 +407,6 @@ class WorkerHandle:
             isolation_violations=sorted(self.violations),
             error=self.error,
         )
-
-
-def _read_schedstat(pid: int) -> tuple[int, int, int]:
-    with open(f"/proc/{pid}/schedstat") as f:
-        a, b, c = f.read().split()[:3]
-    return int(a), int(b), int(c)
 
 
 def _read_switches(pid: int) -> tuple[int, int]:
@@ -372,14 +418,6 @@ def _read_switches(pid: int) -> tuple[int, int]:
             elif line.startswith("nonvoluntary_ctxt_switches:"):
                 invol = int(line.split()[1])
     return vol, invol
-
-
-def _read_stat_processor(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        text = f.read()
-    # Fields after the parenthesised comm; "processor" is field 39 overall.
-    rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[39 - 3])
 
 
 def _read_nr_migrations(pid: int) -> int | None:
@@ -549,6 +587,8 @@ def stop(handles: list[WorkerHandle], grace: float = 2.0) -> list[WorkerStats]:
             time.sleep(0.005)
     for h in pending:
         kill_and_reap(h.pid)
+    for h in handles:
+        h.files.close()
     return [h.final for h in handles if h.final is not None]
 
 
