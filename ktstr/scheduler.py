@@ -114,9 +114,16 @@ class AttachPolicy:
 
     retries: int = 0
     transient: tuple[str, ...] = ()
+    init_cpu: int | None = None
+    """The CPU the scheduler's ops.init must run on. On kernels that run the enable in a
+    helper kthread (``scx_ops_enable_helper``, 6.12) the guest pins that kthread there
+    before each attempt it already exists for (so every retry, at least)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transient", tuple(self.transient))
+        if self.init_cpu is not None and (not isinstance(self.init_cpu, int)
+                                          or self.init_cpu < 0):
+            raise KtstrError(f"attach init_cpu must be a CPU number, got {self.init_cpu!r}")
         if not isinstance(self.retries, int) or not 0 <= self.retries <= 10:
             raise KtstrError(f"attach retries must be an integer 0..10, got {self.retries!r}")
         if self.retries and not self.transient:
@@ -268,6 +275,7 @@ class Scheduler:
             watchdog_timeout_ms=int(watchdog * 1000),
             attach_retries=self.attach.retries,
             attach_transient=list(self.attach.transient),
+            attach_init_cpu=self.attach.init_cpu,
         )
 
     def resolve_binary(self, kernel: _HasSchedulers | None = None) -> Path | None:
@@ -335,9 +343,11 @@ BUILTIN: dict[str, Scheduler] = {
             "scx_central",
             Discover("scx_central"),
             flags={"slice": FlagSpec(("-s", "5000"))},
-            # Its ops.init must run on the central CPU, but 6.12 runs it in the enable
-            # kworker wherever that is: the attach fails by chance (also under QEMU).
-            attach=AttachPolicy(retries=4, transient=(r"init from non-central CPU",)),
+            # Its ops.init must run on the central CPU (0 unless -c), but 6.12 runs it in
+            # the enable helper kthread wherever that is: the first attempt can fail, and
+            # a retry succeeds once the guest has pinned the helper to CPU 0.
+            attach=AttachPolicy(retries=4, transient=(r"init from non-central CPU",),
+                                init_cpu=0),
         ),
         Scheduler(
             "scx_flatcg",

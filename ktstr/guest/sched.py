@@ -164,6 +164,8 @@ class SchedulerProcess:
         patterns = [re.compile(p) for p in self.spec.attach_transient]
         while True:
             self._mark = len(self.kmsg.lines)
+            pinned = (pin_enable_helper(self.spec.attach_init_cpu)
+                      if self.spec.attach_init_cpu is not None else [])
             self.start()
             try:
                 state = self.wait_attached()
@@ -179,6 +181,7 @@ class SchedulerProcess:
                 transient = next((p.pattern for p in patterns if p.search(seen)), None)
                 attempts.append({"attempt": len(attempts) + 1, "kind": err.kind,
                                  "message": err.message, "transient": transient,
+                                 "enable_helper_pinned": pinned,
                                  "log_tail": str(err.details.get("log_tail", ""))[-1500:]})
                 if transient is None or len(attempts) > self.spec.attach_retries:
                     err.details["attach_attempts"] = attempts
@@ -323,6 +326,28 @@ class SchedulerControl:
             self.busy = False
         self.events.append({"t": round(time.monotonic() - self._t0, 3), "op": "attach",
                             "binary": spec.binary, "args": spec.args, "ops": state.get("ops")})
+
+
+ENABLE_HELPERS = ("scx_ops_enable_helper", "scx_enable_helper")
+"""Names of the kthread sched_ext enables a scheduler in (6.12; later kernels)."""
+
+
+def pin_enable_helper(cpu: int, proc: Path = Path("/proc")) -> list[int]:
+    """Pin sched_ext's enable helper kthread(s) to ``cpu``; the pids pinned.
+
+    The helper only exists once a scheduler has been enabled in this boot; before that
+    there is nothing to pin, and an affinity the kernel refuses is left as it was.
+    """
+    pinned: list[int] = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        if read_text(entry / "comm") not in ENABLE_HELPERS:
+            continue
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(entry.name), {cpu})
+            pinned.append(int(entry.name))
+    return pinned
 
 
 def _wait_disabled(limit_s: float) -> None:

@@ -31,6 +31,9 @@ class SchedulerSpec:
     """Restarts after a failed attach whose output matches ``attach_transient``."""
     attach_transient: list[str] = field(default_factory=list)
     """Regular expressions of attach failures the scheduler is known to hit by chance."""
+    attach_init_cpu: int | None = None
+    """Where sched_ext's enable helper kthread is pinned before an attempt (its ops.init
+    runs there on 6.12)."""
 
 
 @dataclass

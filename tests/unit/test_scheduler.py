@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,3 +194,30 @@ def test_attach_policy_survives_with_args_and_reaches_the_guest_request() -> Non
     assert back.scheduler is not None
     assert back.scheduler.attach_retries == sched.attach.retries
     assert back.scheduler.attach_transient == list(sched.attach.transient)
+
+
+def test_scx_central_pins_sched_exts_enable_helper_to_its_central_cpu(tmp_path) -> None:
+    import subprocess
+
+    from ktstr.guest.sched import pin_enable_helper
+    from ktstr.scheduler import BUILTIN, AttachPolicy, FlagProfile
+
+    spec = BUILTIN["scx_central"].guest_spec(Path("/x"), FlagProfile(()))
+    assert spec.attach_init_cpu == 0
+    assert BUILTIN["scx_simple"].guest_spec(Path("/x"), FlagProfile(())) \
+        .attach_init_cpu is None
+    with pytest.raises(KtstrError, match="CPU number"):
+        AttachPolicy(init_cpu=-1)
+    # A /proc whose one helper entry names a real task: that task gets pinned.
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / str(child.pid)).mkdir()
+        (tmp_path / str(child.pid) / "comm").write_text("scx_ops_enable_helper\n")
+        (tmp_path / "1").mkdir()
+        (tmp_path / "1" / "comm").write_text("init\n")
+        (tmp_path / "self").mkdir()
+        assert pin_enable_helper(0, tmp_path) == [child.pid]
+        assert os.sched_getaffinity(child.pid) == {0}
+    finally:
+        child.kill()
+        child.wait()
