@@ -181,6 +181,13 @@ def host_line(record: Record) -> str:
                      f"{perf.get('memory')}, exits off {perf.get('disabled_exits') or 'none'}"
                      + (f"; not given: {'; '.join(map(str, perf['missing']))}"
                         if perf.get("missing") else ""))
+    overhead = _mapping(record.get("overhead"))
+    steal = [float(v) for v in _mapping(overhead.get("steal_pct")).values()
+             if isinstance(v, int | float)]
+    if steal:
+        parts.append(f"guest steal {min(steal):.0f}-{max(steal):.0f}% per CPU")
+    if isinstance(overhead.get("harness_cpu_pct"), int | float):
+        parts.append(f"harness {overhead['harness_cpu_pct']:.0f}% of one CPU")
     return "host: " + "; ".join(parts) if parts else ""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,7 @@ def test_meter_reads_this_process_cpu_and_this_hosts_cpus():
     got = meter.read()
     assert got.harness_cpu_ms >= 45
     assert 0 < got.harness_cpu_pct <= 100 * (os.cpu_count() or 1)
-    assert set(got.steal_pct) == set(parse_proc_stat(open("/proc/stat").read()))
+    assert set(got.steal_pct) == set(parse_proc_stat(Path("/proc/stat").read_text()))
     assert got.harness_pid == os.getpid()
 
 

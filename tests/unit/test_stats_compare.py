@@ -297,3 +297,8 @@ def test_show_says_what_the_host_gave(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "host: vCPU dilation 3.0% mean, 4.0% max; performance mode: pinned to CPUs [2, 3]" \
         in out
     assert "not given: 2 MB pages: transparent hugepages are off" in out
+    rec["overhead"] = {"harness_cpu_ms": 504.3, "harness_cpu_pct": 19.5, "harness_pid": 1,
+                       "steal_pct": {"0": 48.2, "1": 50.4}}
+    write_run(tmp_path, "b", [rec])
+    assert stats(["--root", str(tmp_path), "show", "b"]) == 0
+    assert "; guest steal 48-50% per CPU; harness 20% of one CPU" in capsys.readouterr().out
