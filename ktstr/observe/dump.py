@@ -26,6 +26,8 @@ def dump_record(obs: Observation) -> dict[str, Any]:
         "final": obs.final.to_dict() if obs.final else None,
         "exit_snapshot": obs.exit_snapshot.to_dict() if obs.exit_snapshot else None,
         "stalls": [asdict(s) for s in obs.stalls.values()],
+        "vcpus": [{"vcpu": r.index, "kernel": r.kernel, "regs": r.gprs, "cs": r.cs,
+                   "stack": list(obs.vcpu_stacks.get(r.index, ()))} for r in obs.vcpu_regs],
         "last_samples": [asdict(s) for s in list(obs.samples)[-LAST_SAMPLES:]],
         "bpf_at_exit": asdict(obs.exit_bpf) if obs.exit_bpf else None,
         "bpf": asdict(obs.bpf) if obs.bpf else None,
@@ -70,6 +72,10 @@ def findings(obs: Observation) -> list[str]:
         lines.append(f"from guest memory: {s.comm}[{s.pid}] runnable on CPU {s.cpu} for "
                      f"{s.runnable_age_ms:.0f} ms without running{timeout}; "
                      f"dsq {s.dsq or 'none'}, {s.ops_state}")
+    for index, stack in sorted(obs.vcpu_stacks.items()):
+        if stack:
+            lines.append(f"from guest memory: vcpu {index} was in the kernel at "
+                         + " <- ".join(stack[:8]))
     snap = obs.exit_snapshot or obs.final
     ext = snap.sched_ext.exit if snap is not None and snap.sched_ext is not None else None
     if ext is not None:

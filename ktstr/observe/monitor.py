@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from ktstr.observe.vmcore import VmcoreStats
     from ktstr.vmm.machine import Machine
+    from ktstr.vmm.vcpu import VcpuRegs
 
 DEFAULT_INTERVAL_S = 0.1
 CPU_BUDGET = 0.02
@@ -143,6 +144,11 @@ class Observation:
     poll_s: float | None = None
     """The exit-poll interval while a scheduler was attached, at the end."""
 
+    vcpu_regs: list[VcpuRegs] = field(default_factory=list)
+    """Every vCPU's registers when the run ended hung or timed out."""
+    vcpu_stacks: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    """Per vCPU of :attr:`vcpu_regs`: where it was in the kernel (empty in user mode)."""
+
     def final_snapshot(self) -> state.Snapshot | None:
         """The frozen guest after the run, read with drgn on first use (while RAM is
         kept: before :meth:`close`); also fills :attr:`bpf`."""
@@ -153,6 +159,8 @@ class Observation:
                 if guest is not None:
                     self.final = state.snapshot(guest.prog)
                     self.bpf = read_bpf(guest.prog)
+                    self.vcpu_stacks = {r.index: state.vcpu_stack(guest.prog, r)
+                                        for r in self.vcpu_regs}
             except Exception as err:
                 self.note(f"final snapshot: {type(err).__name__}: {err}")
         return self.final
@@ -276,6 +284,7 @@ class GuestObserver:
         if obs.image is None or machine.memory is None:
             return False
         obs.memory = machine.memory
+        obs.vcpu_regs = list(machine.final_regs)
         obs.opener = self._program
         if self._guest is not None:  # drgn is open already: the snapshot is cheap
             obs.final_snapshot()

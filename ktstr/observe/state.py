@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import drgn
 
+    from ktstr.vmm.vcpu import VcpuRegs
+
 MAX_TASKS = 4096
 """Bound on the tasks walked per snapshot (a guest's task list is hostile data)."""
 MAX_STACK = 32
@@ -335,3 +337,70 @@ def snapshot(prog: drgn.Program, *, tasks: bool = True) -> Snapshot:
     return Snapshot(jiffies=int(prog["jiffies"]), hz=kernel_hz(prog), cpus=cpus,
                     sched_ext=scx, tasks=task_states, dsqs=dsqs_of(task_states, cpus),
                     problems=tuple(problems))
+
+
+# ---- stopped vCPUs ---------------------------------------------------------------------
+
+_PT_REGS = {"rax": "ax", "rbx": "bx", "rcx": "cx", "rdx": "dx", "rsi": "si", "rdi": "di",
+            "rsp": "sp", "rbp": "bp", "rip": "ip", "rflags": "flags",
+            **{f"r{n}": f"r{n}" for n in range(8, 16)}}
+"""kvm_regs names -> struct pt_regs members (x86-64)."""
+SCAN_WORDS = 2048
+THREAD_SIZE = 16 << 10
+"""Stack words read at RSP when the stack cannot be unwound (the kernel's ``?`` lines)."""
+
+
+def _where(prog: drgn.Program, pc: int, *, functions_only: bool = False) -> str | None:
+    import drgn
+
+    try:
+        sym = prog.symbol(pc)
+    except LookupError:
+        return None
+    if functions_only and sym.kind != drgn.SymbolKind.FUNC:
+        return None
+    if not sym.address <= pc < sym.address + sym.size:  # past a marker like _etext
+        return None
+    return f"{sym.name}+0x{pc - sym.address:x}"
+
+
+def vcpu_stack(prog: drgn.Program, regs: VcpuRegs) -> tuple[str, ...]:
+    """Where a stopped vCPU was in the guest kernel, innermost first.
+
+    drgn unwinds from the registers (ORC or frame pointers); where it cannot (the PC is in
+    no function), the kernel text addresses found in the words at RSP follow, marked
+    ``?`` as the kernel marks unreliable entries. Empty for a vCPU in user mode.
+    """
+    import drgn
+
+    if not regs.kernel:
+        return ()
+    value = {member: regs.gprs[name] for name, member in _PT_REGS.items()}
+    value["cs"] = regs.cs
+    frames: list[str] = []
+    try:
+        trace = prog.stack_trace(drgn.Object(prog, "struct pt_regs", value=value))
+        last_pc = None
+        for frame in list(trace)[:MAX_STACK]:
+            if frame.pc != last_pc:  # inlined callees share their caller's pc
+                frames.append(_where(prog, frame.pc) or f"0x{frame.pc:x} (in no function)")
+            last_pc = frame.pc
+    except Exception:  # drgn cannot unwind from here: the scan below is all there is
+        frames = [_where(prog, regs.rip) or f"0x{regs.rip:x} (in no function)"]
+    if len(frames) > 1:
+        return tuple(frames)
+    rsp = regs.gprs["rsp"] & ~7
+    # Up to the end of the (16 KB, aligned) kernel stack RSP is on, and no further.
+    end = min((rsp | (THREAD_SIZE - 1)) + 1, rsp + SCAN_WORDS * 8)
+    try:
+        words = prog.read(rsp, end - rsp)
+    except drgn.FaultError:
+        return tuple(frames)
+    for i in range(len(words) // 8):
+        word = int.from_bytes(words[i * 8 : i * 8 + 8], "little")
+        where = _where(prog, word, functions_only=True) if word >> 47 == 0x1FFFF else None
+        if where is not None:
+            frames.append(f"? {where}")
+        if len(frames) >= MAX_STACK:
+            break
+    return tuple(frames)

@@ -29,6 +29,7 @@ from ktstr.vmm.vcpu import (
     RunControl,
     StopReason,
     Vcpu,
+    VcpuRegs,
 )
 from ktstr.vmm.watchdog import POLL_S, ProgressWatch
 
@@ -102,6 +103,8 @@ class Machine:
         self.keep_memory = False
         """Guest RAM outlives teardown (an observer holds it: :class:`RunObserver`)."""
         self.observer_error: str | None = None
+        self.final_regs: list[VcpuRegs] = []
+        """Every stopped vCPU's registers when the run ended hung or timed out."""
         self.irqchip = irqchip
         self.ring = CoalescedRing(self.pio, self.mmio)
         try:
@@ -321,6 +324,9 @@ class Machine:
             except Exception as exc:  # a device failing here must not lose the outcome
                 drain_error = f"coalesced writes: {type(exc).__name__}: {exc}"
         duration = time.monotonic() - start
+        if self.control.reason in (StopReason.HUNG, StopReason.TIMEOUT):
+            # Where each stuck vCPU was: the observer unwinds the kernel stacks from these.
+            self.final_regs = [r for v in self.vcpus if (r := v.frozen_regs()) is not None]
         if observer is not None:
             kept = bool(self._observe(observer.stopped))
             self.keep_memory = kept and not interrupted

@@ -28,6 +28,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ktstr.vmm import kvm
 from ktstr.vmm.bus import MmioBus, PioBus
@@ -270,6 +271,36 @@ def describe_state(fd: VcpuFd) -> str:
     except OSError as err:
         lines.append(f"sregs unavailable: {err}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class VcpuRegs:
+    """A stopped vCPU's general registers (``kvm_regs`` names) and where it ran: what
+    unwinds its stack from the host (:func:`ktstr.observe.state.vcpu_stack`)."""
+
+    index: int
+    gprs: dict[str, int]
+    cs: int
+    """Code segment selector: its low two bits are the privilege level (0 = kernel)."""
+
+    @property
+    def kernel(self) -> bool:
+        return self.cs & 3 == 0
+
+    @property
+    def rip(self) -> int:
+        return self.gprs["rip"]
+
+
+def read_regs(index: int, fd: VcpuFd) -> VcpuRegs | None:
+    """The vCPU's registers, or None when KVM will not say (only from the vCPU's own
+    thread, or once that thread left KVM_RUN)."""
+    try:
+        regs, sregs = fd.get_regs(), fd.get_sregs()
+    except OSError:
+        return None
+    return VcpuRegs(index, {f[0]: int(getattr(regs, f[0])) for f in regs._fields_},
+                    int(sregs.cs.selector))
 
 
 APIC_ISR = 0x100
@@ -636,6 +667,12 @@ class Vcpu:
             return (f"{head}: thread still inside KVM_RUN (did not answer the kick); "
                     f"last exits: {last}")
         return f"{head}: {summarize_state(self.fd)}; last exits: {last}"
+
+    def frozen_regs(self) -> VcpuRegs | None:
+        """Registers at the run's end; None while the thread is still inside KVM_RUN."""
+        if self.thread is not None and self.thread.is_alive():
+            return None
+        return read_regs(self.index, self.fd)
 
     def _shutdown_detail(self) -> str:
         """A triple fault's detail. On AMD, KVM re-INITs the vCPU at the shutdown intercept

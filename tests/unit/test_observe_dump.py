@@ -70,3 +70,20 @@ def test_stats_show_and_the_report_draw_the_monitor_samples(tmp_path: Path) -> N
     times, cpus = _monitor_series({"observer": rec}) or ([], {})
     assert times == [0.1] and cpus["1"]["nr_running"] == [3.0]
     assert _monitor_series({"observer": {"samples": {"t": [], "cpus": {}}}}) is None
+
+
+def test_a_stuck_vcpus_kernel_stack_is_a_finding_and_in_the_dump(tmp_path: Path) -> None:
+    from ktstr.vmm.vcpu import VcpuRegs
+
+    obs = Observation()
+    gprs = {"rip": 0xFFFFFFFF8153D6B5, "rsp": 0xFFA0000000093EE8, "rflags": 0x246}
+    obs.vcpu_regs = [VcpuRegs(0, gprs, cs=0x10), VcpuRegs(1, {"rip": 0x7F00, "rsp": 1}, 0x33)]
+    obs.vcpu_stacks = {0: ("pv_native_safe_halt+0x17", "default_idle+0x9", "do_idle+0xba"),
+                       1: ()}
+    assert obs.vcpu_regs[0].kernel and not obs.vcpu_regs[1].kernel
+    assert findings(obs) == ["from guest memory: vcpu 0 was in the kernel at "
+                             "pv_native_safe_halt+0x17 <- default_idle+0x9 <- do_idle+0xba"]
+    data = json.loads(Path(write_dump(obs, tmp_path)["state"]).read_text())
+    assert data["vcpus"][0] == {"vcpu": 0, "kernel": True, "regs": gprs, "cs": 0x10,
+                                "stack": list(obs.vcpu_stacks[0])}
+    assert data["vcpus"][1]["kernel"] is False and data["vcpus"][1]["stack"] == []

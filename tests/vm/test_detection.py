@@ -14,12 +14,16 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ktstr.scenario import CgroupDef, CpusetSpec, ScenarioContext
 from ktstr.scenario.catalog import Params
 from ktstr.scenario.catalog import get as catalog_scenario
 from ktstr.scenario.runner import Runner
 from ktstr.testing import execute_steps, ktstr_test
+
+if TYPE_CHECKING:
+    from ktstr.runner import GuestRun
 
 
 @contextlib.contextmanager
@@ -86,3 +90,26 @@ def test_worker_outside_its_cpuset_is_detected(ctx):
         return runner.finish()
     finally:
         runner.close()
+
+
+def _stuck_vcpus_unwound(run: GuestRun) -> None:
+    """Where each vCPU of the timed-out guest was, unwound from its registers in guest RAM:
+    the idle one through the kernel's idle loop (a real unwind, not a stack scan)."""
+    obs = run.observation
+    assert obs is not None and obs.open_s is not None, obs and obs.problems
+    assert obs.final_snapshot() is not None, obs.problems
+    assert sorted(r.index for r in obs.vcpu_regs) == [0, 1], obs.vcpu_regs
+    stacks = obs.vcpu_stacks
+    idle = [s for s in stacks.values() if any(f.startswith("do_idle+") for f in s)
+            and not any(f.startswith("? ") for f in s)]
+    assert idle, stacks
+
+
+@ktstr_test(topology="1n1l2c1t", scheduler="eevdf", duration=1.0, timeout=30.0,
+            gauntlet=False, host_check=_stuck_vcpus_unwound,
+            expect_err=r"timeout: guest did not power off|no guest progress")
+def test_a_hung_guest_says_where_its_vcpus_were(ctx):
+    """A guest that never finishes: the failure says where each vCPU was in the kernel."""
+    os.sched_setaffinity(0, {0})
+    while True:
+        pass
