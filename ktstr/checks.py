@@ -332,7 +332,8 @@ def reported_checks(value: object) -> list[CheckResult] | None:
     return None
 
 
-def run_checks(value: object, checks: Checks, console_text: str) -> list[CheckResult]:
+def run_checks(value: object, checks: Checks, console_text: str,
+               retried_ejections: int = 0) -> list[CheckResult]:
     """Every check of one guest run, each evaluated once.
 
     What the scenario's return value carries is kept as it is (``execute_steps`` evaluated
@@ -345,7 +346,7 @@ def run_checks(value: object, checks: Checks, console_text: str) -> list[CheckRe
     else:
         out = reported_checks(telemetry or value) or []
     if checks.health and console_text:
-        out.extend(scheduler_health(console_text))
+        out.extend(scheduler_health(console_text, retried_ejections))
     return out
 
 
@@ -542,11 +543,12 @@ def check_bandwidth(cgroups: list[CgroupStats], limit_pct: float) -> CheckResult
 # ---- scheduler health from a console / kernel log ------------------------------------
 
 
-def scheduler_health(log_text: str) -> list[CheckResult]:
+def scheduler_health(log_text: str, retried_ejections: int = 0) -> list[CheckResult]:
     """One result per health category (:mod:`ktstr.console`), failing with the first
-    offending log line."""
+    offending log line. The first ``retried_ejections`` ejections were attach attempts the
+    scheduler's attach policy retried (recorded as such): not failures of the run."""
     lines = log_text.splitlines()
-    ejected = console.first_ejection(lines)
+    ejected = console.first_ejection(lines, skip=retried_ejections)
     out = [CheckResult(
         "sched_ext_ejected", ejected is None, 1 if ejected else 0, 0,
         f"the kernel ejected the BPF scheduler: {ejected}" if ejected

@@ -9,6 +9,7 @@ the guest imports it.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -111,10 +112,11 @@ def is_ejection(reason: str) -> bool:
     return reason not in NOT_EJECTED
 
 
-def first_ejection(text: str | Sequence[str]) -> str | None:
-    """The first console line where the kernel ejected a scheduler, stripped; None if none."""
-    return next((line.strip() for line, ev in _events(_lines(text))
-                 if is_ejection(ev["reason"])), None)
+def first_ejection(text: str | Sequence[str], skip: int = 0) -> str | None:
+    """The first console line where the kernel ejected a scheduler, stripped; None if none.
+    The first ``skip`` ejections are passed over (attach attempts that were retried)."""
+    found = (line.strip() for line, ev in _events(_lines(text)) if is_ejection(ev["reason"]))
+    return next(itertools.islice(found, skip, None), None)
 
 
 def last_ejection(text: str | Sequence[str]) -> str | None:

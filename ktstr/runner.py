@@ -171,6 +171,14 @@ class GuestRun:
         return list(attempts) if isinstance(attempts, list) else []
 
     @property
+    def retried_ejections(self) -> int:
+        """Attach attempts the kernel ejected and the attach policy then retried (not the
+        last one of an attach that failed for good)."""
+        attached = any(m.get("type") == "sched_attached" for m in self.messages)
+        attempts = self.attach_attempts if attached else self.attach_attempts[:-1]
+        return sum(a.get("kind") == "scheduler_ejected" for a in attempts)
+
+    @property
     def ok(self) -> bool:
         return self.failure is None
 

@@ -178,7 +178,7 @@ def guest_checks(plan: RunPlan, run: GuestRun) -> list[CheckResult]:
     sustained-window checks over guest memory (:mod:`ktstr.observe.health`)."""
     from ktstr.observe.health import monitor_checks
 
-    return [*run_checks(run.result, plan.checks, run.vm.console),
+    return [*run_checks(run.result, plan.checks, run.vm.console, run.retried_ejections),
             *monitor_checks(run.observation, plan.checks)]
 
 

@@ -183,3 +183,23 @@ def test_inconclusive_repeats_combine_to_inconclusive_and_its_message_starts_wit
     both = [Attempt(verdict, idle, 0.0, 1.0), Attempt(verdict, idle, 1.0, 2.0)]
     assert combined_verdict(both)[0].status == "inconclusive"
     assert format_failure("t [x]", verdict, idle, None).startswith("inconclusive: ")
+
+
+def test_an_attach_attempt_the_policy_retried_is_not_an_ejection_of_the_run() -> None:
+    text = ('sched_ext: BPF scheduler "central" disabled (scx_bpf_error)\n'
+            "sched_ext: central: init from non-central CPU\n"
+            'sched_ext: BPF scheduler "central" enabled\n')
+    attempt = {"attempt": 1, "kind": "scheduler_ejected", "transient": "init from non-central"}
+    attached = {"type": "sched_attached", "state": {"state": "enabled", "attempts": [attempt]}}
+    run = collect([(0.0, {"type": "hello"}), (0.1, attached),
+                   (0.5, {"type": "result", "value": None}), (1.0, {"type": "end",
+                                                                     "exit_code": 0})],
+                  [], vm(text), BASE, 0, scenario_mode=True)
+    assert run.retried_ejections == 1
+    assert {c.name: c for c in scheduler_health(text, run.retried_ejections)}[
+        "sched_ext_ejected"].passed
+    # A later ejection, after the retried one, still fails the run's health.
+    again = text + 'sched_ext: BPF scheduler "central" disabled (runtime error)\n'
+    health = {c.name: c for c in scheduler_health(again, run.retried_ejections)}
+    assert not health["sched_ext_ejected"].passed
+    assert "(runtime error)" in health["sched_ext_ejected"].message
