@@ -434,8 +434,10 @@ class GuestObserver:
                 self._sample_maps(guest.prog, now)
                 if now >= self._next_progs:
                     self._next_progs = now + PROGS_EVERY_S
-                    with contextlib.suppress(Exception):  # being unloaded: keep the last
+                    try:
                         obs.progs = read_progs(guest.prog)
+                    except Exception as err:  # being unloaded: keep the last, say why
+                        obs.note(f"BPF programs: {type(err).__name__}: {err}")
 
     def _sample_maps(self, prog: Any, now: float) -> None:
         try:
