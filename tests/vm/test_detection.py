@@ -107,7 +107,7 @@ def _stuck_vcpus_unwound(run: GuestRun) -> None:
 
 @ktstr_test(topology="1n1l2c1t", scheduler="eevdf", duration=1.0, timeout=30.0,
             gauntlet=False, host_check=_stuck_vcpus_unwound,
-            expect_err=r"timeout: guest did not power off|no guest progress")
+            expect_err=r"guest did not power off within|no guest progress for")
 def test_a_hung_guest_says_where_its_vcpus_were(ctx):
     """A guest that never finishes: the failure says where each vCPU was in the kernel."""
     os.sched_setaffinity(0, {0})
