@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from ktstr.observe.btf import Btf, BtfError, Rendered, parse_btf, render
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import drgn
 
 MAX_ENTRIES = 32
@@ -120,16 +122,17 @@ def _typed(btf: Btf | None, type_id: int, data: bytes) -> Rendered:
     return render(btf, type_id, data)
 
 
-def read_maps(prog: drgn.Program, *, names: set[str] | None = None,
+def read_maps(prog: drgn.Program, *, keep: Callable[[str], bool] | None = None,
               entries: bool = True) -> tuple[BpfMapInfo, ...]:
-    """Every map (or those named in ``names``), with up to :data:`MAX_ENTRIES` entries."""
+    """Every map (or those whose name ``keep`` accepts: the others' entries are never
+    read), with up to :data:`MAX_ENTRIES` entries."""
     from drgn.helpers.linux.bpf import bpf_map_for_each
 
     btfs: dict[int, Btf | None] = {}
     out = []
     for m in bpf_map_for_each(prog):
         name = m.name.string_().decode(errors="replace")
-        if names is not None and name not in names:
+        if keep is not None and not keep(name):
             continue
         kind = _enum(m.map_type)
         info = BpfMapInfo(id=int(m.id), name=name, type=kind, key_size=int(m.key_size),

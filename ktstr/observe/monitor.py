@@ -431,17 +431,18 @@ class GuestObserver:
             self._next_maps = now + MAPS_EVERY_S
             guest = self._program()
             if guest is not None:
-                self._sample_maps(guest.prog, now)
+                # Programs first: cheap, and what a short run (the verifier's) needs.
                 if now >= self._next_progs:
                     self._next_progs = now + PROGS_EVERY_S
                     try:
                         obs.progs = read_progs(guest.prog)
                     except Exception as err:  # being unloaded: keep the last, say why
                         obs.note(f"BPF programs: {type(err).__name__}: {err}")
+                self._sample_maps(guest.prog, now)
 
     def _sample_maps(self, prog: Any, now: float) -> None:
         try:
-            maps = [m for m in read_maps(prog) if watched(m.name, self.watch_maps)]
+            maps = list(read_maps(prog, keep=lambda name: watched(name, self.watch_maps)))
         except Exception as err:  # a map freed under us: next time
             self.observation.note(f"watched maps: {type(err).__name__}: {err}")
             return
