@@ -6,9 +6,12 @@ plumbing (fds, RAM, buses, vCPU threads, timeout, teardown) is the Machine's.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,34 @@ QUIET_CMDLINE = "quiet loglevel=5"
 and worse still reach the console (``WARNING: CPU:``, BUG, Oops, panics, sched_ext errors)."""
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
 CONSOLE_TAIL_BYTES = 4000
+SWITCH_INTERVAL_S = 0.0005
+"""Python's GIL switch interval while a VM runs (default 5 ms). Every vCPU exit we handle
+needs the GIL; a thread computing in Python (the observer's drgn reads) keeps it until
+the interval ends, and console output is two exits per byte, often with the guest's
+interrupts off (``benchmarks/gil_latency.py``)."""
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+@contextlib.contextmanager
+def gil_switch_interval(seconds: float) -> Iterator[None]:
+    """Python's switch interval at most ``seconds`` while any VM of this process runs."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+        _switch_users += 1
+        sys.setswitchinterval(min(seconds, _switch_saved))
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
+
+
 DEFAULT_STALL_S = 30.0
 """A Linux guest delivers timer interrupts many times a second, whatever its tasks do: this
 long without any progress at all (:mod:`ktstr.vmm.watchdog`) means it is hung."""
@@ -194,6 +225,7 @@ class Vm:
         self.cmdline = " ".join(filter(None, [base, cmdline_extra.strip()]))
         self.machine: Machine | None = None
         self._ran = False
+        self.switch_interval_s = SWITCH_INTERVAL_S
 
     # --- assembly ---
 
@@ -374,9 +406,10 @@ class Vm:
             machine = self._build()
             start = time.monotonic()
             com1 = self.com1
-            outcome = machine.run(self.timeout, stall_s=self.stall_timeout,
-                                  progress=lambda: com1.buffered + com1.dropped,
-                                  observer=self.observer)
+            with gil_switch_interval(self.switch_interval_s):
+                outcome = machine.run(self.timeout, stall_s=self.stall_timeout,
+                                      progress=lambda: com1.buffered + com1.dropped,
+                                      observer=self.observer)
             return self._result(outcome, start)
         finally:
             self.close()
