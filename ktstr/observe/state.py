@@ -346,8 +346,9 @@ _PT_REGS = {"rax": "ax", "rbx": "bx", "rcx": "cx", "rdx": "dx", "rsi": "si", "rd
             **{f"r{n}": f"r{n}" for n in range(8, 16)}}
 """kvm_regs names -> struct pt_regs members (x86-64)."""
 SCAN_WORDS = 2048
-THREAD_SIZE = 16 << 10
 """Stack words read at RSP when the stack cannot be unwound (the kernel's ``?`` lines)."""
+THREAD_SIZE = 16 << 10
+"""x86-64 kernel stacks: 16 KB, aligned to their size (without KASAN)."""
 
 
 def _where(prog: drgn.Program, pc: int, *, functions_only: bool = False) -> str | None:
