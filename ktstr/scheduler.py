@@ -10,12 +10,13 @@ gauntlet ids and result sidecars are deterministic.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -137,13 +138,49 @@ class AttachPolicy:
 
 
 @dataclass(frozen=True)
+class KnownIssue:
+    """A failure this scheduler is known to produce: a bug of its own (or of the kernel it
+    ships with) that a test rightly catches, documented where ``reason`` says.
+
+    A failed test whose failure text matches ``pattern`` (a regular expression, searched
+    in what failed the run: the guest's classified failure with the scheduler's exit
+    report, else the failed checks), on a test whose name matches one of ``tests``
+    (``fnmatch`` globs; empty: any test), is reported as an expected failure that names
+    the issue: never a pass, and never a hidden one. Any other failure fails as usual.
+    """
+
+    pattern: str
+    reason: str
+    tests: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tests", tuple(self.tests))
+        if not self.reason.strip():
+            raise KtstrError("a known issue needs its reason (what the bug is, where it is "
+                             "documented)")
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise KtstrError(f"known issue pattern {self.pattern!r}: {err}") from None
+
+    def matches(self, test_name: str, failure: str) -> bool:
+        """Whether ``failure`` of test ``test_name`` (its name, parameters included) is
+        this issue."""
+        base = test_name.split("[", 1)[0]
+        if self.tests and not any(fnmatch.fnmatchcase(base, glob) for glob in self.tests):
+            return False
+        return re.search(self.pattern, failure) is not None
+
+
+@dataclass(frozen=True)
 class Scheduler:
     """A scheduler under test.
 
     ``checks`` (a :class:`ktstr.checks.Checks`) overrides the default
     thresholds for every test run under this scheduler; a test's own
     ``checks=`` wins over it. ``watchdog_timeout`` is handed to the guest,
-    which applies it to the kernel's sched_ext watchdog.
+    which applies it to the kernel's sched_ext watchdog. ``known_issues`` are its
+    documented bugs that tests catch (:class:`KnownIssue`).
     """
 
     name: str
@@ -155,9 +192,11 @@ class Scheduler:
     checks: Checks | Mapping[str, Any] | None = None
     watchdog_timeout: float = DEFAULT_WATCHDOG_TIMEOUT
     attach: AttachPolicy = field(default_factory=AttachPolicy)
+    known_issues: tuple[KnownIssue, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "args", tuple(self.args))
+        object.__setattr__(self, "known_issues", tuple(self.known_issues))
         object.__setattr__(self, "kargs", tuple(self.kargs))
         object.__setattr__(self, "flags", dict(self.flags))
         object.__setattr__(self, "sysctls", {str(k): str(v) for k, v in self.sysctls.items()})
@@ -199,6 +238,8 @@ class Scheduler:
                     raise KtstrError(f"scheduler {self.name}: flag {flag!r} requires itself")
         if not isinstance(self.attach, AttachPolicy):
             raise KtstrError(f"scheduler {self.name}: attach must be an AttachPolicy")
+        if not all(isinstance(k, KnownIssue) for k in self.known_issues):
+            raise KtstrError(f"scheduler {self.name}: known_issues must be KnownIssue(...)s")
         if self.binary is EEVDF and self.flags:
             raise KtstrError(
                 f"scheduler {self.name}: the kernel's built-in scheduler takes no flags"
@@ -249,17 +290,11 @@ class Scheduler:
 
     def with_args(self, *extra: str, name: str | None = None) -> Scheduler:
         """A copy with extra fixed arguments (e.g. fault knobs for negative tests)."""
-        return Scheduler(
-            name=name or self.name,
-            binary=self.binary,
-            args=(*self.args, *extra),
-            flags=self.flags,
-            sysctls=self.sysctls,
-            kargs=self.kargs,
-            checks=self.checks,
-            watchdog_timeout=self.watchdog_timeout,
-            attach=self.attach,
-        )
+        return replace(self, name=name or self.name, args=(*self.args, *extra))
+
+    def known_issue(self, test_name: str, failure: str) -> KnownIssue | None:
+        """The first of :attr:`known_issues` that ``failure`` of ``test_name`` is."""
+        return next((k for k in self.known_issues if k.matches(test_name, failure)), None)
 
     def guest_spec(self, binary: Path, profile: FlagProfile, *, extra_args: Sequence[str] = (),
                    watchdog_timeout: float | None = None) -> SchedulerSpec:
@@ -348,11 +383,25 @@ BUILTIN: dict[str, Scheduler] = {
             # a retry succeeds once the guest has pinned the helper to CPU 0.
             attach=AttachPolicy(retries=4, transient=(r"init from non-central CPU",),
                                 init_cpu=0),
+            known_issues=(KnownIssue(
+                r"SCX_DSQ_LOCAL\[_ON\] cannot move migration disabled",
+                "dispatch_to_cpu() sends a task to SCX_DSQ_LOCAL_ON | cpu after checking "
+                "only p->cpus_ptr, which a migration-disabled task still shows whole until "
+                "it is switched out; the kernel then ejects the scheduler (kernel/sched/"
+                "ext.c, task_can_run_on_remote_rq: 'the BPF scheduler failing to check "
+                "migration disabled state')"),),
         ),
         Scheduler(
             "scx_flatcg",
             Discover("scx_flatcg"),
             flags={"fifo": FlagSpec(("-f",))},
+            known_issues=(KnownIssue(
+                r"runnable task stall",
+                "fcg_enqueue() puts every task with a narrowed cpumask on FALLBACK_DSQ, "
+                "which fcg_dispatch() consumes before any cgroup's queue: CPU-bound pinned "
+                "tasks keep the CPUs and the cgroups' tasks starve (scx_flatcg.bpf.c: 'This "
+                "is ham-fisted')",
+                tests=("test_affinity",)),),
         ),
     )
 }

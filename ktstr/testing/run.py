@@ -47,9 +47,10 @@ itself is :meth:`ktstr.topology.Topology.default_memory_mb`."""
 @dataclass
 class Verdict:
     passed: bool
-    status: str  # pass | fail | error | inconclusive
+    status: str  # pass | fail | error | inconclusive | known_issue
     """``inconclusive``: the run produced no signal to judge the scheduler by
-    (:func:`no_signal`); never a pass, whatever ``expect_err`` says."""
+    (:func:`no_signal`); never a pass, whatever ``expect_err`` says. ``known_issue``: it
+    failed as one of the scheduler's documented bugs (:func:`as_known_issue`)."""
     reason: str
     checks: list[CheckResult] = field(default_factory=list)
 
@@ -214,6 +215,19 @@ def no_signal(run: GuestRun) -> str | None:
     return None
 
 
+KNOWN_ISSUE = "known_issue"
+
+
+def failure_text(run: GuestRun, failed: Sequence[CheckResult]) -> str:
+    """What failed the run, and only that: the guest's classified failure with the
+    scheduler's exit report, or (if the guest run itself was fine) the failed checks. The
+    console (``GuestRun.console_tail``) is not part of it: unrelated noise there must not
+    match an expectation."""
+    if not run.ok:
+        return f"{run.failure}\n{run.message}"
+    return "\n".join(c.reason() for c in failed)
+
+
 def judge(run: GuestRun, checks: Sequence[CheckResult], expect_err: bool | str) -> Verdict:
     """Pass/fail from the guest run and the check results; ``expect_err`` inverts it
     (but never a failed ``host_check``: the test's own assertion stands as written)."""
@@ -231,21 +245,13 @@ def judge(run: GuestRun, checks: Sequence[CheckResult], expect_err: bool | str) 
         reason = ""
     run_failed = bool(reason)
     if expect_err:
-        if run_failed and isinstance(expect_err, str):
-            # Match what failed the run, and only that: the guest's classified failure
-            # with the scheduler's exit report, or (if the guest run itself was fine)
-            # the failed checks. The console (GuestRun.console_tail) is not part of it:
-            # unrelated noise there must not satisfy the expectation.
-            if not run.ok:
-                text = f"{run.failure}\n{run.message}"
-            else:
-                text = "\n".join(c.reason() for c in failed)
-            if not re.search(expect_err, text, re.IGNORECASE):
-                return Verdict(
-                    False, "fail",
-                    f"failed, but not as expected (wanted /{expect_err}/): {reason}",
-                    list(checks),
-                )
+        if (run_failed and isinstance(expect_err, str)
+                and not re.search(expect_err, failure_text(run, failed), re.IGNORECASE)):
+            return Verdict(
+                False, "fail",
+                f"failed, but not as expected (wanted /{expect_err}/): {reason}",
+                list(checks),
+            )
         if run_failed:
             return Verdict(True, "pass", f"failed as expected ({reason})", list(checks))
         return Verdict(
@@ -256,6 +262,21 @@ def judge(run: GuestRun, checks: Sequence[CheckResult], expect_err: bool | str) 
     if run_failed:
         return Verdict(False, "fail" if run.ok or failed else "error", reason, list(checks))
     return Verdict(True, "pass", "", list(checks))
+
+
+def as_known_issue(verdict: Verdict, run: GuestRun, scheduler: Scheduler,
+                   test_name: str) -> Verdict:
+    """``verdict`` as a ``known_issue`` when its failure is one the scheduler documents
+    (:class:`ktstr.scheduler.KnownIssue`); any other verdict as it is."""
+    if verdict.status not in ("fail", "error"):
+        return verdict
+    failed = [c for c in verdict.checks if not c.passed]
+    issue = scheduler.known_issue(test_name, failure_text(run, failed))
+    if issue is None:
+        return verdict
+    first = verdict.reason.strip().splitlines()[0][:300] if verdict.reason.strip() else ""
+    return Verdict(False, KNOWN_ISSUE, f"known issue of {scheduler.name}: {issue.reason} "
+                   f"(this run: {first})", verdict.checks)
 
 
 def format_failure(title: str, verdict: Verdict, run: GuestRun, sidecar: Path | None) -> str:
@@ -325,6 +346,7 @@ def combined_verdict(attempts: Sequence[Attempt]) -> tuple[Verdict, int]:
     more = f"; {len(failed) - MAX_REASONS} more" if len(failed) > MAX_REASONS else ""
     statuses = {attempts[i].verdict.status for i in failed}
     status = ("inconclusive" if statuses == {"inconclusive"}
+              else KNOWN_ISSUE if statuses == {KNOWN_ISSUE}
               else "error" if "error" in statuses else "fail")
     reason = f"repeat(s) {which} of {len(attempts)} failed: {reasons}{more}"
     return Verdict(False, status, reason, attempts[failed[0]].verdict.checks), failed[0]
@@ -347,7 +369,8 @@ def run_once(plan: RunPlan) -> Attempt:
             dumped = True
         if plan.spec.host_check is not None:
             checks.append(host_check(plan.spec.host_check, run))
-        verdict = judge(run, checks, plan.spec.expect_err)
+        verdict = as_known_issue(judge(run, checks, plan.spec.expect_err), run,
+                                 plan.scheduler, plan.test_id.rsplit("::", 1)[-1])
         probes = None
         if not verdict.passed:
             if not dumped and run.observation is not None:

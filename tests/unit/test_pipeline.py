@@ -203,3 +203,57 @@ def test_an_attach_attempt_the_policy_retried_is_not_an_ejection_of_the_run() ->
     health = {c.name: c for c in scheduler_health(again, run.retried_ejections)}
     assert not health["sched_ext_ejected"].passed
     assert "(runtime error)" in health["sched_ext_ejected"].message
+
+
+def test_a_documented_scheduler_bug_is_a_known_issue_never_a_pass() -> None:
+    from ktstr.checks import CheckResult
+    from ktstr.testing.run import KNOWN_ISSUE, Attempt, as_known_issue, combined_verdict
+
+    central = BUILTIN["scx_central"]
+    ejected = GuestRun(vm(), BASE, failure="scheduler_ejected",
+                       message="runtime error: SCX_DSQ_LOCAL[_ON] cannot move migration "
+                               "disabled init[86] from CPU 1 to 0")
+    known = as_known_issue(judge(ejected, [], False), ejected, central, "test_mixed[x]")
+    assert (known.passed, known.status) == (False, KNOWN_ISSUE)
+    assert "known issue of scx_central: dispatch_to_cpu()" in known.reason
+    assert "cannot move migration disabled init[86]" in known.reason
+    # Another failure of the same scheduler stays a failure; so does the same text under
+    # a scheduler that does not document it.
+    other = GuestRun(vm(), BASE, failure="scheduler_ejected", message="runnable task stall")
+    assert as_known_issue(judge(other, [], False), other, central, "t").status == "error"
+    simple = BUILTIN["scx_simple"]
+    assert as_known_issue(judge(ejected, [], False), ejected, simple, "t").status == "error"
+    # flatcg's starvation of cgroup tasks by pinned ones is known only where tasks are pinned.
+    flatcg = BUILTIN["scx_flatcg"]
+    stall = GuestRun(vm(), BASE, failure="scheduler_ejected",
+                     message="runnable task stall: rcu_sched[14] failed to run for 11.2s")
+    assert as_known_issue(judge(stall, [], False), stall, flatcg,
+                          "test_affinity").status == KNOWN_ISSUE
+    assert as_known_issue(judge(stall, [], False), stall, flatcg,
+                          "test_steady[1n1l4c1t]").status == "error"
+    # A passing run stays a pass; a failed check can be a known issue too.
+    fine = GuestRun(vm(), BASE)
+    assert as_known_issue(judge(fine, [], False), fine, central, "t").passed
+    check = CheckResult("sched_ext_ejected", False,
+                        message="SCX_DSQ_LOCAL[_ON] cannot move migration disabled x[1]")
+    assert as_known_issue(judge(fine, [check], False), fine, central, "t").status == KNOWN_ISSUE
+    # Repeats: all known -> known; known beside a plain failure -> the failure.
+    k = Attempt(known, ejected, 0.0, 1.0)
+    f = Attempt(judge(other, [], False), other, 1.0, 2.0)
+    assert combined_verdict([k, k])[0].status == KNOWN_ISSUE
+    assert combined_verdict([k, f])[0].status == "error"
+
+
+def test_a_known_issue_is_validated_where_it_is_declared() -> None:
+    from ktstr.errors import KtstrError
+    from ktstr.scheduler import KnownIssue, Scheduler
+
+    with pytest.raises(KtstrError, match="needs its reason"):
+        KnownIssue("stall", " ")
+    with pytest.raises(KtstrError, match="known issue pattern"):
+        KnownIssue("(", "why")
+    with pytest.raises(KtstrError, match="known_issues must be KnownIssue"):
+        Scheduler("s", known_issues=("stall",))  # type: ignore[arg-type]
+    # with_args keeps them (negative tests build on the built-ins).
+    assert BUILTIN["scx_central"].with_args("-v").known_issues == \
+        BUILTIN["scx_central"].known_issues
