@@ -161,21 +161,28 @@ class GuestRun:
     """The guest's trace (``GuestRequest.trace``), reassembled."""
 
     @property
-    def attach_attempts(self) -> list[dict[str, Any]]:
-        """Failed scheduler attach attempts (:class:`ktstr.scheduler.AttachPolicy`)."""
+    def attached_state(self) -> dict[str, Any] | None:
+        """The guest's ``sched_attached`` report (the scheduler attached), or None."""
         for m in self.messages:
             if m.get("type") == "sched_attached" and isinstance(m.get("state"), dict):
-                attempts = m["state"].get("attempts")
-                return list(attempts) if isinstance(attempts, list) else []
-        attempts = self.details.get("attach_attempts")
+                return dict(m["state"])
+        return None
+
+    @property
+    def attach_attempts(self) -> list[dict[str, Any]]:
+        """Failed scheduler attach attempts (:class:`ktstr.scheduler.AttachPolicy`)."""
+        state = self.attached_state
+        attempts = (state.get("attempts") if state is not None
+                    else self.details.get("attach_attempts"))
         return list(attempts) if isinstance(attempts, list) else []
 
     @property
     def retried_ejections(self) -> int:
         """Attach attempts the kernel ejected and the attach policy then retried (not the
         last one of an attach that failed for good)."""
-        attached = any(m.get("type") == "sched_attached" for m in self.messages)
-        attempts = self.attach_attempts if attached else self.attach_attempts[:-1]
+        attempts = self.attach_attempts
+        if self.attached_state is None:
+            attempts = attempts[:-1]
         return sum(a.get("kind") == "scheduler_ejected" for a in attempts)
 
     @property
