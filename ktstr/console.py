@@ -119,10 +119,13 @@ def first_ejection(text: str | Sequence[str], skip: int = 0) -> str | None:
     return next(itertools.islice(found, skip, None), None)
 
 
-def last_ejection(text: str | Sequence[str]) -> str | None:
+def last_ejection(text: str | Sequence[str], skip: int = 0) -> str | None:
     """How the kernel's last disable record ejected the scheduler, or None when the last one
-    was no ejection (or there is none): the cause of a guest that never finished."""
+    was no ejection (or there is none): the cause of a guest that never finished. The first
+    ``skip`` ejections (attach attempts that were retried) are not records of the run."""
     events = disabled_events(_lines(text))
+    retried = set([i for i, ev in enumerate(events) if is_ejection(ev["reason"])][:skip])
+    events = [ev for i, ev in enumerate(events) if i not in retried]
     if not events or not is_ejection(events[-1]["reason"]):
         return None
     return f"scheduler {events[-1]['name']!r} was ejected ({exit_text(events[-1])})"

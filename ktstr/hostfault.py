@@ -12,11 +12,18 @@ VM, and every lost run is recorded in the sidecar and shown in the report, never
 over silently. (Losses come in bursts: one sandbox lost a 4-vCPU boot twice in a row at
 the same boot stage, and a 16-vCPU QEMU microvm boot beside ours, and then itself.) On a
 real KVM host the same outcome is a failure like any other.
+
+A third form: a run that hung or timed out with a vCPU found spinning in kernel mode in
+the int3 padding between the kernel's text sections (an address inside ``_stext``..
+``_etext`` that no function covers), and no crash line. Guest code that jumps there
+executes an ``int3`` at once, and the kernel's #BP handler prints an oops; a vCPU that
+stays there silently, inside KVM_RUN with no exit, is an instruction fetch the emulated
+host never completes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -29,13 +36,17 @@ T = TypeVar("T")
 
 F_TRIPLE_FAULT = "triple_fault"
 F_HUNG = "hung"
+F_STUCK_VCPU = "stuck_vcpu"
 HOST_FAULT_KINDS = frozenset({F_TRIPLE_FAULT, F_HUNG})
+STUCK_VCPU_KINDS = frozenset({F_HUNG, "timeout"})
+"""Failure kinds a vCPU stuck outside kernel code (:data:`F_STUCK_VCPU`) explains."""
 SANDBOX_RETRIES = 2
 """Fresh-VM reruns of a test whose run ended in a host fault, in the sandbox."""
 GUEST_CRASH_MARKERS = ("Kernel panic", "Oops:", "BUG: ", "general protection fault",
                        "soft lockup", "hard LOCKUP", "rcu_sched detected stalls",
-                       "rcu: INFO:", "sched_ext: BPF scheduler")
-"""Console lines that put a failure on the guest: a host fault is only a run without them."""
+                       "rcu: INFO:")
+"""Console lines that put a failure on the guest: a host fault is only a run without them
+(nor a scheduler ejection the attach policy did not retry)."""
 
 
 @dataclass(frozen=True)
@@ -49,14 +60,34 @@ class HostFault:
         return f"{self.kind}: {self.detail}"
 
 
-def host_fault(failure_kind: str | None, message: str, console: str) -> HostFault | None:
-    """The host fault this failed run shows, or None when the guest may be at fault."""
-    if failure_kind not in HOST_FAULT_KINDS:
+def guest_crashed(console: str, retried_ejections: int = 0) -> bool:
+    """Whether the guest's kernel said what went wrong: a crash line, or an ejection of
+    the scheduler beyond the ``retried_ejections`` its attach policy retried."""
+    from ktstr.console import first_ejection
+
+    return (any(marker in console for marker in GUEST_CRASH_MARKERS)
+            or first_ejection(console, skip=retried_ejections) is not None)
+
+
+def host_fault(failure_kind: str | None, message: str, console: str, *,
+               retried_ejections: int = 0,
+               vcpu_stacks: Mapping[int, Sequence[str]] | None = None) -> HostFault | None:
+    """The host fault this failed run shows, or None when the guest may be at fault.
+    ``vcpu_stacks`` (``Observation.vcpu_stacks``: innermost frame first) can show a
+    vCPU stuck outside kernel code (:data:`F_STUCK_VCPU`)."""
+    if guest_crashed(console, retried_ejections):
         return None
-    if any(marker in console for marker in GUEST_CRASH_MARKERS):
-        return None
-    first = message.strip().splitlines()[0] if message.strip() else failure_kind
-    return HostFault(failure_kind, first[:300])
+    if failure_kind in HOST_FAULT_KINDS:
+        first = message.strip().splitlines()[0] if message.strip() else failure_kind
+        return HostFault(failure_kind, first[:300])
+    if failure_kind in STUCK_VCPU_KINDS and vcpu_stacks:
+        from ktstr.observe.state import TEXT_PADDING
+
+        for index, stack in sorted(vcpu_stacks.items()):
+            if stack and stack[0].endswith(TEXT_PADDING):
+                return HostFault(F_STUCK_VCPU, f"{failure_kind}: vcpu {index} spun in kernel "
+                                 f"mode at {stack[0]}, with no oops")
+    return None
 
 
 F_INCONCLUSIVE = "inconclusive"

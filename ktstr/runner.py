@@ -409,7 +409,7 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: V
                        f"{vm.detail}")
         run.console_tail = vm.console_tail
     elif (end is None or vm.timed_out) and (
-            ejection := console.last_ejection(vm.console)) is not None:
+            ejection := console.last_ejection(vm.console, run.retried_ejections)) is not None:
         # The kernel ejected the scheduler and the guest never finished: the ejection is the
         # cause (e.g. init itself was the stalled task), not the missing end marker.
         run.failure, run.message = F_EJECTED, f"{ejection}; the guest did not finish"

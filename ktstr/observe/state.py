@@ -349,6 +349,11 @@ SCAN_WORDS = 2048
 """Stack words read at RSP when the stack cannot be unwound (the kernel's ``?`` lines)."""
 THREAD_SIZE = 16 << 10
 """x86-64 kernel stacks: 16 KB, aligned to their size (without KASAN)."""
+NO_FUNCTION = "(in no function)"
+"""How a stack frame at an address no kernel function covers ends."""
+TEXT_PADDING = "(kernel text padding)"
+"""How it ends when that address is inside the kernel's own text (``_stext``..``_etext``):
+the int3 filler between sections, where no code runs."""
 
 
 def _where(prog: drgn.Program, pc: int, *, functions_only: bool = False) -> str | None:
@@ -363,6 +368,18 @@ def _where(prog: drgn.Program, pc: int, *, functions_only: bool = False) -> str 
     if not sym.address <= pc < sym.address + sym.size:  # past a marker like _etext
         return None
     return f"{sym.name}+0x{pc - sym.address:x}"
+
+
+def _frame(prog: drgn.Program, pc: int) -> str:
+    """``function+0xoff``, or the address marked :data:`TEXT_PADDING` or :data:`NO_FUNCTION`."""
+    where = _where(prog, pc)
+    if where is not None:
+        return where
+    try:
+        in_text = prog.symbol("_stext").address <= pc < prog.symbol("_etext").address
+    except LookupError:
+        in_text = False
+    return f"0x{pc:x} {TEXT_PADDING if in_text else NO_FUNCTION}"
 
 
 def vcpu_stack(prog: drgn.Program, regs: VcpuRegs) -> tuple[str, ...]:
@@ -384,10 +401,10 @@ def vcpu_stack(prog: drgn.Program, regs: VcpuRegs) -> tuple[str, ...]:
         last_pc = None
         for frame in list(trace)[:MAX_STACK]:
             if frame.pc != last_pc:  # inlined callees share their caller's pc
-                frames.append(_where(prog, frame.pc) or f"0x{frame.pc:x} (in no function)")
+                frames.append(_frame(prog, frame.pc))
             last_pc = frame.pc
     except Exception:  # drgn cannot unwind from here: the scan below is all there is
-        frames = [_where(prog, regs.rip) or f"0x{regs.rip:x} (in no function)"]
+        frames = [_frame(prog, regs.rip)]
     if len(frames) > 1:
         return tuple(frames)
     rsp = regs.gprs["rsp"] & ~7

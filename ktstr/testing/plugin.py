@@ -449,7 +449,9 @@ def _attempt_fault(attempt: Attempt) -> hostfault.HostFault | None:
     if attempt.verdict.passed:
         return None
     guest = attempt.run
-    return (hostfault.host_fault(guest.failure, guest.message, guest.vm.console)
+    stacks = guest.observation.vcpu_stacks if guest.observation is not None else None
+    return (hostfault.host_fault(guest.failure, guest.message, guest.vm.console,
+                                 retried_ejections=guest.retried_ejections, vcpu_stacks=stacks)
             or hostfault.inconclusive_fault(attempt.verdict.status, attempt.verdict.reason))
 
 

@@ -73,3 +73,32 @@ def test_an_inconclusive_run_is_lost_even_with_a_stall_on_its_console() -> None:
     assert not should_retry(fault, 0, emulated=False)  # on real KVM it stands
     for status in ("fail", "error", "pass"):
         assert inconclusive_fault(status, "x") is None
+
+
+def test_a_vcpu_spinning_in_kernel_text_padding_without_an_oops_is_a_host_fault() -> None:
+    padding = {0: ("0xffffffff816808d0 (kernel text padding)", "__schedule+0x5c9"),
+               1: ("lapic_next_deadline+0x21",)}
+    fault = host_fault("timeout", "guest did not power off", "", vcpu_stacks=padding)
+    assert fault is not None and fault.kind == "stuck_vcpu"
+    assert "vcpu 0 spun in kernel mode at 0xffffffff816808d0" in fault.detail
+    assert host_fault("hung", "no guest progress", "", vcpu_stacks=padding) is not None
+    # Not when the guest oopsed, when the PC is merely unknown (a BPF program, a module),
+    # or when the run failed some other way.
+    assert host_fault("timeout", "x", "Oops: int3", vcpu_stacks=padding) is None
+    assert host_fault("timeout", "x", "", vcpu_stacks={0: ("0xffffffffa0001000 (in no "
+                                                          "function)",)}) is None
+    assert host_fault("scheduler_ejected", "x", "", vcpu_stacks=padding) is None
+    assert host_fault("timeout", "x", "", vcpu_stacks={}) is None
+
+
+def test_a_retried_attach_ejection_does_not_put_a_later_hang_on_the_guest() -> None:
+    retried = ('sched_ext: BPF scheduler "central" disabled (scx_bpf_error)\n'
+               "sched_ext: central: init from non-central CPU\n"
+               'sched_ext: BPF scheduler "central" enabled\n')
+    assert host_fault("hung", "no guest progress", retried) is None
+    assert host_fault("hung", "no guest progress", retried, retried_ejections=1) is not None
+    # An attached scheduler is no crash; an ejection past the retried ones is.
+    assert host_fault("hung", "x", 'sched_ext: BPF scheduler "simple" enabled\n') is not None
+    ejected = retried + ('sched_ext: BPF scheduler "central" disabled (runtime error)\n'
+                         "sched_ext: central: stall\n")
+    assert host_fault("hung", "x", ejected, retried_ejections=1) is None

@@ -257,3 +257,22 @@ def test_a_known_issue_is_validated_where_it_is_declared() -> None:
     # with_args keeps them (negative tests build on the built-ins).
     assert BUILTIN["scx_central"].with_args("-v").known_issues == \
         BUILTIN["scx_central"].known_issues
+
+
+def test_a_guest_that_hangs_after_a_retried_attach_is_not_blamed_on_the_retried_ejection() -> None:
+    text = ('sched_ext: BPF scheduler "central" disabled (scx_bpf_error)\n'
+            "sched_ext: central: init from non-central CPU\n"
+            'sched_ext: BPF scheduler "central" enabled\n')
+    attempt = {"attempt": 1, "kind": "scheduler_ejected", "transient": "init from non-central"}
+    attached = {"type": "sched_attached", "state": {"state": "enabled", "attempts": [attempt]}}
+    msgs = [(0.0, {"type": "hello"}), (0.1, attached), (0.2, {"type": "scenario_start"})]
+    hung = collect(msgs, [], vm(text, timed_out=True, error="guest did not power off",
+                                reason="timeout"), BASE, 0, scenario_mode=True)
+    assert hung.failure == "timeout", hung.message
+    # An ejection after the retried one is still the cause of a guest that never finished.
+    later = text + ('sched_ext: BPF scheduler "central" disabled (runtime error)\n'
+                    "sched_ext: central: SCX_DSQ_LOCAL[_ON] cannot move migration disabled\n")
+    ejected = collect(msgs, [], vm(later, timed_out=True, reason="timeout"), BASE, 0,
+                      scenario_mode=True)
+    assert ejected.failure == "scheduler_ejected"
+    assert "cannot move migration disabled" in ejected.message
