@@ -13,12 +13,14 @@ over silently. (Losses come in bursts: one sandbox lost a 4-vCPU boot twice in a
 the same boot stage, and a 16-vCPU QEMU microvm boot beside ours, and then itself.) On a
 real KVM host the same outcome is a failure like any other.
 
-A third form: a run that hung or timed out with a vCPU found spinning in kernel mode in
-the int3 padding between the kernel's text sections (an address inside ``_stext``..
-``_etext`` that no function covers), and no crash line. Guest code that jumps there
-executes an ``int3`` at once, and the kernel's #BP handler prints an oops; a vCPU that
-stays there silently, inside KVM_RUN with no exit, is an instruction fetch the emulated
-host never completes.
+A bare boot (no guest runtime) that times out with the kernel's boot log stopping before
+it starts init, and no crash line, is lost the same way (``lost_boot``; a guest run lost
+before its scenario is already inconclusive and rerun). And a run that hung or timed out
+with a vCPU found spinning in kernel mode in the int3 padding between the kernel's text
+sections (inside ``_stext``..``_etext``, where no function is), and no crash line, is a
+``stuck_vcpu``: guest code that jumps there executes an ``int3`` at once and the kernel's
+#BP handler prints an oops; a vCPU that stays there silently, inside KVM_RUN with no
+exit, is an instruction fetch the emulated host never completes.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ T = TypeVar("T")
 F_TRIPLE_FAULT = "triple_fault"
 F_HUNG = "hung"
 F_STUCK_VCPU = "stuck_vcpu"
-HOST_FAULT_KINDS = frozenset({F_TRIPLE_FAULT, F_HUNG})
+F_LOST_BOOT = "lost_boot"
+HOST_FAULT_KINDS = frozenset({F_TRIPLE_FAULT, F_HUNG, F_LOST_BOOT})
 STUCK_VCPU_KINDS = frozenset({F_HUNG, "timeout"})
 """Failure kinds a vCPU stuck outside kernel code (:data:`F_STUCK_VCPU`) explains."""
 SANDBOX_RETRIES = 2
@@ -112,15 +115,32 @@ def should_retry(fault: HostFault | None, done: int, *, emulated: bool | None = 
     return emulated and done < SANDBOX_RETRIES
 
 
-def vm_fault(result: VmResult) -> HostFault | None:
-    """:func:`host_fault` of a bare VM run (no guest runtime, e.g. ``ktstr boot``)."""
-    from ktstr.vmm.vcpu import TRIPLE_FAULT
+BOOT_BANNER = "Linux version "
+INIT_STARTED = " as init process"
+"""The kernel's ``Run /init as init process``: its own boot is over."""
 
-    if result.reason == "reboot" and TRIPLE_FAULT in result.detail:
+
+def vm_fault(result: VmResult) -> HostFault | None:
+    """:func:`host_fault` of a bare VM run (no guest runtime, e.g. ``ktstr boot``).
+
+    A timed-out run whose verbose console shows the kernel booting but never starting init
+    is a lost boot (:data:`F_LOST_BOOT`): a guest run that ends so is inconclusive
+    (``testing.run.no_signal``), a bare boot has no such verdict to carry it."""
+    from ktstr.vmm.vcpu import TRIPLE_FAULT, StopReason
+
+    detail = result.detail or result.error or ""
+    if result.reason == StopReason.REBOOT and TRIPLE_FAULT in result.detail:
         kind: str | None = F_TRIPLE_FAULT
+    elif result.reason == StopReason.HUNG:
+        kind = F_HUNG
+    elif (result.reason == StopReason.TIMEOUT and BOOT_BANNER in result.console
+          and INIT_STARTED not in result.console):
+        kind = F_LOST_BOOT
+        last = result.console.rstrip().splitlines()[-1].strip()
+        detail = f"{detail}: the kernel's boot stopped after {last!r}"
     else:
-        kind = F_HUNG if result.reason == F_HUNG else None
-    return host_fault(kind, result.detail or result.error or "", result.console)
+        kind = None
+    return host_fault(kind, detail, result.console)
 
 
 def rerun_lost(run: Callable[[], T], fault_of: Callable[[T], HostFault | None],

@@ -102,3 +102,15 @@ def test_a_retried_attach_ejection_does_not_put_a_later_hang_on_the_guest() -> N
     ejected = retried + ('sched_ext: BPF scheduler "central" disabled (runtime error)\n'
                          "sched_ext: central: stall\n")
     assert host_fault("hung", "x", ejected, retried_ejections=1) is None
+
+
+def test_a_bare_boot_that_times_out_before_init_is_a_lost_boot() -> None:
+    booting = "Linux version 6.12.117\nio scheduler kyber registered\n"
+    fault = vm_fault(_vm("timeout", console=booting))
+    assert fault is not None and fault.kind == "lost_boot"
+    assert "stopped after 'io scheduler kyber registered'" in fault.detail
+    # Init ran (the hang is the guest's own), the console is quiet (nothing to tell), or
+    # the kernel said what went wrong: a timeout, no rerun.
+    assert vm_fault(_vm("timeout", console=booting + "Run /init as init process\n")) is None
+    assert vm_fault(_vm("timeout", console="")) is None
+    assert vm_fault(_vm("timeout", console=booting + "Kernel panic - not syncing\n")) is None
