@@ -75,10 +75,12 @@ def initramfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_initramfs(tmp_path_factory.mktemp("init") / "init.cpio")
 
 
-# 2n2l2c2t: nodes, LLCs and SMT in 8 vCPUs. 16-vCPU boots (2n4l2c2t) triple-fault now and
-# then inside the sandbox under QEMU microvm just as under ktstr, and have taken the sandbox
-# itself down (benchmarks/boot_stress.py --vmm both): they are measured there, not gated here.
-@pytest.mark.parametrize("label", ["1n1l2c1t", "2n2l2c2t", "1n3l3c1t"])
+# 2n2l2c2t: nodes, LLCs and SMT in 8 vCPUs; 1n2l3c1t: 3 cores per LLC, no power of two
+# (gaps in the APIC IDs). Boots of 9 and more vCPUs (1n3l3c1t, 2n4l2c2t) triple-fault now
+# and then inside the sandbox under QEMU microvm just as under ktstr, and take the sandbox
+# itself down (its kernel stops answering, or QEMU exits: twice in a row on 1n3l3c1t in one
+# main job): they are measured by benchmarks/boot_stress.py --vmm both, not gated here.
+@pytest.mark.parametrize("label", ["1n1l2c1t", "2n2l2c2t", "1n2l3c1t"])
 def test_guest_sees_the_declared_topology(kernel: Path, initramfs: Path, label: str) -> None:
     from ktstr.vmm.vm import Vm
 
