@@ -201,14 +201,49 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+CRASH_MARKERS = ("BUG:", "Oops:", "general protection fault", "RIP:", "Kernel panic")
+"""Console lines that say how the sandbox's own kernel died (the first of each is kept)."""
+CRASH_LOGS_KEPT = 10
+
+
 def _why(console_log: Path, qemu_log: Path) -> str:
-    """The most telling console lines, joined into one."""
-    lines = _tail(console_log, 200).splitlines()
+    """The most telling console lines, joined into one: how the sandbox kernel crashed
+    (its first BUG/Oops line, the RIP, the panic), else where its init got to."""
+    lines = _tail(console_log, 400).splitlines()
+    crash: dict[str, str] = {}
+    for line in lines:
+        for marker in CRASH_MARKERS:
+            if marker in line and marker not in crash:
+                crash[marker] = line[line.index(marker):].strip()
+    if crash:
+        return " | ".join(dict.fromkeys(crash.values()))
     for i, line in enumerate(lines):
-        if "Kernel panic" in line or line.startswith("ktstr-init:"):
+        if line.startswith("ktstr-init:"):
             return " | ".join(x.strip() for x in lines[i:i + 2])
     rest = lines[-3:] or _tail(qemu_log, 3).splitlines() or ["no console output"]
     return " | ".join(x.strip() for x in rest)
+
+
+def keep_console(console_log: Path) -> Path | None:
+    """A copy of a lost sandbox's console log under the cache (``sandbox/crashes/``, the
+    newest :data:`CRASH_LOGS_KEPT`), so the emulated host's own crash report survives the
+    run directory."""
+    where = cache_root() / "sandbox" / "crashes"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        dest = where / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-console.log"
+        shutil.copyfile(console_log, dest)
+        for old in sorted(where.glob("*-console.log"))[:-CRASH_LOGS_KEPT]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        return None
+    return dest
+
+
+def _crashed(message: str, console_log: Path) -> SandboxCrashed:
+    kept = keep_console(console_log)
+    where = f"console kept: {kept}" if kept is not None else f"set {DEBUG_ENV}=1 for the console"
+    return SandboxCrashed(f"{message} ({where})")
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -355,8 +390,7 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
             now = time.monotonic()
             if (problem := host_watch.poll() or heartbeat.poll(now)) is not None:
                 _stop(proc)
-                raise SandboxCrashed(f"{problem.message} (console: {console_log.name}; set "
-                                     f"{DEBUG_ENV}=1 to keep the full console)")
+                raise _crashed(problem.message, console_log)
             if deadline is not None and now >= deadline:
                 _stop(proc)
                 raise SandboxTimeout(f"sandbox command did not finish within {timeout:g} s; "
@@ -375,7 +409,6 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
     if kvm.exists() and kvm.read_text().strip() != "ok":
         print(f"ktstr: sandbox: warning: {kvm.read_text().strip()}", file=sys.stderr)
     if not status.exists():
-        raise SandboxCrashed(f"sandbox VM exited (QEMU status {proc.returncode}) before the "
-                         f"command finished: {_why(console_log, qemu_log)} "
-                         f"(set {DEBUG_ENV}=1 for the full console)")
+        raise _crashed(f"sandbox VM exited (QEMU status {proc.returncode}) before the "
+                       f"command finished: {_why(console_log, qemu_log)}", console_log)
     return int(status.read_text().strip())
