@@ -73,8 +73,9 @@ def kernel_cmdline(root: Share, init: str, *, quiet: bool = True,
                          f"set TMPDIR to a path without spaces")
     parts = [
         "console=ttyS0",
-        "loglevel=1" if quiet else "loglevel=7 printk.time=1",
-        *(["quiet"] if quiet else []),
+        # Quiet: warnings and worse, so an oops's whole report (its registers and call
+        # trace print at the default level, 4) reaches the log, not just the panic line.
+        "loglevel=5" if quiet else "loglevel=7 printk.time=1",
         f"root={root.tag}", "rootfstype=9p", f"rootflags={root.mount_options()}", "ro",
         f"init={init}",
         # A guest that dies must end QEMU (with -no-reboot), never hang it.

@@ -1,8 +1,8 @@
 """Watch the emulated host: a soft lockup or panic on its console, or its heartbeat going
 silent, ends the sandbox run.
 
-The sandbox kernel prints emergencies (``loglevel=1`` keeps exactly those) to a log
-file. A VMM thread stuck inside ``KVM_RUN`` in that kernel shows up as repeated
+The sandbox kernel prints warnings and worse (``loglevel=5``: a whole oops report) to a
+log file. A VMM thread stuck inside ``KVM_RUN`` in that kernel shows up as repeated
 soft-lockup reports; nothing inside the sandbox can end such a run, since the
 stuck thread's process cannot exit. So the host side reads the log as it grows and
 stops the sandbox with a clear reason instead of waiting for its timeout. An emulated
