@@ -57,6 +57,7 @@ class Machine:
     disk: Path | None = None    # raw btrfs image for disk templates (/dev/vda)
     qemu: str = QEMU_BINARY
     extra_args: Sequence[str] = field(default_factory=tuple)
+    reset_log: Path | None = None  # QEMU's own log of CPU resets (a triple fault says so)
 
 
 def _esc(value: object) -> str:
@@ -130,6 +131,8 @@ def qemu_command(m: Machine) -> list[str]:
         "-chardev", f"file,id=err,path={_esc(m.stderr_path)}",
         "-device", f"virtserialport,chardev=err,name={STDERR_PORT},nr=2",
     ]
+    if m.reset_log is not None:
+        argv += ["-d", "cpu_reset", "-D", str(m.reset_log)]
     argv += list(m.extra_args)
     return argv
 

@@ -204,6 +204,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 CRASH_MARKERS = ("BUG:", "Oops:", "general protection fault", "RIP:", "Kernel panic")
 """Console lines that say how the sandbox's own kernel died (the first of each is kept)."""
 CRASH_LOGS_KEPT = 10
+RESET_LOG = "reset.log"
 
 
 def _why(console_log: Path, qemu_log: Path) -> str:
@@ -224,15 +225,23 @@ def _why(console_log: Path, qemu_log: Path) -> str:
     return " | ".join(x.strip() for x in rest)
 
 
+TRIPLE_FAULT_LINE = "Triple fault"
+"""What QEMU's ``-d cpu_reset`` log says when the sandbox's own CPU triple-faulted."""
+
+
 def keep_console(console_log: Path) -> Path | None:
     """A copy of a lost sandbox's console log under the cache (``sandbox/crashes/``, the
     newest :data:`CRASH_LOGS_KEPT`), so the emulated host's own crash report survives the
-    run directory."""
+    run directory; QEMU's reset log (``reset.log`` beside it) follows it."""
     where = cache_root() / "sandbox" / "crashes"
     try:
         where.mkdir(parents=True, exist_ok=True)
         dest = where / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-console.log"
         shutil.copyfile(console_log, dest)
+        resets = _tail(console_log.with_name(RESET_LOG), 200)
+        if resets:
+            with dest.open("a") as out:
+                out.write(f"\n--- QEMU -d cpu_reset ---\n{resets}\n")
         for old in sorted(where.glob("*-console.log"))[:-CRASH_LOGS_KEPT]:
             old.unlink(missing_ok=True)
     except OSError:
@@ -241,6 +250,8 @@ def keep_console(console_log: Path) -> Path | None:
 
 
 def _crashed(message: str, console_log: Path) -> SandboxCrashed:
+    if TRIPLE_FAULT_LINE in _tail(console_log.with_name(RESET_LOG), 200):
+        message += " | QEMU: the sandbox's CPU triple-faulted"
     kept = keep_console(console_log)
     where = f"console kept: {kept}" if kept is not None else f"set {DEBUG_ENV}=1 for the console"
     return SandboxCrashed(f"{message} ({where})")
@@ -363,6 +374,7 @@ def _run(run: _Run, qemu: str, argv: Sequence[str], *, memory_mb: int | None,
                                    tsc_khz=host_tsc_khz(), hz=kernel_hz(bzimage),
                                    extra=shlex.split(os.environ.get(CMDLINE_ENV, ""))),
             shares=[root, *shares], disk=disk.path, console_log=console_log,
+            reset_log=rundir / RESET_LOG,
             stdout_path=f"/proc/self/fd/{out_w}", stderr_path=f"/proc/self/fd/{err_w}",
             extra_args=tuple(shlex.split(os.environ.get(QEMU_ARGS_ENV, ""))))
         with open(qemu_log, "wb") as log:

@@ -50,3 +50,23 @@ def test_a_lost_sandbox_keeps_its_console_under_the_cache_newest_first(
     left = sorted(p.name for p in crashes.iterdir())
     assert len(left) == sandbox_run.CRASH_LOGS_KEPT
     assert not any(name.startswith("20000101-000000") for name in left)
+
+
+def test_qemu_logs_the_sandbox_cpu_resets_and_a_triple_fault_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ktstr.sandbox.qemu import Machine, qemu_command
+
+    m = Machine(kernel=Path("/k"), cmdline="c", memory_mb=512, cpus=1, shares=(),
+                console_log=tmp_path / "console.log", stdout_path="/o", stderr_path="/e",
+                reset_log=tmp_path / sandbox_run.RESET_LOG)
+    argv = qemu_command(m)
+    assert argv[argv.index("-d") + 1] == "cpu_reset"
+    assert argv[argv.index("-D") + 1] == str(tmp_path / "reset.log")
+    monkeypatch.setenv("KTSTR_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "console.log").write_text("ktstr-init: [2.6] running the command\n")
+    (tmp_path / "reset.log").write_text("CPU Reset (CPU 0)\nEAX=0\nTriple fault\n")
+    err = sandbox_run._crashed("sandbox VM exited (QEMU status 0)", tmp_path / "console.log")
+    assert "| QEMU: the sandbox's CPU triple-faulted (console kept: " in str(err)
+    kept = Path(str(err).rsplit("console kept: ", 1)[1].rstrip(")"))
+    assert kept.read_text().endswith("--- QEMU -d cpu_reset ---\nCPU Reset (CPU 0)\nEAX=0\n"
+                                     "Triple fault\n")
