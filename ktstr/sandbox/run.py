@@ -218,9 +218,10 @@ def _why(console_log: Path, qemu_log: Path) -> str:
                 crash[marker] = line[line.index(marker):].strip()
     if crash:
         return " | ".join(dict.fromkeys(crash.values()))
-    for i, line in enumerate(lines):
-        if line.startswith("ktstr-init:"):
-            return " | ".join(x.strip() for x in lines[i:i + 2])
+    inits = [line for line in lines if line.startswith("ktstr-init:")]
+    if inits:  # how far its init got, and the last thing the kernel said after that
+        last = lines[-1] if lines[-1] != inits[-1] else None
+        return " | ".join(x.strip() for x in (inits[-1], last) if x is not None)
     rest = lines[-3:] or _tail(qemu_log, 3).splitlines() or ["no console output"]
     return " | ".join(x.strip() for x in rest)
 

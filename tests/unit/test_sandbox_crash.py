@@ -29,10 +29,13 @@ def test_the_reason_names_the_first_bug_its_rip_and_the_panic(tmp_path: Path) ->
                    "Oops: Oops: 0000 [#1] PREEMPT SMP NOPTI | "
                    "RIP: 0010:svm_complete_interrupts+0x1d/0x120 | "
                    "Kernel panic - not syncing: Fatal exception in interrupt")
-    # Without a crash: where the sandbox's init got to, else the last lines.
-    log.write_text("x\nktstr-init: [2.1] base mounts done\nktstr-init: [2.2] shares\nz\n")
+    # Without a crash: how far the sandbox's init got and the kernel's last line after it.
+    log.write_text("x\nktstr-init: [2.1] base mounts done\nktstr-init: [2.6] running the "
+                   "command\nkvm: vcpu0 Unhandled WRMSR\n")
     assert sandbox_run._why(log, tmp_path / "qemu.log") == (
-        "ktstr-init: [2.1] base mounts done | ktstr-init: [2.2] shares")
+        "ktstr-init: [2.6] running the command | kvm: vcpu0 Unhandled WRMSR")
+    log.write_text("ktstr-init: [2.1] base mounts done\n")
+    assert sandbox_run._why(log, tmp_path / "qemu.log") == "ktstr-init: [2.1] base mounts done"
 
 
 def test_a_lost_sandbox_keeps_its_console_under_the_cache_newest_first(
