@@ -41,24 +41,27 @@ BEGIN = "KTSTR-SELFTESTS-BEGIN"
 DONE = "KTSTR-SELFTESTS-DONE"
 
 INIT = initramfs.BUSYBOX_INIT_PREAMBLE + r"""
-# Kernel messages would interleave with the runner's lines on the console; /tmp is in
-# the initramfs (RAM) already.
+# Kernel messages would interleave with the runner's lines on the console.
 dmesg -n 1
-start=$(cut -d' ' -f1 /proc/uptime)
-%(runner)s > /tmp/out 2>&1
-end=$(cut -d' ' -f1 /proc/uptime)
 echo %(begin)s
-cat /tmp/out
+start=$(cut -d' ' -f1 /proc/uptime)
+# Straight to the console, a tty: line-buffered. Into a file the runner's stdout is
+# block-buffered, and the tests that fork children whose exit() flushes that buffer
+# again (init_enable_count) repeat it many times over.
+%(runner)s 2>&1
+end=$(cut -d' ' -f1 /proc/uptime)
 echo "%(done)s $start $end"
-sync
+# Let the serial port drain before the power goes.
+sleep 1
 if [ -d /sys/firmware/acpi/tables ]; then poweroff -f; fi
 reboot -f
 """
 
 
-def build_initramfs(path: Path, runner: Path) -> Path:
+def build_initramfs(path: Path, runner: Path, test: str | None = None) -> Path:
     """busybox + the runner and its libraries + an /init that runs it once and powers off."""
-    init = INIT % {"runner": runner, "begin": BEGIN, "done": DONE}
+    command = f"{runner} -t {test}" if test else str(runner)
+    init = INIT % {"runner": command, "begin": BEGIN, "done": DONE}
     return initramfs.write_busybox_initramfs(path, init, [runner])
 
 
@@ -93,10 +96,11 @@ def qemu_results(console: str) -> tuple[dict[str, str], float | None]:
     return {r.name: r.status.value for r in parsed.results}, guest_s
 
 
-def run_ktstr(kernel: str, topology: str, memory_mb: int, results_dir: Path
-              ) -> tuple[float, dict[str, object]]:
+def run_ktstr(kernel: str, topology: str, memory_mb: int, results_dir: Path,
+              test: str | None = None) -> tuple[float, dict[str, object]]:
     argv = [sys.executable, "-m", "ktstr", "selftests", "--kernel", kernel, "--topology",
-            topology, "--memory-mb", str(memory_mb), "--json", "--sandbox", "never"]
+            topology, "--memory-mb", str(memory_mb), "--json", "--sandbox", "never",
+            *(["-t", test] if test else [])]
     env = {**os.environ, "KTSTR_RESULTS_DIR": str(results_dir)}
     start = time.monotonic()
     proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=env, check=False)
@@ -115,6 +119,7 @@ def main() -> int:
     parser.add_argument("--memory-mb", type=int, default=2048)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--qemu", default=shutil.which("qemu-system-x86_64") or "")
+    parser.add_argument("-t", "--test", help="only this test (the runner's -t: one name)")
     args = parser.parse_args()
     if not args.qemu:
         raise SystemExit("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
@@ -131,14 +136,17 @@ def main() -> int:
           flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="ktstr-bench-selftests-"))
     try:
-        initrd = build_initramfs(tmp / "init.cpio", build.runner)
+        if args.test and args.test not in build.names:
+            raise SystemExit(f"-t {args.test}: no such test; tests: {', '.join(build.names)}")
+        initrd = build_initramfs(tmp / "init.cpio", build.runner, args.test)
         qemu_wall, console = run_qemu(args.qemu, resolved.bzimage, initrd, topo,
                                       args.memory_mb, args.timeout)
         qemu_status, guest_s = qemu_results(console)
         print(f"QEMU microvm + busybox, one runner: {qemu_wall:.1f} s wall"
               + (f" (runner {guest_s:.1f} s guest time)" if guest_s is not None else ""),
               flush=True)
-        ours_wall, report = run_ktstr(args.kernel, topo.label, args.memory_mb, tmp / "results")
+        ours_wall, report = run_ktstr(args.kernel, topo.label, args.memory_mb, tmp / "results",
+                                      args.test)
         results = report.get("results")
         ours_status = {str(r["name"]): str(r["status"]) for r in results
                        if isinstance(r, dict)} if isinstance(results, list) else {}
@@ -146,7 +154,7 @@ def main() -> int:
               f"{report.get('summary')}", flush=True)
         print(f"ratio ktstr/qemu: {ours_wall / qemu_wall:.2f}")
         print(f"{'test':<28} {'qemu':<8} ktstr")
-        for name in build.names:
+        for name in [args.test] if args.test else build.names:
             mark = "" if qemu_status.get(name) == ours_status.get(name) else "  <- differs"
             print(f"{name:<28} {qemu_status.get(name, '-'):<8} {ours_status.get(name, '-')}"
                   f"{mark}")
