@@ -81,19 +81,28 @@ def run_qemu(qemu: str, kernel: Path, initrd: Path, topo: Topology, memory_mb: i
     return time.monotonic() - start, proc.stdout.decode("utf-8", "replace").replace("\r", "")
 
 
-def qemu_results(console: str) -> tuple[dict[str, str], float | None]:
-    """Status per test from the runner's output between the markers; guest seconds."""
+def qemu_results(console: str) -> tuple[dict[str, str], float | None, str | None]:
+    """Status per test from the runner's output; guest seconds; how the guest was lost,
+    if it ended before the runner did (the tests it had finished still count)."""
     begin = console.find(BEGIN)
-    done = console.find(DONE, max(begin, 0))
-    if begin < 0 or done < 0:
-        raise RuntimeError("QEMU: the runner's output is incomplete\n" + console[-3000:])
-    parsed = parse_output(console[begin + len(BEGIN):done])
+    if begin < 0:
+        return {}, None, "the guest ended before the runner started"
+    done = console.find(DONE, begin)
+    parsed = parse_output(console[begin + len(BEGIN):done if done >= 0 else len(console)])
+    status = {r.name: r.status.value for r in parsed.results}
+    if done < 0:
+        running = [line.split(":", 1)[1].strip() for line in console[begin:].splitlines()
+                   if line.startswith("TEST:")]
+        last = f" during {running[-1]}" if running else ""
+        how = ("it panicked" if "Kernel panic" in console else
+               "no panic on its console: a reset (QEMU runs with -no-reboot)")
+        return status, None, f"the guest ended{last} before the runner finished; {how}"
     fields = console[done:].split("\n", 1)[0].split()
     try:
         guest_s: float | None = float(fields[2]) - float(fields[1])
     except (IndexError, ValueError):
         guest_s = None
-    return {r.name: r.status.value for r in parsed.results}, guest_s
+    return status, guest_s, None
 
 
 def run_ktstr(kernel: str, topology: str, memory_mb: int, results_dir: Path,
@@ -141,9 +150,10 @@ def main() -> int:
         initrd = build_initramfs(tmp / "init.cpio", build.runner, args.test)
         qemu_wall, console = run_qemu(args.qemu, resolved.bzimage, initrd, topo,
                                       args.memory_mb, args.timeout)
-        qemu_status, guest_s = qemu_results(console)
+        qemu_status, guest_s, lost = qemu_results(console)
         print(f"QEMU microvm + busybox, one runner: {qemu_wall:.1f} s wall"
-              + (f" (runner {guest_s:.1f} s guest time)" if guest_s is not None else ""),
+              + (f" (runner {guest_s:.1f} s guest time)" if guest_s is not None else "")
+              + (f"; LOST: {lost}; its console's tail:\n{console[-1500:]}" if lost else ""),
               flush=True)
         ours_wall, report = run_ktstr(args.kernel, topo.label, args.memory_mb, tmp / "results",
                                       args.test)
@@ -152,7 +162,8 @@ def main() -> int:
                        if isinstance(r, dict)} if isinstance(results, list) else {}
         print(f"ktstr selftests (in-tree VMM, one process per test): {ours_wall:.1f} s wall; "
               f"{report.get('summary')}", flush=True)
-        print(f"ratio ktstr/qemu: {ours_wall / qemu_wall:.2f}")
+        print(f"ratio ktstr/qemu: {ours_wall / qemu_wall:.2f}" if not lost else
+              "ratio ktstr/qemu: none (QEMU's guest was lost)")
         print(f"{'test':<28} {'qemu':<8} ktstr")
         for name in [args.test] if args.test else build.names:
             mark = "" if qemu_status.get(name) == ours_status.get(name) else "  <- differs"
