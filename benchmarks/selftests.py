@@ -91,9 +91,7 @@ def qemu_results(console: str) -> tuple[dict[str, str], float | None, str | None
     parsed = parse_output(console[begin + len(BEGIN):done if done >= 0 else len(console)])
     status = {r.name: r.status.value for r in parsed.results}
     if done < 0:
-        running = [line.split(":", 1)[1].strip() for line in console[begin:].splitlines()
-                   if line.startswith("TEST:")]
-        last = f" during {running[-1]}" if running else ""
+        last = f" during {parsed.unfinished}" if parsed.unfinished else ""
         how = ("it panicked" if "Kernel panic" in console else
                "no panic on its console: a reset (QEMU runs with -no-reboot)")
         return status, None, f"the guest ended{last} before the runner finished; {how}"

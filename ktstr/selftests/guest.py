@@ -40,10 +40,10 @@ OUTPUT_LIMIT = 4096
 """Bytes kept per stream (stdout, stderr, kernel log) per test: the last ones."""
 KERNEL_LINE_LIMIT = 300
 SETTLE_S = 10.0
-DEFAULT_TIMEOUT_S = 120.0
-"""Per test. Under the emulated KVM host reload_loop alone takes 43 s in QEMU microvm and
-53 s or more here (60 s timed it out); on hardware every test takes seconds."""
 """How long sched_ext may take to return to ``disabled`` after a test's process ended."""
+DEFAULT_TIMEOUT_PER_TEST_S = 120.0
+"""Per test. Under the emulated KVM host reload_loop alone takes 43 s in QEMU microvm and
+53 s or more in ours (60 s timed it out); on hardware every test takes seconds."""
 KILL_WAIT_S = 5.0
 EXIT_GRACE_S = 1.0
 """Once the runner exited, how long its output may still arrive (from children it left)."""
@@ -59,7 +59,7 @@ class GuestArgs:
     runner: str
     tests: tuple[str, ...] = ()
     """Names to run, in order; empty: every test the runner lists."""
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeout_s: float = DEFAULT_TIMEOUT_PER_TEST_S
     exact: bool = True
     output_limit: int = OUTPUT_LIMIT
     settle_s: float = SETTLE_S
@@ -68,7 +68,7 @@ class GuestArgs:
     def from_dict(cls, data: dict[str, Any]) -> GuestArgs:
         return cls(runner=str(data["runner"]),
                    tests=tuple(str(t) for t in data.get("tests", ())),
-                   timeout_s=float(data.get("timeout_s", DEFAULT_TIMEOUT_S)),
+                   timeout_s=float(data.get("timeout_s", DEFAULT_TIMEOUT_PER_TEST_S)),
                    exact=bool(data.get("exact", True)),
                    output_limit=int(data.get("output_limit", OUTPUT_LIMIT)),
                    settle_s=float(data.get("settle_s", SETTLE_S)))

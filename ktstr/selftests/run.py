@@ -22,13 +22,12 @@ from ktstr.console import run_failure
 from ktstr.kernel.cache import KernelEntry
 from ktstr.runner import GuestRun
 from ktstr.selftests.build import SUITE, RunnerBuild
-from ktstr.selftests.guest import DEFAULT_TIMEOUT_S, OUTPUT_LIMIT, SETTLE_S, GuestArgs
+from ktstr.selftests.guest import DEFAULT_TIMEOUT_PER_TEST_S, OUTPUT_LIMIT, SETTLE_S, GuestArgs
 from ktstr.selftests.parse import Status
 from ktstr.topology import Topology
 
 SCENARIO = "ktstr.selftests.guest:run"
 GUEST_MODULE = "ktstr.selftests.guest"
-DEFAULT_TIMEOUT_PER_TEST_S = DEFAULT_TIMEOUT_S
 BOOT_ALLOWANCE_S = 90.0
 """VM timeout beyond the tests' own budget: boot, packing the runner, power-off."""
 PER_TEST_SLACK_S = 5.0
