@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from wheelbuild import WHEEL_TIMEOUT_S as TIMEOUT_S
+from wheelbuild import BuiltWheel, checked, make_venv, readme_test_file
 
 import ktstr
 from ktstr.kernel.catalog import load_catalog
@@ -25,9 +26,6 @@ from ktstr.paths import repo_root
 from ktstr.scenario import catalog
 
 ROOT = repo_root()
-BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "ktstr", "kernels")
-"""What the build reads; the copy holds nothing else."""
-TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -51,36 +49,17 @@ class Installed:
                               text=True, check=False, timeout=TIMEOUT_S)
 
 
-def _check(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert proc.returncode == 0, f"{' '.join(map(str, proc.args))}:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+def installed(tmp_path_factory: pytest.TempPathFactory, ktstr_wheel: BuiltWheel) -> Installed:
     tmp = tmp_path_factory.mktemp("packaging")
-    source = tmp / "src"
-    source.mkdir()
-    for name in BUILD_INPUTS:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, source / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(src, source / name)
-    dist = tmp / "dist"
-    _check(subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                           str(dist), str(source)], capture_output=True, text=True,
-                          check=False, timeout=TIMEOUT_S))
-    (wheel,) = dist.glob("ktstr-*.whl")
     venv = tmp / "venv"
-    _check(subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True,
-                          text=True, check=False, timeout=TIMEOUT_S))
+    make_venv(venv)
     outside = tmp / "elsewhere"
     outside.mkdir()
-    inst = Installed(wheel=wheel, venv=venv, source=source, outside=outside)
+    inst = Installed(wheel=ktstr_wheel.wheel, venv=venv, source=ktstr_wheel.source,
+                     outside=outside)
     # With its dependencies, as a user would: the wheel's declared requirements must suffice.
-    _check(inst.run(inst.bin("pip"), "install", "-q", str(wheel)))
+    checked(inst.run(inst.bin("pip"), "install", "-q", str(inst.wheel)))
     return inst
 
 
@@ -105,7 +84,7 @@ def test_installed_ktstr_reads_its_data_from_the_package(installed: Installed) -
         "                  'fragments': str(fragments_dir()), 'default': load_catalog().default,\n"
         "                  'packages': required_packages()}))\n"
     )
-    out = json.loads(_check(installed.run(installed.bin("python"), "-c", probe)).stdout)
+    out = json.loads(checked(installed.run(installed.bin("python"), "-c", probe)).stdout)
     package = Path(out["package"]).parent
     assert package.is_relative_to(installed.venv), out  # not the checkout's ktstr
     assert Path(out["kernels"]) == package / "_kernels" == Path(out["fragments"])
@@ -116,19 +95,19 @@ def test_installed_ktstr_reads_its_data_from_the_package(installed: Installed) -
 
 
 def test_version(installed: Installed) -> None:
-    proc = _check(installed.run(installed.bin("ktstr"), "--version"))
+    proc = checked(installed.run(installed.bin("ktstr"), "--version"))
     assert proc.stdout.strip() == f"ktstr {ktstr.__version__}"
 
 
 def test_kernel_list_on_an_empty_cache(installed: Installed) -> None:
-    proc = _check(installed.run(installed.bin("ktstr"), "kernel", "list", "--json"))
+    proc = checked(installed.run(installed.bin("ktstr"), "kernel", "list", "--json"))
     assert proc.stdout == ""  # one JSON line per entry: none
-    proc = _check(installed.run(installed.bin("ktstr"), "kernel", "list"))
+    proc = checked(installed.run(installed.bin("ktstr"), "kernel", "list"))
     assert proc.stdout == "" and "no cached kernels" in proc.stderr
 
 
 def test_scenario_list(installed: Installed) -> None:
-    proc = _check(installed.run(installed.bin("ktstr"), "list"))
+    proc = checked(installed.run(installed.bin("ktstr"), "list"))
     listed = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
     assert listed == set(catalog.CATALOG)
 
@@ -147,33 +126,23 @@ def test_editable_install_reads_the_checkout(installed: Installed, tmp_path: Pat
     """The same lookup in a dev checkout: `pip install -e` reads the top-level kernels/."""
     venv = tmp_path / "venv"
     python = str(venv / "bin" / "python")
-    _check(subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
-                          capture_output=True, text=True, check=False, timeout=TIMEOUT_S))
-    _check(installed.run(sys.executable, "-m", "pip", "--python", python, "install", "-q",
+    make_venv(venv, "--without-pip")
+    checked(installed.run(sys.executable, "-m", "pip", "--python", python, "install", "-q",
                          "--no-deps", "-e", str(installed.source)))
     probe = "from ktstr.paths import kernels_dir; print(kernels_dir())"
-    out = _check(installed.run(python, "-c", probe)).stdout.strip()
+    out = checked(installed.run(python, "-c", probe)).stdout.strip()
     assert Path(out) == installed.source / "kernels"
-
-
-def _readme_test_file() -> str:
-    """The README's "Test your own scheduler" example, as the user copies it."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Test your own scheduler", 1)[1]
-    block = section.split("```python\n", 1)[1].split("```", 1)[0]
-    assert block.startswith("# tests/test_mine.py\n")
-    return block
 
 
 def test_readme_walkthrough_collects_with_the_installed_plugin(installed: Installed) -> None:
     repo = installed.outside / "my-scheduler"
     (repo / "tests").mkdir(parents=True)
-    (repo / "tests" / "test_mine.py").write_text(_readme_test_file())
+    (repo / "tests" / "test_mine.py").write_text(readme_test_file())
     (repo / "build").mkdir()
     binary = repo / "build" / "scx_mine"
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
-    _check(installed.run(installed.bin("pip"), "install", "-q", "pytest"))
+    checked(installed.run(installed.bin("pip"), "install", "-q", "pytest"))
     specs = repo / "specs.json"
     proc = subprocess.run(
         [installed.bin("python"), "-m", "pytest", "tests", "--ktstr-scheduler",
