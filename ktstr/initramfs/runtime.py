@@ -147,9 +147,11 @@ class _Finder(modulefinder.ModuleFinder):
             found = super().find_module(name, path, parent)
         except AttributeError as err:
             raise ImportError(f"{name}: {err}") from err
-        top = parent.__name__.split(".")[0] if parent is not None else name
+        # ktstr itself is scanned wherever it is installed. Decided by path, not by name:
+        # modulefinder looks a package's own __init__ up with no parent, so a name test
+        # blocked a site-packages ktstr whole and its lazy imports (gzip) went unpacked.
         pathname = found[1]
-        if top != "ktstr" and pathname and any(
+        if pathname and not Path(pathname).resolve().is_relative_to(KTSTR_DIR) and any(
                 os.path.abspath(pathname).startswith(b) for b in self.blocked):
             if found[0] is not None:
                 found[0].close()
