@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,13 @@ class BuiltWheel:
 def checked(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert proc.returncode == 0, f"{' '.join(map(str, proc.args))}:\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def user_env(keep: tuple[str, ...] = ()) -> dict[str, str]:
+    """This environment without the checkout's Python and ktstr settings (but ``keep``),
+    as a user's own shell would have it."""
+    return {k: v for k, v in os.environ.items()
+            if k in keep or not k.startswith(("PYTHON", "KTSTR_"))}
 
 
 def make_venv(path: Path, *extra: str) -> Path:

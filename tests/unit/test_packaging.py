@@ -9,7 +9,6 @@ directory that is not the repository.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from wheelbuild import WHEEL_TIMEOUT_S as TIMEOUT_S
-from wheelbuild import BuiltWheel, checked, make_venv, readme_test_file
+from wheelbuild import BuiltWheel, checked, make_venv, readme_test_file, user_env
 
 import ktstr
 from ktstr.kernel.catalog import load_catalog
@@ -40,8 +39,7 @@ class Installed:
         return str(self.venv / "bin" / name)
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "KTSTR_"))}
-        return {**env, "KTSTR_CACHE_DIR": str(self.outside / "cache"),
+        return {**user_env(), "KTSTR_CACHE_DIR": str(self.outside / "cache"),
                 "KTSTR_RESULTS_DIR": str(self.outside / "results")}
 
     def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
