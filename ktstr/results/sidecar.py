@@ -70,6 +70,23 @@ def results_root() -> Path:
     return Path(os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR).expanduser()
 
 
+def check_results_root(root: Path | None = None) -> Path:
+    """``root`` (default `results_root`) or its nearest existing ancestor is a writable
+    directory; else a `KtstrError` saying where results can go. Run before any VM boots,
+    so that a run is never lost at its first sidecar."""
+    root = (root or results_root()).absolute()
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "not a directory" if not existing.is_dir() else "not writable"
+        raise KtstrError(
+            f"results directory {root}: {existing} is {reason}; set {RESULTS_DIR_ENV} to a "
+            "writable directory (inside `ktstr sandbox run` only the checkout and the "
+            "cache are writable)")
+    return root
+
+
 def new_run_id(now: float | None = None) -> str:
     """A sortable timestamp id, ``YYYYmmdd-HHMMSS``."""
     return time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))

@@ -27,7 +27,7 @@ from ktstr import hostfault
 from ktstr.errors import KtstrError
 from ktstr.reap import reap_stale_all
 from ktstr.reserve import ReservationTimeout
-from ktstr.results.sidecar import passed_tests, results_root, run_id
+from ktstr.results.sidecar import check_results_root, passed_tests, results_root, run_id
 from ktstr.sandbox.detect import RESUME_ENV
 from ktstr.scenario.payload_proc import resolve_program
 from ktstr.scheduler import BUILTIN, FlagProfile, Scheduler, parse_scheduler_option
@@ -291,6 +291,12 @@ def _pinned_elsewhere(item: pytest.Item, own: Scheduler) -> bool:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash[STATE]
+    if not session.config.option.collectonly and any(
+            isinstance(i, KtstrItem) for i in session.items):
+        try:
+            check_results_root()
+        except KtstrError as err:
+            raise pytest.UsageError(str(err)) from None
     state.test_files = vm_test_files(session.items)
     state.payload_binaries = payload_binaries(
         [i.spec for i in session.items if isinstance(i, KtstrItem)])

@@ -115,6 +115,21 @@ def test_bad_scheduler_option_is_usage_error(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["*unknown scheduler 'scx_nope'*"])
 
 
+def test_unwritable_results_directory_is_usage_error_before_any_vm(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = pytester.path / "blocker"
+    blocker.write_text("a file where the results directory's parent should be")
+    monkeypatch.setenv("KTSTR_RESULTS_DIR", str(blocker / "results"))
+    pytester.makepyfile(test_suite=SUITE)
+    result = pytester.runpytest(*PLUGIN, "-k", "test_steady")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*results directory*blocker is not a directory*KTSTR_RESULTS_DIR*"])
+    # Plain tests and collection alone do not need it.
+    assert pytester.runpytest(*PLUGIN, "-k", "test_plain").ret == 0
+    assert pytester.runpytest(*PLUGIN, "--collect-only", "-q").ret == 0
+
+
 def test_unusable_kvm_outside_sandbox_says_how_to_run(pytester: pytest.Pytester) -> None:
     status = detect_kvm()
     if status.usable:
