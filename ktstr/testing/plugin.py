@@ -405,8 +405,12 @@ class KtstrItem(pytest.Item):
             )
             attempts: list[run.Attempt] = []
             for _ in range(state.repeat or self.spec.repeat):
+                # Each repeat has its own rerun budget: faults come in bursts, and ten
+                # repeats sharing two reruns would fail on the host's account.
+                lost: list[hostfault.HostFault] = []
                 attempts.append(hostfault.rerun_lost(lambda: run.run_once(plan), _attempt_fault,
-                                                     host_faults))
+                                                     lost))
+                host_faults.extend(lost)
             verdict, shown = run.combined_verdict(attempts)
             repro = None
             if (not verdict.passed and verdict.status != run.KNOWN_ISSUE

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ktstr.hostfault import SANDBOX_RETRIES, host_fault, run_vm, should_retry, vm_fault
+from ktstr.hostfault import (
+    F_CLOCK_JUMP,
+    SANDBOX_RETRIES,
+    host_fault,
+    run_vm,
+    should_retry,
+    vm_fault,
+)
 from ktstr.vmm.vm import VmResult
 
 
@@ -114,3 +121,30 @@ def test_a_bare_boot_that_times_out_before_init_is_a_lost_boot() -> None:
     assert vm_fault(_vm("timeout", console=booting + "Run /init as init process\n")) is None
     assert vm_fault(_vm("timeout", console="")) is None
     assert vm_fault(_vm("timeout", console=booting + "Kernel panic - not syncing\n")) is None
+
+
+# As the sandbox printed it under scx_simple (6.12.118), trimmed.
+IDLE_LOCKUP = """sched_ext: "simple" does not implement cgroup cpu.weight
+watchdog: BUG: soft lockup - CPU#0 stuck for 30s! [swapper/0:0]
+CPU: 0 UID: 0 PID: 0 Comm: swapper/0 Not tainted 6.12.118 #1
+Sched_ext: simple (enabled+all)
+RIP: 0010:tick_nohz_idle_got_tick+0x0/0x22
+Call Trace:
+ <TASK>
+ ? do_idle+0x14f/0x185
+ </TASK>
+"""
+
+
+def test_a_soft_lockup_of_the_idle_task_alone_is_a_clock_jump() -> None:
+    fault = host_fault(None, "kernel_bug", IDLE_LOCKUP)
+    assert fault is not None and fault.kind == F_CLOCK_JUMP
+    assert "swapper/0:0" in fault.detail
+
+
+def test_a_soft_lockup_of_a_real_task_or_another_crash_stays_on_the_guest() -> None:
+    busy = IDLE_LOCKUP.replace("[swapper/0:0]", "[worker:231]")
+    assert host_fault(None, "kernel_bug", busy) is None
+    assert host_fault(None, "kernel_bug", IDLE_LOCKUP + "Oops: 0000 [#1] SMP\n") is None
+    second = IDLE_LOCKUP + "watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [spin:99]\n"
+    assert host_fault(None, "kernel_bug", second) is None
