@@ -148,3 +148,14 @@ def test_a_soft_lockup_of_a_real_task_or_another_crash_stays_on_the_guest() -> N
     assert host_fault(None, "kernel_bug", IDLE_LOCKUP + "Oops: 0000 [#1] SMP\n") is None
     second = IDLE_LOCKUP + "watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [spin:99]\n"
     assert host_fault(None, "kernel_bug", second) is None
+
+
+def test_an_rcu_stall_before_a_triple_fault_stays_a_host_fault() -> None:
+    stall = ("rcu: INFO: rcu_sched detected stalls on CPUs/tasks:\n"
+             "rcu: \t2-...0: (40 ticks this GP) idle=5c64/1/0x4000000000000000\n")
+    fault = host_fault("triple_fault", "vcpu 3: triple fault (shutdown)", stall)
+    assert fault is not None and fault.kind == "triple_fault"
+    # Other failures with a stall, and a triple fault after an oops, are the guest's.
+    assert host_fault("hung", "no vCPU exit for 30 s", stall) is None
+    assert host_fault("timeout", "timed out", stall) is None
+    assert host_fault("triple_fault", "vcpu 3", stall + "Oops: 0002 [#1] SMP\n") is None
