@@ -49,9 +49,9 @@ STUCK_VCPU_KINDS = frozenset({F_HUNG, "timeout"})
 """Failure kinds a vCPU stuck outside kernel code (:data:`F_STUCK_VCPU`) explains."""
 SANDBOX_RETRIES = 2
 """Fresh-VM reruns of a test whose run ended in a host fault, in the sandbox."""
+RCU_STALL_MARKERS = ("rcu_sched detected stalls", "rcu: INFO:")
 GUEST_CRASH_MARKERS = ("Kernel panic", "Oops:", "BUG: ", "general protection fault",
-                       "soft lockup", "hard LOCKUP", "rcu_sched detected stalls",
-                       "rcu: INFO:")
+                       "soft lockup", "hard LOCKUP", *RCU_STALL_MARKERS)
 """Console lines that put a failure on the guest: a host fault is only a run without them
 (nor a scheduler ejection the attach policy did not retry)."""
 
@@ -85,12 +85,13 @@ host did not run the vCPU for that long. Seen in the sandbox, in ``tick_nohz_idl
 under scx_simple, once in 12 runs of ``test_steady``."""
 
 
-RCU_STALL = re.compile(r"^.*(?:rcu_sched detected stalls|rcu: INFO:).*$", re.MULTILINE)
+RCU_STALL = re.compile(
+    "^.*(?:" + "|".join(map(re.escape, RCU_STALL_MARKERS)) + ").*$", re.MULTILINE)
 """RCU's stall report: a vCPU the emulated host stopped leaves one before the run's triple
-fault or hang (seen in the sandbox: CPU 2's rq clock stood still for 26 samples while its
-vCPU thread ran, then vCPU 3 triple-faulted, and the rerun passed), so before a triple
-fault it does not put the failure on the guest; a panic, oops or BUG line still does, and
-so does a stall before a hang (a guest can stall every CPU itself)."""
+fault (seen in the sandbox: CPU 2's rq clock stood still for 26 samples while its vCPU
+thread ran, then vCPU 3 triple-faulted, and the rerun passed), so there it does not put
+the failure on the guest; a panic, oops or BUG line still does, and so does a stall
+before a hang (a guest can stall every CPU itself)."""
 
 
 def clock_jump(console: str, retried_ejections: int = 0) -> HostFault | None:

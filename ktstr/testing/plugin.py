@@ -291,15 +291,14 @@ def _pinned_elsewhere(item: pytest.Item, own: Scheduler) -> bool:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash[STATE]
-    if not session.config.option.collectonly and any(
-            isinstance(i, KtstrItem) for i in session.items):
+    vm_items = [i for i in session.items if isinstance(i, KtstrItem)]
+    if vm_items and not session.config.option.collectonly:
         try:
             check_results_root()
         except KtstrError as err:
             raise pytest.UsageError(str(err)) from None
     state.test_files = vm_test_files(session.items)
-    state.payload_binaries = payload_binaries(
-        [i.spec for i in session.items if isinstance(i, KtstrItem)])
+    state.payload_binaries = payload_binaries([i.spec for i in vm_items])
     path = session.config.getoption("ktstr_dump_specs")
     if not path:
         return
