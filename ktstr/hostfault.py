@@ -9,10 +9,11 @@ exit, interrupt or console byte for the stall window), or a vCPU is not run for 
 that the guest's soft-lockup watchdog blames the idle task (``clock_jump``). None of these
 is something a scheduler or a test can cause without taking the kernel down visibly first
 (a panic, an oops, a soft lockup of a task that is not idle), so in the sandbox such a
-run is retried, up to twice, each in a fresh VM, and every lost run is recorded in the
-sidecar and shown in the report, never passed over silently. (Losses come in bursts: one
-sandbox lost a 4-vCPU boot twice in a row at the same boot stage, and a 16-vCPU QEMU
-microvm boot beside ours, and then itself.) On a real KVM host the same outcome is a
+run is retried, up to four times, each in a fresh VM, and every lost run is recorded in
+the sidecar and shown in the report, never passed over silently. (Losses come in bursts:
+one sandbox lost a 4-vCPU boot twice in a row at the same boot stage, and a 16-vCPU QEMU
+microvm boot beside ours, and then itself; a slower CI machine lost three runs of one
+4-vCPU test in a row, and its repro run too.) On a real KVM host the same outcome is a
 failure like any other.
 
 A bare boot (no guest runtime) that times out with the kernel's boot log stopping before
@@ -47,8 +48,9 @@ F_CLOCK_JUMP = "clock_jump"
 HOST_FAULT_KINDS = frozenset({F_TRIPLE_FAULT, F_HUNG, F_LOST_BOOT})
 STUCK_VCPU_KINDS = frozenset({F_HUNG, "timeout"})
 """Failure kinds a vCPU stuck outside kernel code (:data:`F_STUCK_VCPU`) explains."""
-SANDBOX_RETRIES = 2
-"""Fresh-VM reruns of a test whose run ended in a host fault, in the sandbox."""
+SANDBOX_RETRIES = 4
+"""Fresh-VM reruns of a test whose run ended in a host fault, in the sandbox (per repeat).
+Cheap next to a lost CI run: a 4-vCPU smoke test costs about 2 minutes a run there."""
 RCU_STALL_MARKERS = ("rcu_sched detected stalls", "rcu: INFO:")
 GUEST_CRASH_MARKERS = ("Kernel panic", "Oops:", "BUG: ", "general protection fault",
                        "soft lockup", "hard LOCKUP", *RCU_STALL_MARKERS)

@@ -56,7 +56,7 @@ def test_a_bare_vm_run_lost_to_the_host_is_rerun_in_the_sandbox(
     # never reruns.
     results = iter([_vm("hung", "no guest progress")] * (SANDBOX_RETRIES + 2))
     result, lost = run_vm(lambda: next(results))
-    assert result.reason == "hung" and len(lost) == SANDBOX_RETRIES == 2
+    assert result.reason == "hung" and len(lost) == SANDBOX_RETRIES == 4
     assert vm_fault(_vm("reboot", "")) is None
     assert vm_fault(_vm("hung", "x", console="Kernel panic - not syncing: boom")) is None
 
