@@ -36,6 +36,9 @@ from ktstr.cpulist import format_cpu_list
 from ktstr.errors import KtstrError
 from ktstr.telemetry import CgroupStats, Overhead, ScenarioResult, WorkerStats, telemetry_of
 
+FAIRNESS_SPREAD_PCT = 15.0
+"""The default off-CPU spread allowed between the workers of one cgroup, in points."""
+
 
 @dataclass(frozen=True)
 class Checks:
@@ -45,7 +48,7 @@ class Checks:
     starvation_gap_ms: float = 500.0
     starvation_cpu_pct: float = 10.0
     isolation: bool = True
-    fairness_spread_pct: float | None = 15.0
+    fairness_spread_pct: float | None = FAIRNESS_SPREAD_PCT
     max_gap_ms: float | None = 2000.0
     wake_p99_us: float | None = None
     throughput_cv: float | None = None
@@ -522,22 +525,40 @@ def check_weight_share(cgroups: list[CgroupStats], limit_pct: float) -> CheckRes
 
 
 def check_bandwidth(cgroups: list[CgroupStats], limit_pct: float) -> CheckResult:
-    """A cgroup with ``cpu.max`` stays within its limit (plus ``limit_pct``)."""
+    """A cgroup with ``cpu.max`` stays within its limit, plus ``limit_pct`` and one
+    period's quota over its wall time (:func:`period_allowance_pct`)."""
     limited = [c for c in cgroups if c.cpu_max_cpus is not None and c.wall_ns > 0]
     if not limited:
         return CheckResult("bandwidth", True, None, limit_pct, "no cgroup has a cpu.max limit")
-    c = max(limited, key=lambda c: c.cpus_busy / (c.cpu_max_cpus or 1))
-    limit = c.cpu_max_cpus or 0.0
-    over = (c.cpus_busy / limit - 1) * 100
-    ok = over <= limit_pct
+
+    def allowed(c: CgroupStats) -> float:
+        return limit_pct + period_allowance_pct(c.cpu_max_period_us, c.wall_ns)
+
+    def over_pct(c: CgroupStats) -> float:
+        return (c.cpus_busy / (c.cpu_max_cpus or 1) - 1) * 100
+
+    c = max(limited, key=lambda c: over_pct(c) - allowed(c))
+    limit, over, allowance = c.cpu_max_cpus or 0.0, over_pct(c), allowed(c)
+    ok = over <= allowance
     throttled = c.cpu_stat.get("nr_throttled")
     return CheckResult(
-        "bandwidth", ok, round(over, 2), limit_pct,
+        "bandwidth", ok, round(over, 2), round(allowance, 2),
         f"cgroup {c.name}: used {c.cpus_busy:.3f} CPUs under cpu.max {limit:g} CPUs "
-        f"({over:+.1f}%, {'<=' if ok else '>'} +{limit_pct:g}%)"
+        f"({over:+.1f}%, {'<=' if ok else '>'} +{allowance:.1f}%"
+        + (f": {limit_pct:g}% and one {(c.cpu_max_period_us or 0) / 1000:g} ms period of "
+           f"{c.wall_ns / 1e6:.0f} ms" if allowance > limit_pct else "") + ")"
         + (f"; throttled {throttled} times" if throttled is not None else ""),
         cgroup=c.name,
     )
+
+
+def period_allowance_pct(period_us: int | None, wall_ns: int) -> float:
+    """How far over its limit a cgroup can run with no fault of the scheduler: a window of
+    ``wall_ns`` starts with the current period's quota whole, so it can hold one period's
+    quota more than its length is worth (10 % of a 1 s window at the 100 ms default)."""
+    if not period_us or wall_ns <= 0:
+        return 0.0
+    return 100.0 * period_us * 1000 / wall_ns
 
 
 # ---- scheduler health from a console / kernel log ------------------------------------

@@ -173,6 +173,8 @@ class CgroupStats:
     """A ``cpu.weight`` or ``cpu.weight.nice`` was declared for it (even the default)."""
     cpu_max_cpus: float | None = None
     """Its ``cpu.max`` limit in CPUs (None: no limit)."""
+    cpu_max_period_us: int | None = None
+    """That limit's period (None: no limit)."""
     frozen_ms: float = 0.0
     """Its longest freeze (cgroup.freeze) during the run."""
     cpu_stat: dict[str, int] = field(default_factory=dict)
@@ -187,7 +189,8 @@ class CgroupStats:
     def aggregate(
         cls, name: str, cpus: Sequence[int], workers: Sequence[WorkerStats], *,
         controls: str = "", weight: int | None = None, cpu_max_cpus: float | None = None,
-        frozen_ms: float = 0.0, cpu_stat: Mapping[str, int] | None = None,
+        cpu_max_period_us: int | None = None, frozen_ms: float = 0.0,
+        cpu_stat: Mapping[str, int] | None = None,
     ) -> CgroupStats:
         """The cgroup's record, whole: its workers' aggregates and its controller settings.
 
@@ -213,6 +216,7 @@ class CgroupStats:
             weight=100 if weight is None else weight,
             weight_set=weight is not None,
             cpu_max_cpus=cpu_max_cpus,
+            cpu_max_period_us=cpu_max_period_us if cpu_max_cpus is not None else None,
             frozen_ms=frozen_ms,
             cpu_stat=dict(cpu_stat or {}),
         )

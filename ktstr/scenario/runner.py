@@ -584,6 +584,7 @@ class Runner:
                 controls=c.describe(),
                 weight=c.effective_weight if c.weight_declared else None,
                 cpu_max_cpus=c.cpu_max.limit_cpus if c.cpu_max else None,
+                cpu_max_period_us=c.cpu_max.period_us if c.cpu_max else None,
                 frozen_ms=round(cg.frozen_s * 1000, 1),
                 cpu_stat=cg.cpu_stat if cg.cpu_stat is not None else self.backend.cpu_stat(name),
             ))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ktstr.checks import Checks, check_bandwidth, check_weight_share
+from ktstr.checks import Checks, check_bandwidth, check_weight_share, period_allowance_pct
 from ktstr.errors import KtstrError
 from ktstr.scenario.cgroups import V1Backend, cgroup_mounts, v1_mounts
 from ktstr.scenario.controls import CgroupControls, CpuMax, nice_to_weight, v1_writes, v2_writes
@@ -133,6 +133,23 @@ def test_bandwidth_check() -> None:
     assert check_bandwidth([_stats("a", 520_000_000, cpu_max=0.5)], 10).passed
     over = check_bandwidth([_stats("a", 800_000_000, cpu_max=0.5)], 10)
     assert not over.passed and "used 0.800 CPUs under cpu.max 0.5 CPUs" in over.message
+
+
+def test_bandwidth_allows_one_period_of_the_window() -> None:
+    # A 1 s window under a 100 ms period can hold 11 periods' quota: 0.55 of a 0.5 limit.
+    def capped(cpu_ns: int, wall_ns: int) -> CgroupStats:
+        worker = WorkerStats(cgroup="a", index=0, pid=1, work="spin", work_units=1,
+                             cpu_ns=cpu_ns, wall_ns=wall_ns)
+        return CgroupStats.aggregate("a", (0,), [worker], cpu_max_cpus=0.5,
+                                     cpu_max_period_us=100_000)
+
+    short = check_bandwidth([capped(580_000_000, 10**9)], 10)
+    assert short.passed and short.threshold == 20.0
+    assert "one 100 ms period of 1000 ms" in short.message
+    assert not check_bandwidth([capped(610_000_000, 10**9)], 10).passed
+    long = check_bandwidth([capped(5_800_000_000, 10 * 10**9)], 10)
+    assert not long.passed and long.threshold == 11.0  # the same 0.58 over 10 s is too much
+    assert period_allowance_pct(None, 10**9) == 0.0
 
 
 def test_checks_are_off_by_default() -> None:

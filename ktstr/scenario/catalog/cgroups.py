@@ -176,7 +176,7 @@ ENTRIES = [
     Scenario("uneven_cgroups", "advanced", "one lone worker beside three per CPU",
              _uneven_cgroups),
     Scenario("cgroup_churn_add_remove", "dynamic", "three short-lived cgroups added and "
-             "removed beside a steady one", _churn_add_remove),
+             "removed beside a steady one", _churn_add_remove, DYNAMIC),
     Scenario("cgroup_freeze_thaw", "dynamic", "a cgroup frozen for a third of the run, then "
              "thawed: it resumes", _freeze_thaw),
     Scenario("nested_weights", "nested", "children weighted 300:100 inside one parent",

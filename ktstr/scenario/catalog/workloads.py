@@ -92,7 +92,11 @@ def _fork_imbalance(p: Params) -> list[Step]:
 
 
 _PERIODIC = {"fairness_spread_pct": None}
-"""Mixed-role groups (leaders and followers, producers and consumers) are uneven by design."""
+"""Mixed-role groups (leaders and followers, producers and consumers, signallers and
+waiters) are uneven by design."""
+_YIELDERS = {"fairness_spread_pct": None}
+"""A yielder beside spinners waits for as long as the spinner on its CPU runs: its off-CPU
+time is what it hands away, so it says where it was placed, not how fair the scheduler is."""
 
 ENTRIES = [
     # stress
@@ -106,13 +110,13 @@ ENTRIES = [
     Scenario("idle_churn", "stress", "short bursts and 50 us sleeps: constant idle entry and "
              "exit", _alone(IdleChurn(), per_cpu=2.0)),
     Scenario("cache_yield", "stress", "touch a 256 KB working set, then sched_yield",
-             _alone(CacheYield(), beside=True)),
+             _alone(CacheYield(), beside=True), _YIELDERS),
     Scenario("numa_working_set_sweep", "stress", "sweep a 64 MB working set page by page",
              _alone(NumaWorkingSetSweep())),
     Scenario("fan_out_compute", "stress", "a leader hands work to followers and waits for "
              "all", _alone(FanOutCompute()), _PERIODIC),
     Scenario("epoll_storm", "stress", "pairs signalling bursts of eventfds to epoll waiters",
-             _alone(EpollStorm())),
+             _alone(EpollStorm()), _PERIODIC),
     Scenario("signal_storm", "stress", "pairs exchanging bursts of real-time signals",
              _alone(SignalStorm())),
     Scenario("smt_sibling_spin", "stress", "pairs spinning on one cache line, on SMT "
