@@ -1,10 +1,10 @@
 """False-positive rate of the default checks on this host's scheduler.
 
 Runs the steady scenarios (which a correct scheduler must pass) many times
-in host mode with short durations and prints how often a check failed
-anyway, with the failing check's message.
+in host mode, as ``ktstr run`` does (3 s each unless ``--duration``), and prints how
+often a check failed anyway, with the failing check's message.
 
-    python benchmarks/false_positive.py [--runs 50] [--duration 1.0] [--json]
+    python benchmarks/false_positive.py [--runs 50] [--duration 3] [--json]
     python benchmarks/false_positive.py --catalog --repeats 3   # every default-run entry
 
 A scenario needing a cgroup control this host lacks is counted as skipped, not run.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ktstr.scenario.host import run_host
+from ktstr.scenario.host import DEFAULT_DURATION_S, run_host
 
 STEADY = ("steady", "steady_llc", "oversubscribed", "nested_steady")
 
@@ -29,7 +29,8 @@ STEADY = ("steady", "steady_llc", "oversubscribed", "nested_steady")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=50)
-    ap.add_argument("--duration", type=float, default=1.0)
+    ap.add_argument("--duration", type=float, default=DEFAULT_DURATION_S,
+                    help=f"seconds per run (default {DEFAULT_DURATION_S:g}, as ktstr run)")
     ap.add_argument("--scenarios", default=",".join(STEADY))
     ap.add_argument("--catalog", action="store_true",
                     help="every scenario of the default run, --repeats times each")

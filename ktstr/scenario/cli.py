@@ -9,6 +9,7 @@ from typing import Any
 
 from ktstr.errors import KtstrError
 from ktstr.scenario import catalog
+from ktstr.scenario.host import DEFAULT_DURATION_S
 
 
 def register(sub: Any) -> None:
@@ -28,8 +29,8 @@ def register(sub: Any) -> None:
                    help="every scenario of the catalog, the expected failures too")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="scenarios to run (default: every scenario in the default run)")
-    p.add_argument("--duration", type=float, default=3.0, metavar="S",
-                   help="seconds per scenario (default 3)")
+    p.add_argument("--duration", type=float, default=DEFAULT_DURATION_S, metavar="S",
+                   help=f"seconds per scenario (default {DEFAULT_DURATION_S:g})")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="workers per cgroup (default: one per CPU)")
     p.add_argument("--cpuset", default=None, metavar="SPEC",

@@ -270,10 +270,14 @@ def _reap_all(timeout: float = 2.0) -> None:
         time.sleep(0.01)
 
 
+DEFAULT_DURATION_S = 3.0
+"""Seconds per scenario of ``ktstr run``."""
+
+
 def run_host(
     names: Sequence[str],
     *,
-    duration: float = 3.0,
+    duration: float = DEFAULT_DURATION_S,
     workers: int | None = None,
     cpuset: str | None = None,
     checks: Checks | dict[str, Any] | None = None,
