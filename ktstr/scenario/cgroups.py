@@ -136,10 +136,16 @@ class V2Backend(CgroupBackend):
     ) -> None:
         for name in sorted(explicit, key=lambda n: n.count("/")):
             cpus = explicit[name]
-            _write(
-                os.path.join(self.path(name), "cpuset.cpus"),
-                format_cpu_list(cpus) if cpus is not None else "",
-            )
+            path = os.path.join(self.path(name), "cpuset.cpus")
+            try:
+                _write(path, format_cpu_list(cpus) if cpus is not None else "")
+            except OSError as err:
+                # 6.12 refuses to empty a populated cgroup's cpuset.cpus (ENOSPC) where 6.18
+                # lets it inherit: give it what it would inherit. Every cpuset change
+                # rewrites it, so it still follows its parent.
+                if cpus is not None or err.errno != errno.ENOSPC or name not in effective:
+                    raise
+                _write(path, format_cpu_list(effective[name]))
 
     def effective_cpus(self, name: str) -> list[int]:
         with open(os.path.join(self.path(name), "cpuset.cpus.effective")) as f:
