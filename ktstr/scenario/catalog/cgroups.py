@@ -172,7 +172,7 @@ ENTRIES = [
     Scenario("cpuset_overlap_imbalance", "advanced", "overlapping cpusets with 4:1 worker "
              "counts", _cpuset_overlap_imbalance, DYNAMIC),
     Scenario("load_oscillation", "advanced", "a burst cgroup's workers come and go twice",
-             _load_oscillation),
+             _load_oscillation, DYNAMIC),
     Scenario("uneven_cgroups", "advanced", "one lone worker beside three per CPU",
              _uneven_cgroups),
     Scenario("cgroup_churn_add_remove", "dynamic", "three short-lived cgroups added and "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ class IoRandRead(Work):
 
     The parent writes the file once (all workers of the batch share it); every
     ``drop_every`` units a worker drops it from the page cache (POSIX_FADV_DONTNEED,
-    0 = never) so reads go to the device again and the worker blocks in I/O. Buffered
-    reads: O_DIRECT would tie the work to a filesystem that supports it.
+    0 = never) so reads go to the device again and the worker blocks in I/O; a kernel
+    without fadvise (no CONFIG_ADVISE_SYSCALLS) keeps them cached. Buffered reads:
+    O_DIRECT would tie the work to a filesystem that supports it.
     """
 
     name: ClassVar[str] = "io_rand_read"
@@ -84,9 +86,16 @@ class IoRandRead(Work):
         blocks = self.file_mb * _MB // block
         rand = rt.rng.randrange
         units = 0
+        drop_every = self.drop_every
         while True:
-            if self.drop_every and units % self.drop_every == 0:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if drop_every and units % drop_every == 0:
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                except OSError as err:
+                    # A kernel without CONFIG_ADVISE_SYSCALLS: the reads stay cached.
+                    if err.errno != errno.ENOSYS:
+                        raise
+                    drop_every = 0
             for _ in range(self.reads):
                 off = rand(blocks) * block
                 got = len(os.pread(fd, block, off))
