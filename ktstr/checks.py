@@ -494,30 +494,32 @@ def competing_siblings(cgroups: Iterable[CgroupStats]) -> list[list[CgroupStats]
 
 
 def check_weight_share(cgroups: list[CgroupStats], limit_pct: float) -> CheckResult:
-    """Each competing sibling's share of their CPU time against its weight's share."""
+    """Each competing sibling's share of their CPU time against its weight's share, over
+    the workers' measurement windows: the first cgroup's workers run alone while the
+    harness forks the others, which says nothing of the weights."""
     worst: tuple[float, list[CgroupStats], CgroupStats] | None = None
     for group in competing_siblings(cgroups):
-        total_cpu = sum(c.cpu_ns for c in group)
+        total_cpu = sum(c.window_cpu_ns for c in group)
         total_weight = sum(c.weight for c in group)
         if total_cpu <= 0:
             continue
         for c in group:
             expected = c.weight / total_weight
-            error = abs(c.cpu_ns / total_cpu / expected - 1) * 100
+            error = abs(c.window_cpu_ns / total_cpu / expected - 1) * 100
             if worst is None or error > worst[0]:
                 worst = (error, group, c)
     if worst is None:
         return CheckResult("weight_share", True, None, limit_pct,
                            "no sibling cgroups with a cpu.weight competed for the same CPUs")
     error, group, c = worst
-    total_cpu = sum(g.cpu_ns for g in group)
+    total_cpu = sum(g.window_cpu_ns for g in group)
     total_weight = sum(g.weight for g in group)
     ok = error <= limit_pct
     return CheckResult(
         "weight_share", ok, round(error, 2), limit_pct,
         f"cgroups {', '.join(g.name for g in group)} on CPUs {format_cpu_list(group[0].cpus)}: "
         f"weights {':'.join(str(g.weight) for g in group)}, CPU shares "
-        f"{':'.join(f'{g.cpu_ns / total_cpu * 100:.1f}%' for g in group)} (expected "
+        f"{':'.join(f'{g.window_cpu_ns / total_cpu * 100:.1f}%' for g in group)} (expected "
         f"{':'.join(f'{g.weight / total_weight * 100:.1f}%' for g in group)}); cgroup "
         f"{c.name} is {error:.1f}% off its share ({'<=' if ok else '>'} {limit_pct:g}%)",
         cgroup=c.name,

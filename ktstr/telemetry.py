@@ -112,6 +112,9 @@ class WorkerStats:
     off_cpu_pct: float = 0.0
     """Share of the measurement window off-CPU: from when the step that spawned the
     worker finished its ops (all its siblings forked) to the snapshot."""
+    window_cpu_ns: int | None = None
+    """On-CPU time inside that window (None: no window opened, e.g. records made before
+    it existed): what siblings that all competed are compared on."""
     wake_latency: LatencySummary | None = None
     allowed_cpus: list[int] = field(default_factory=list)
     """Where the worker was allowed to run at the end (cpuset, narrowed by its affinity)."""
@@ -179,6 +182,9 @@ class CgroupStats:
     """Its longest freeze (cgroup.freeze) during the run."""
     cpu_stat: dict[str, int] = field(default_factory=dict)
     """The kernel's ``cpu.stat`` counters for it (usage, nr_throttled, throttled_usec)."""
+    window_cpu_ns: int = 0
+    """Its workers' on-CPU time inside their measurement windows (``cpu_ns`` for a worker
+    without one): the fork of later siblings does not count for the first ones."""
 
     @property
     def cpus_busy(self) -> float:
@@ -204,6 +210,8 @@ class CgroupStats:
             workers=len(workers),
             work_units=sum(w.work_units for w in workers),
             cpu_ns=sum(w.cpu_ns for w in workers),
+            window_cpu_ns=sum(w.cpu_ns if w.window_cpu_ns is None else w.window_cpu_ns
+                              for w in workers),
             off_cpu_pct_min=min(off) if off else 0.0,
             off_cpu_pct_max=max(off) if off else 0.0,
             off_cpu_spread=spread(off),

@@ -400,6 +400,7 @@ class WorkerHandle:
             cross_node_migrations=int(q[_XNODE]),
             max_gap_ms=gap / 1e6,
             off_cpu_pct=off_cpu_pct(now - win_start, cpu_ns - win_cpu),
+            window_cpu_ns=max(0, cpu_ns - win_cpu) if self.window is not None else None,
             wake_latency=(
                 LatencySummary.from_ns(lat_samples, int(q[_LATMAX])) if lat_n else None
             ),

@@ -135,6 +135,21 @@ def test_bandwidth_check() -> None:
     assert not over.passed and "used 0.800 CPUs under cpu.max 0.5 CPUs" in over.message
 
 
+def test_weight_share_counts_only_the_measurement_window() -> None:
+    # w0's worker ran alone for 0.3 s while the harness forked w1's: outside its window.
+    def cg(name: str, cpu_ns: int, window_cpu_ns: int, weight: int) -> CgroupStats:
+        worker = WorkerStats(cgroup=name, index=0, pid=1, work="spin", work_units=1,
+                             cpu_ns=cpu_ns, wall_ns=10**9, window_cpu_ns=window_cpu_ns)
+        return CgroupStats.aggregate(name, (0,), [worker], weight=weight)
+
+    group = [cg("w0", 600_000_000, 300_000_000, 100), cg("w1", 300_000_000, 300_000_000, 100)]
+    assert group[0].window_cpu_ns == 300_000_000
+    result = check_weight_share(group, 15)
+    assert result.passed and result.value == 0.0 and "50.0%:50.0%" in result.message
+    whole = [cg("w0", 600_000_000, 600_000_000, 100), cg("w1", 300_000_000, 300_000_000, 100)]
+    assert not check_weight_share(whole, 15).passed
+
+
 def test_bandwidth_allows_one_period_of_the_window() -> None:
     # A 1 s window under a 100 ms period can hold 11 periods' quota: 0.55 of a 0.5 limit.
     def capped(cpu_ns: int, wall_ns: int) -> CgroupStats:
