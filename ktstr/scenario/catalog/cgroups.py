@@ -4,9 +4,11 @@ limits, freezing, nesting, and load that is uneven across cgroups, LLCs and cpus
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from ktstr.checks import Checks
 from ktstr.scenario.catalog.base import DYNAMIC, Params, Scenario, one
-from ktstr.scenario.controls import CgroupControls, CpuMax
+from ktstr.scenario.controls import CgroupControls, CpuMax, nice_to_weight
 from ktstr.scenario.model import (
     AddCgroup,
     CaptureCgroupProcs,
@@ -27,10 +29,24 @@ _SHARES = {"fairness_spread_pct": 25.0}
 """Weighted siblings share CPUs unevenly on purpose; spread is judged loosely within each."""
 
 
+WORKERS_PER_CPU = 2
+"""Workers of each weighted cgroup per CPU (:func:`_weighted`)."""
+
+
+def _weighted_checks(*weights: int, nice: bool = False, share_pct: float) -> dict[str, Any]:
+    """Checks of :func:`_weighted` siblings. The lightest one's workers get a small share
+    of a CPU by design (weight 50 of 750 gives each 3.3 %), below the starvation check's
+    10 %: a worker is starved when it gets under half of what its weight is owed."""
+    cpu = [nice_to_weight(w) if nice else w for w in weights]
+    owed_pct = 100.0 * min(cpu) / sum(cpu) / WORKERS_PER_CPU
+    return {**_SHARES, "weight_share_pct": share_pct,
+            "starvation_cpu_pct": min(Checks().starvation_cpu_pct, owed_pct / 2)}
+
+
 def _weighted(*weights: int, nice: bool = False) -> Callable[[Params], list[Step]]:
     def build(p: Params) -> list[Step]:
         return one(*(
-            CgroupDef(f"w{i}", workers=2 * p.w,
+            CgroupDef(f"w{i}", workers=WORKERS_PER_CPU * p.w,
                       controls=CgroupControls(weight_nice=w) if nice
                       else CgroupControls(weight=w))
             for i, w in enumerate(weights)
@@ -147,12 +163,12 @@ def _idle_policy_mix(p: Params) -> list[Step]:
 ENTRIES = [
     Scenario("cgroup_weight_2to1", "advanced", "two saturated sibling cgroups, cpu.weight "
              "200:100: CPU time 2:1", _weighted(200, 100),
-             {**_SHARES, "weight_share_pct": 20.0}),
+             _weighted_checks(200, 100, share_pct=20.0)),
     Scenario("cgroup_weight_tiers", "advanced", "four saturated cgroups weighted "
              "50/100/200/400", _weighted(50, 100, 200, 400),
-             {**_SHARES, "weight_share_pct": 45.0}),
+             _weighted_checks(50, 100, 200, 400, share_pct=45.0)),
     Scenario("cgroup_nice_weights", "advanced", "cpu.weight.nice -5 beside +5 (about 10:1)",
-             _weighted(-5, 5, nice=True), {**_SHARES, "weight_share_pct": 50.0}),
+             _weighted(-5, 5, nice=True), _weighted_checks(-5, 5, nice=True, share_pct=50.0)),
     Scenario("cgroup_weight_change_midrun", "advanced", "equal cgroups, then one weighted "
              "x4 mid-run", _weight_change, _SHARES),
     Scenario("cgroup_bandwidth_half", "advanced", "cpu.max of half a CPU on a cgroup that "
