@@ -58,6 +58,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise KtstrError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.retries < 0:
         raise KtstrError(f"--retries must be >= 0, got {args.retries}")
+    if args.retries:
+        # One run id for every attempt, so a retry finds what the lost one passed.
+        from ktstr.results.sidecar import run_id
+
+        run_id()
     for attempt in range(args.retries + 1):
         try:
             return run_in_sandbox(command, memory_mb=args.memory_mb, cpus=args.cpus,

@@ -51,7 +51,8 @@ def test_readme_walkthrough_runs_a_vm_test_from_the_installed_wheel(
     assert entry.key in {json.loads(line)["key"] for line in listed.splitlines()}, listed
 
     # The README's command, as written there.
-    proc = run(".venv/bin/ktstr", "sandbox", "run", "--", ".venv/bin/python", "-m", "pytest",
+    proc = run(".venv/bin/ktstr", "sandbox", "run", "--retries", "2", "--",
+               ".venv/bin/python", "-m", "pytest",
                "tests", "--ktstr-scheduler", "./build/scx_mine", timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "1 passed" in proc.stdout, proc.stdout[-2000:]
