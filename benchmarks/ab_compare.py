@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ktstr.results.compare import Status, compare_runs
 from ktstr.results.metrics import repeats_of
-from ktstr.results.sidecar import RESULTS_DIR_ENV, RUN_ID_ENV, Record, load_run
+from ktstr.results.sidecar import RESULTS_DIR_ENV, Record, load_run
+from ktstr.runid import RUN_ID_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEST = "tests/vm/test_scheduling.py::test_steady"

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from ktstr.results.sidecar import (
     RESULTS_DIR_ENV,
-    RUN_ID_ENV,
     SCHEMA_VERSION,
     load_run,
-    new_run_id,
     resolve_run,
     results_root,
-    run_id,
     summarize_workers,
     write_sidecar,
 )
+from ktstr.runid import RUN_ID_ENV, new_run_id, run_id
 
 __all__ = [
     "RESULTS_DIR_ENV",

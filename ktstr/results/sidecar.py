@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import stat
 import tempfile
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ktstr.errors import KtstrError
+from ktstr.runid import UNSAFE, run_id
 from ktstr.vmm.threadtime import mean_dilation
 
 if TYPE_CHECKING:
@@ -51,13 +51,11 @@ if TYPE_CHECKING:
     from ktstr.testing.run import Attempt, RunPlan, Verdict
 
 SCHEMA_VERSION = 1
-RUN_ID_ENV = "KTSTR_RUN_ID"
 RESULTS_DIR_ENV = "KTSTR_RESULTS_DIR"
 DEFAULT_RESULTS_DIR = "ktstr-results"
 
 Record = dict[str, Any]
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 
 # Telemetry field names by what "worse" means; used to pick how to aggregate.
 LOWER_IS_BETTER = ("gap", "latency", "lat_", "_lat", "stall", "starv", "spread", "off_cpu",
@@ -87,25 +85,6 @@ def check_results_root(root: Path | None = None) -> Path:
     return root
 
 
-def new_run_id(now: float | None = None) -> str:
-    """A sortable timestamp id, ``YYYYmmdd-HHMMSS``."""
-    return time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
-
-
-def run_id() -> str:
-    """This process's run id: ``$KTSTR_RUN_ID``, else a timestamp (then exported so that
-    child processes such as pytest-xdist workers share it)."""
-    current = os.environ.get(RUN_ID_ENV)
-    if not current:
-        current = new_run_id()
-        os.environ[RUN_ID_ENV] = current
-    if _UNSAFE.search(current) or current.startswith("."):
-        raise KtstrError(
-            f"{RUN_ID_ENV}={current!r}: use letters, digits, '.', '_', '=' or '-' only"
-        )
-    return current
-
-
 def sidecar_name(test: str, scheduler: str = "", profile: str = "", topology: str = "") -> str:
     """A readable file name, distinct for every (test, scheduler, profile, topology).
 
@@ -114,7 +93,7 @@ def sidecar_name(test: str, scheduler: str = "", profile: str = "", topology: st
     take identity from the content, so older names without it still load.
     """
     readable = "__".join(p for p in (test, scheduler, profile, topology) if p)
-    readable = _UNSAFE.sub("_", readable).strip("_").lstrip(".")[:180] or "result"
+    readable = UNSAFE.sub("_", readable).strip("_").lstrip(".")[:180] or "result"
     ident = json.dumps([test, scheduler, profile, topology]).encode()
     return f"{readable}-{hashlib.sha256(ident).hexdigest()[:12]}.json"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ktstr import tools
 from ktstr.errors import KtstrError
+from ktstr.runid import run_id
 from ktstr.sandbox.detect import RESUME_ENV, detect_kvm, in_sandbox
 from ktstr.sandbox.kernel import describe_kernel
 from ktstr.sandbox.qemu import QEMU_BINARY
@@ -59,10 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.retries < 0:
         raise KtstrError(f"--retries must be >= 0, got {args.retries}")
     if args.retries:
-        # One run id for every attempt, so a retry finds what the lost one passed.
-        from ktstr.results.sidecar import run_id
-
-        run_id()
+        run_id()  # one run id for every attempt: a retry finds what the lost one passed
     for attempt in range(args.retries + 1):
         try:
             return run_in_sandbox(command, memory_mb=args.memory_mb, cpus=args.cpus,
