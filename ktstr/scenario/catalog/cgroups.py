@@ -8,7 +8,7 @@ from typing import Any
 
 from ktstr.checks import Checks
 from ktstr.scenario.catalog.base import DYNAMIC, Params, Scenario, one
-from ktstr.scenario.controls import CgroupControls, CpuMax, nice_to_weight
+from ktstr.scenario.controls import CgroupControls, CpuMax
 from ktstr.scenario.model import (
     AddCgroup,
     CaptureCgroupProcs,
@@ -33,11 +33,15 @@ WORKERS_PER_CPU = 2
 """Workers of each weighted cgroup per CPU (:func:`_weighted`)."""
 
 
+def _weight_controls(weight: int, nice: bool) -> CgroupControls:
+    return CgroupControls(weight_nice=weight) if nice else CgroupControls(weight=weight)
+
+
 def _weighted_checks(*weights: int, nice: bool = False, share_pct: float) -> dict[str, Any]:
     """Checks of :func:`_weighted` siblings. The lightest one's workers get a small share
     of a CPU by design (weight 50 of 750 gives each 3.3 %), below the starvation check's
     10 %: a worker is starved when it gets under half of what its weight is owed."""
-    cpu = [nice_to_weight(w) if nice else w for w in weights]
+    cpu = [_weight_controls(w, nice).effective_weight for w in weights]
     owed_pct = 100.0 * min(cpu) / sum(cpu) / WORKERS_PER_CPU
     return {**_SHARES, "weight_share_pct": share_pct,
             "starvation_cpu_pct": min(Checks().starvation_cpu_pct, owed_pct / 2)}
@@ -46,9 +50,7 @@ def _weighted_checks(*weights: int, nice: bool = False, share_pct: float) -> dic
 def _weighted(*weights: int, nice: bool = False) -> Callable[[Params], list[Step]]:
     def build(p: Params) -> list[Step]:
         return one(*(
-            CgroupDef(f"w{i}", workers=WORKERS_PER_CPU * p.w,
-                      controls=CgroupControls(weight_nice=w) if nice
-                      else CgroupControls(weight=w))
+            CgroupDef(f"w{i}", workers=WORKERS_PER_CPU * p.w, controls=_weight_controls(w, nice))
             for i, w in enumerate(weights)
         ))
     return build
