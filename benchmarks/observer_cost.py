@@ -1,12 +1,22 @@
-"""What the host-side observer costs a VM test: sample time and the workers' work.
+"""What the host-side observer costs a VM test: sample time, host CPU, and the workers' work.
 
 Runs one steady scenario (four workers in two cgroups, ``--duration`` seconds) on each
 ``--topology``, alternating the observer on and off, ``--runs`` times each, in fresh
-VMs. Prints per topology the median host time of one monitor sample (and p99), the time
-drgn took to open the guest, and the workers' total work units with the observer on as
-a ratio of off (same topology, same run). Needs usable KVM: run it inside the sandbox.
+VMs. Prints per topology:
 
-    python -m ktstr sandbox run -- python benchmarks/observer_cost.py [--runs 3]
+- one monitor sample's host time (median and p99 over every sample of every run);
+- the observer thread's own host CPU as a share of the vCPU threads' host CPU over the
+  same window (what it takes from the guest where host CPUs are saturated), and its busy
+  time as a share of wall time (the longest it can have held the GIL a vCPU exit needs);
+- the workers' total work units, observer on over off, with a bootstrap 95 % interval and
+  the Mann-Whitney p-value: how well this host can resolve the direct figure at all.
+
+A run that fails (the emulated host loses some boots, more at 16 vCPUs) is started again,
+up to ``--attempts`` times; the losses are counted. Needs usable KVM: run it inside the
+sandbox.
+
+    python -m ktstr sandbox run -- python benchmarks/observer_cost.py --runs 4 \\
+        --topology 1n1l2c1t --topology 1n2l8c1t
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,69 +43,116 @@ TEST_FILE = Path(__file__).resolve().parent.parent / "tests" / "vm" / "test_sche
 class Result:
     ok: bool
     work: int = 0
-    median_ms: float | None = None
-    p99_ms: float | None = None
+    lost: list[str] = field(default_factory=list)
+    """The first line of each failed attempt before this one."""
+    sample_ms: list[float] = field(default_factory=list)
+    cost: dict[str, float | None] = field(default_factory=dict)
     open_s: float | None = None
     interval_s: float | None = None
     note: str = ""
 
 
-def one(kernel: Path, files: KernelFiles | None, topo: Topology, duration: float) -> Result:
-    run = run_guest(GuestRequest(kernel=kernel, scenario="test_scheduling:test_steady",
-                                 test_file=TEST_FILE, topology=topo, duration_s=duration,
-                                 observe=files))
-    if not run.ok:
-        return Result(False, note=run.summary()[:300])
+def one(kernel: Path, files: KernelFiles | None, topo: Topology, duration: float,
+        attempts: int) -> Result:
+    lost: list[str] = []
+    for _ in range(attempts):
+        run = run_guest(GuestRequest(kernel=kernel, scenario="test_scheduling:test_steady",
+                                     test_file=TEST_FILE, topology=topo, duration_s=duration,
+                                     observe=files))
+        if run.ok:
+            break
+        lost.append(run.summary().strip().splitlines()[0][:200])
+    else:
+        return Result(False, lost=lost)
     workers = telemetry_of(run.result).get("workers") or []
-    out = Result(True, work=sum(int(w.get("work_units", 0)) for w in workers))
+    out = Result(True, work=sum(int(w.get("work_units", 0)) for w in workers), lost=lost)
     if run.observation is not None:
-        cost = run.observation.cost_summary()
-        out.median_ms, out.p99_ms = cost.get("median_ms"), cost.get("p99_ms")
-        out.open_s = run.observation.open_s
-        out.interval_s = run.observation.interval_s
-        out.note = "; ".join(run.observation.problems)
+        obs = run.observation
+        out.sample_ms = [round(c * 1e3, 3) for c in obs.sample_cost_s]
+        out.cost = obs.cost.record()
+        out.open_s, out.interval_s = obs.open_s, obs.interval_s
+        out.note = "; ".join(obs.problems)
     return out
 
 
 def _median(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
+    return round(statistics.median(known), 3) if known else None
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def work_ratio(on: list[int], off: list[int]) -> dict[str, float | None]:
+    """Mean work on over off, its bootstrap 95 % interval and the Mann-Whitney p-value."""
+    if not on or not off or not statistics.mean(off):
+        return {"ratio": None, "low": None, "high": None, "p": None}
+    ratio = statistics.mean(on) / statistics.mean(off)
+    if len(on) < 2 or len(off) < 2:
+        return {"ratio": round(ratio, 4), "low": None, "high": None, "p": None}
+    from scipy import stats
+
+    boot = stats.bootstrap((on, off), lambda a, b: a.mean() / b.mean(), vectorized=False,
+                           paired=False, n_resamples=4000, method="percentile",
+                           random_state=1)
+    p = stats.mannwhitneyu(on, off, alternative="two-sided").pvalue
+    return {"ratio": round(ratio, 4), "low": round(float(boot.confidence_interval.low), 4),
+            "high": round(float(boot.confidence_interval.high), 4), "p": round(float(p), 4)}
+
+
+def summarize(topo: Topology, runs: int, on: list[Result], off: list[Result]) -> dict:
+    good_on = [r for r in on if r.ok]
+    good_off = [r for r in off if r.ok]
+    samples = [ms for r in good_on for ms in r.sample_ms]
+    return {
+        "vcpus": topo.nr_cpus, "runs": runs, "ok_on": len(good_on), "ok_off": len(good_off),
+        "lost_boots": sum(len(r.lost) for r in on + off),
+        "samples": len(samples),
+        "sample_median_ms": _median(list(samples)),
+        "sample_p99_ms": _quantile(samples, 0.99),
+        "observer_cpu_pct_of_vcpus": _median([r.cost.get("cpu_pct_of_vcpus")
+                                              for r in good_on]),
+        "observer_cpu_pct_of_vcpus_max": max(
+            (v for r in good_on if (v := r.cost.get("cpu_pct_of_vcpus")) is not None),
+            default=None),
+        "observer_busy_pct": _median([r.cost.get("busy_pct") for r in good_on]),
+        "open_s": _median([r.open_s for r in good_on]),
+        "interval_s": _median([r.interval_s for r in good_on]),
+        "work_on_over_off": work_ratio([r.work for r in good_on], [r.work for r in good_off]),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=4.0)
+    ap.add_argument("--attempts", type=int, default=4,
+                    help="starts per run before it counts as failed (lost boots)")
     ap.add_argument("--topology", action="append", default=None,
-                    help="topology labels (default 1n2l2c1t and 1n2l4c1t)")
+                    help="topology labels (default 1n1l2c1t and 1n2l8c1t: 2 and 16 vCPUs)")
     ap.add_argument("--kernel", default="6.12")
     args = ap.parse_args()
+    if args.runs < 1 or args.attempts < 1 or not args.duration > 0:
+        ap.error("--runs and --attempts must be at least 1, --duration positive")
+    topologies = [Topology.parse(label) for label in args.topology or ["1n1l2c1t", "1n2l8c1t"]]
     entry = ensure_kernel(args.kernel, flavour="test")
     files = KernelFiles.of_entry(entry.path)
     summary = {}
-    for label in args.topology or ["1n2l2c1t", "1n2l4c1t"]:
-        topo = Topology.parse(label)
+    for topo in topologies:
         on: list[Result] = []
         off: list[Result] = []
         for i in range(args.runs):
             for observed in ((True, False) if i % 2 == 0 else (False, True)):
-                r = one(entry.bzimage, files if observed else None, topo, args.duration)
+                r = one(entry.bzimage, files if observed else None, topo, args.duration,
+                        args.attempts)
                 (on if observed else off).append(r)
-                print(label, "on " if observed else "off", json.dumps(asdict(r)), flush=True)
-        good_on = [r for r in on if r.ok]
-        good_off = [r for r in off if r.ok]
-        work_on = statistics.mean(r.work for r in good_on) if good_on else 0.0
-        work_off = statistics.mean(r.work for r in good_off) if good_off else 0.0
-        summary[label] = {
-            "vcpus": topo.nr_cpus, "runs": args.runs, "ok_on": len(good_on),
-            "ok_off": len(good_off),
-            "sample_median_ms": _median([r.median_ms for r in good_on]),
-            "sample_p99_ms": max((r.p99_ms for r in good_on if r.p99_ms is not None),
-                                 default=None),
-            "open_s": _median([r.open_s for r in good_on]),
-            "interval_s": _median([r.interval_s for r in good_on]),
-            "work_on_over_off": round(work_on / work_off, 4) if work_off else None,
-        }
+                shown = {k: v for k, v in asdict(r).items() if k != "sample_ms"}
+                print(topo.label, "on " if observed else "off", json.dumps(shown), flush=True)
+        summary[topo.label] = summarize(topo, args.runs, on, off)
     print(json.dumps(summary, indent=2))
     return 0
 

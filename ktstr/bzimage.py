@@ -139,6 +139,35 @@ def parse_bzimage(data: bytes, *, name: str = "kernel image") -> BzImage:
     )
 
 
+KERNEL_VERSION_OFFSET = 0x20E
+"""Setup header ``kernel_version``: where, less 0x200, the image's version string starts."""
+MAX_VERSION = 256
+SETUP_MAX = 256 * 512
+"""The boot sector and the setup sectors (``setup_sects`` is one byte) fit in this."""
+
+
+def kernel_version(data: bytes) -> str | None:
+    """The version string a bzImage carries in its setup sectors (``UTS_RELEASE
+    (user@host) UTS_VERSION``, what ``file`` prints), or None if it has none."""
+    if len(data) < KERNEL_VERSION_OFFSET + 2 or data[HEADER_MAGIC_OFFSET:][:4] != HEADER_MAGIC:
+        return None
+    pointer = _u16(data, KERNEL_VERSION_OFFSET)
+    if pointer == 0:
+        return None
+    start = pointer + 0x200
+    raw = data[start:start + MAX_VERSION].split(b"\0", 1)[0]
+    return raw.decode(errors="replace") or None
+
+
+def read_kernel_version(path: Path) -> str | None:
+    """:func:`kernel_version` of the bzImage at ``path`` (None if it cannot be read)."""
+    try:
+        with path.open("rb") as fh:
+            return kernel_version(fh.read(SETUP_MAX))
+    except OSError:
+        return None
+
+
 def load_bzimage(path: Path | str) -> BzImage:
     """Read and parse a bzImage file, with a clear error if it is missing or unreadable."""
     path = Path(path)

@@ -301,7 +301,7 @@ def _observer(req: GuestRequest) -> GuestObserver | None:
     if (problem := drgn_problem()) is not None:
         _say_once(problem)
         return None
-    return GuestObserver(req.observe, watch_maps=req.watch_maps)
+    return GuestObserver(req.observe, watch_maps=req.watch_maps, kernel=req.kernel)
 
 
 @functools.cache

@@ -9,10 +9,10 @@ guest RAM: the same keys the kernel's ``crash_save_vmcoreinfo`` would have writt
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 """x86-64 ``__START_KERNEL_map``: kernel image symbols are ``phys + this - phys_base``."""
@@ -26,6 +26,7 @@ is x86-64's ``swapper_pg_dir``)."""
 REQUIRED = SYMBOLS[:4]
 BANNER = b"Linux version "
 MAX_NOTES = 4096
+MAX_BANNER = 512
 
 
 class ObserveError(Exception):
@@ -74,29 +75,90 @@ def build_id_from_notes(notes: bytes) -> bytes | None:
     return None
 
 
-def vmlinux_build_id(vmlinux: Path) -> bytes | None:
-    """The GNU build id in ``vmlinux``'s note segments (ELF64 little-endian)."""
+PT_LOAD, PT_NOTE = 1, 4
+
+
+@dataclass(frozen=True)
+class _Segment:
+    ptype: int
+    offset: int
+    vaddr: int
+    filesz: int
+
+
+def _segments(fh: BinaryIO, vmlinux: Path) -> list[_Segment]:
+    ehdr = fh.read(64)
+    if ehdr[:4] != b"\x7fELF" or ehdr[4] != 2:
+        raise ObserveError(f"{vmlinux} is not an ELF64 file")
+    phoff, = struct.unpack_from("<Q", ehdr, 32)
+    phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
+    fh.seek(phoff)
+    phdrs = fh.read(phentsize * phnum)
+    out = []
+    for i in range(phnum):
+        ptype, _flags, offset, vaddr, _p, filesz = struct.unpack_from("<IIQQQQ", phdrs,
+                                                                       i * phentsize)
+        out.append(_Segment(ptype, offset, vaddr, filesz))
+    return out
+
+
+def _read_vmlinux(vmlinux: Path, read: Callable[[BinaryIO, list[_Segment]], bytes | None],
+                  ) -> bytes | None:
     try:
         with vmlinux.open("rb") as fh:
-            ehdr = fh.read(64)
-            if ehdr[:4] != b"\x7fELF" or ehdr[4] != 2:
-                raise ObserveError(f"{vmlinux} is not an ELF64 file")
-            phoff, = struct.unpack_from("<Q", ehdr, 32)
-            phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
-            fh.seek(phoff)
-            phdrs = fh.read(phentsize * phnum)
-            for i in range(phnum):
-                ptype, _flags, offset, _v, _p, filesz = struct.unpack_from(
-                    "<IIQQQQ", phdrs, i * phentsize)
-                if ptype == 4 and filesz <= MAX_NOTES:  # PT_NOTE
-                    fh.seek(offset)
-                    found = build_id_from_notes(fh.read(filesz))
-                    if found:
-                        return found
+            return read(fh, _segments(fh, vmlinux))
     except OSError as err:
         raise ObserveError(f"cannot read {vmlinux}: {err.strerror}") from None
     except struct.error:
         raise ObserveError(f"{vmlinux} has a truncated ELF header") from None
+
+
+def vmlinux_build_id(vmlinux: Path) -> bytes | None:
+    """The GNU build id in ``vmlinux``'s note segments (ELF64 little-endian)."""
+    def read(fh: BinaryIO, segments: list[_Segment]) -> bytes | None:
+        for seg in segments:
+            if seg.ptype == PT_NOTE and seg.filesz <= MAX_NOTES:
+                fh.seek(seg.offset)
+                found = build_id_from_notes(fh.read(seg.filesz))
+                if found:
+                    return found
+        return None
+    return _read_vmlinux(vmlinux, read)
+
+
+def vmlinux_banner(vmlinux: Path, banner_vaddr: int) -> str | None:
+    """``linux_banner`` as ``vmlinux`` holds it (its address from ``System.map``)."""
+    def read(fh: BinaryIO, segments: list[_Segment]) -> bytes | None:
+        for seg in segments:
+            if seg.ptype == PT_LOAD and seg.vaddr <= banner_vaddr < seg.vaddr + seg.filesz:
+                fh.seek(seg.offset + banner_vaddr - seg.vaddr)
+                return fh.read(min(MAX_BANNER, seg.vaddr + seg.filesz - banner_vaddr))
+        return None
+    raw = _read_vmlinux(vmlinux, read)
+    if raw is None:
+        return None
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def banner_mismatch(banner: str | None, image_version: str | None) -> str | None:
+    """Why a vmlinux whose ``linux_banner`` is ``banner`` cannot be the kernel whose bzImage
+    carries ``image_version`` (:func:`ktstr.bzimage.kernel_version`), or None if it can.
+
+    The banner is ``Linux version RELEASE (user@host) (compiler) UTS_VERSION``; the
+    image's string is ``RELEASE (user@host) UTS_VERSION``. Release and ``UTS_VERSION``
+    (build number, flags and build time) together tell two builds of one tree apart.
+    Unknown on either side (an image without the string) is not a mismatch."""
+    if banner is None or image_version is None:
+        return None
+    text = banner.strip()
+    if not text.startswith(BANNER.decode()):
+        return f"its linux_banner is not a kernel banner ({text[:60]!r})"
+    release = image_version.split(" ", 1)[0]
+    uts_at = image_version.rfind(") #")
+    uts_version = image_version[uts_at + 2:].strip() if uts_at != -1 else ""
+    if text[len(BANNER):].split(" ", 1)[0] != release or (
+            uts_version and not text.endswith(uts_version)):
+        return f"the booted bzImage is {image_version!r}; the vmlinux is {text!r}"
     return None
 
 

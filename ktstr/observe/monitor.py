@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ktstr.bzimage import read_kernel_version
 from ktstr.observe import state
 from ktstr.observe.bpf import BpfMapInfo, BpfProgInfo, BpfState, read_bpf, read_maps, read_progs
 from ktstr.observe.fastpath import (
@@ -34,9 +35,11 @@ from ktstr.observe.fastpath import (
 from ktstr.observe.kimage import (
     KernelImage,
     ObserveError,
+    banner_mismatch,
     kernel_phys,
     locate,
     read_symbols,
+    vmlinux_banner,
     vmlinux_build_id,
 )
 from ktstr.observe.program import GuestProgram, GuestRam, KernelFiles, open_program
@@ -106,6 +109,35 @@ class MapSample:
 
 
 @dataclass
+class ObserverCost:
+    """What the observer thread took from the host over a run: what it can take from
+    the guest. Its CPU time competes with the vCPU threads for host CPUs; its busy time
+    (awake, whether on a CPU or not) bounds how long it held the GIL, which a vCPU
+    thread needs to handle each exit."""
+
+    life_s: float = 0.0
+    """Wall time from the thread's start to its stop."""
+    cpu_s: float | None = None
+    """The thread's own host CPU time (schedstat), None where the host has none."""
+    busy_s: float = 0.0
+    """Wall time the thread was not asleep between samples."""
+    vcpu_cpu_s: float | None = None
+    """The vCPU threads' host CPU time while the observer sampled."""
+
+    def record(self) -> dict[str, float | None]:
+        def pct(part: float | None, whole: float | None) -> float | None:
+            return round(100 * part / whole, 3) if part is not None and whole else None
+        return {"life_s": round(self.life_s, 3),
+                "cpu_s": round(self.cpu_s, 4) if self.cpu_s is not None else None,
+                "busy_s": round(self.busy_s, 4),
+                "vcpu_cpu_s": (round(self.vcpu_cpu_s, 3) if self.vcpu_cpu_s is not None
+                               else None),
+                "cpu_pct": pct(self.cpu_s, self.life_s),
+                "busy_pct": pct(self.busy_s, self.life_s),
+                "cpu_pct_of_vcpus": pct(self.cpu_s, self.vcpu_cpu_s)}
+
+
+@dataclass
 class Observation:
     """What the observer saw of one run (``GuestRun.observation``)."""
 
@@ -143,6 +175,7 @@ class Observation:
     """The sampling interval the CPU budget allowed, at the end of the run."""
     poll_s: float | None = None
     """The exit-poll interval while a scheduler was attached, at the end."""
+    cost: ObserverCost = field(default_factory=ObserverCost)
 
     vcpu_regs: list[VcpuRegs] = field(default_factory=list)
     """Every vCPU's registers when the run ended hung or timed out."""
@@ -210,6 +243,7 @@ class Observation:
             "interval_s": round(self.interval_s, 4) if self.interval_s is not None else None,
             "poll_s": round(self.poll_s, 4) if self.poll_s is not None else None,
             "sample_cost": self.cost_summary(),
+            "cost": self.cost.record(),
             "samples": {"t": times, "cpus": cpus},
             "stalls": [vars(s) for s in sorted(self.stalls.values(),
                                                key=lambda s: -s.runnable_age_ms)],
@@ -241,10 +275,12 @@ class GuestObserver:
     def __init__(self, files: KernelFiles, *, interval_s: float = DEFAULT_INTERVAL_S,
                  exit_poll_s: float = EXIT_POLL_S, hz: int | None = None,
                  watch_maps: Sequence[str] = (), layout_root: Path | None = None,
-                 budget: float = CPU_BUDGET) -> None:
+                 budget: float = CPU_BUDGET, kernel: Path | None = None) -> None:
         if not interval_s > 0 or not exit_poll_s > 0:
             raise ValueError("observer intervals must be positive")
         self.files = files
+        self.kernel = kernel
+        """The booted bzImage, checked against ``files`` before anything is read."""
         self.interval_s = interval_s
         self.exit_poll_s = min(exit_poll_s, interval_s)
         self.hz = hz or files.hz()
@@ -261,6 +297,7 @@ class GuestObserver:
         self._machine: Machine | None = None
         self._next_maps = self._next_progs = 0.0
         self._start = 0.0
+        self._asleep_s = 0.0
         self._last_error = ""
 
     # --- RunObserver ---
@@ -311,12 +348,39 @@ class GuestObserver:
     # --- the thread ---
 
     def _main(self) -> None:
+        cost = self.observation.cost
+        began, cpu0 = time.monotonic(), thread_time()
         try:
             raw = self._locate()
             if raw is not None:
                 self._watch(raw)
         except Exception as err:  # never into the VM: the run goes on without us
             self.observation.note(f"observer: {type(err).__name__}: {err}")
+        finally:
+            cost.life_s = time.monotonic() - began
+            cost.busy_s = max(0.0, cost.life_s - self._asleep_s)
+            cpu1 = thread_time()
+            if cpu0 is not None and cpu1 is not None:
+                cost.cpu_s = (cpu1.run_ns - cpu0.run_ns) / 1e9
+
+    def _sleep(self, timeout: float) -> bool:
+        """Wait ``timeout`` seconds or until stopped (True); the wait is not busy time."""
+        began = time.monotonic()
+        try:
+            return self._stop.wait(timeout)
+        finally:
+            self._asleep_s += time.monotonic() - began
+
+    def _mismatch(self, symbols: dict[str, int]) -> str | None:
+        """Why the debug files cannot describe the booted bzImage, before any guest read."""
+        if self.kernel is None:
+            return None
+        why = banner_mismatch(vmlinux_banner(self.files.vmlinux, symbols["linux_banner"]),
+                              read_kernel_version(self.kernel))
+        if why is None:
+            return None
+        return (f"{self.files.vmlinux} is not the booted kernel ({why}); the run goes on "
+                "without the observer")
 
     def _locate(self) -> RawReader | None:
         """Wait for the decompressed kernel, check it, and get its layout."""
@@ -328,12 +392,16 @@ class GuestObserver:
             self.files.check()
             symbols = read_symbols(self.files.system_map)
             build_id = vmlinux_build_id(self.files.vmlinux)
+            mismatch = self._mismatch(symbols)
         except ObserveError as err:
             obs.note(str(err))
             return None
+        if mismatch is not None:
+            obs.note(mismatch)
+            return None
         banner = kernel_phys(symbols["linux_banner"])
         deadline = time.monotonic() + OPEN_DEADLINE_S
-        while not self._stop.wait(OPEN_RETRY_S):
+        while not self._sleep(OPEN_RETRY_S):
             # Cheap test first: the decompressed image's banner in place.
             if not mem.contains(banner, 16) or mem.read(banner, 14) != b"Linux version ":
                 if time.monotonic() > deadline:
@@ -365,13 +433,26 @@ class GuestObserver:
         return None
 
     def _watch(self, raw: RawReader) -> None:
+        """Sample until stopped, and count the vCPU threads' host CPU meanwhile (what the
+        observer's own CPU time is set against)."""
+        machine = self._machine
+        assert machine is not None
+        tids = [v.thread.native_id for v in machine.vcpus
+                if v.thread is not None and v.thread.native_id is not None]
+        before = _host_run_ns(tids)
+        try:
+            self._sample_until_stopped(raw, tids)
+        finally:
+            after = _host_run_ns(tids)
+            ran = [b - a for a, b in zip(before, after, strict=True) if a >= 0 and b >= 0]
+            self.observation.cost.vcpu_cpu_s = sum(ran) / 1e9 if ran else None
+
+    def _sample_until_stopped(self, raw: RawReader, tids: list[int]) -> None:
         """Sample and poll within the CPU budget: each interval stretches so that its
         measured cost stays under ``budget`` of one host CPU (under emulation a sample costs
         milliseconds; on real hardware the defaults hold)."""
         machine = self._machine
         assert machine is not None
-        tids = [v.thread.native_id for v in machine.vcpus
-                if v.thread is not None and v.thread.native_id is not None]
         sched_ext = raw.layout.sched_ext
         last_kind = 0
         now = time.monotonic()
@@ -381,7 +462,7 @@ class GuestObserver:
         while True:
             # The fast exit poll only while a scheduler is attached.
             wake = min(next_sample, next_poll) if enabled else next_sample
-            if self._stop.wait(max(0.0, wake - time.monotonic())):
+            if self._sleep(max(0.0, wake - time.monotonic())):
                 return
             now = time.monotonic()
             if sched_ext and (now >= next_poll or now >= next_sample):

@@ -211,9 +211,11 @@ def monitor_line(observer: object) -> str:
     worst = (f"; longest runnable wait {stalls[0].get('comm')}[{stalls[0].get('pid')}] "
              f"{float(stalls[0].get('runnable_age_ms') or 0):.0f} ms on CPU "
              f"{stalls[0].get('cpu')}") if stalls else ""
+    share = _mapping(observer.get("cost")).get("cpu_pct_of_vcpus")
+    took = f", observer CPU {share:.2f}% of the vCPUs'" if isinstance(share, float) else ""
     return (f"monitor: {len(times)} samples over {len(cpus)} CPUs, peak nr_running "
             f"{peak('nr_running')}, peak local DSQ {peak('local_dsq_nr')}, sample "
-            f"{cost.get('median_ms', '?')} ms median{worst}")
+            f"{cost.get('median_ms', '?')} ms median{took}{worst}")
 
 
 def _parse_abs(items: list[str]) -> dict[str, float]:

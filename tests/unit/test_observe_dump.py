@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ktstr.observe import state
 from ktstr.observe.dump import findings, write_dump
-from ktstr.observe.monitor import Observation, Sample, StallCandidate
+from ktstr.observe.monitor import Observation, ObserverCost, Sample, StallCandidate
 
 
 def _observation() -> Observation:
@@ -64,6 +64,12 @@ def test_stats_show_and_the_report_draw_the_monitor_samples(tmp_path: Path) -> N
     line = monitor_line(rec)
     assert line.startswith("monitor: 1 samples over 1 CPUs, peak nr_running 3")
     assert "longest runnable wait victim[42] 2500 ms on CPU 1" in line
+    assert "observer CPU" not in line  # no thread times: nothing claimed
+    obs = _observation()
+    obs.cost = ObserverCost(life_s=10.0, cpu_s=0.05, busy_s=0.2, vcpu_cpu_s=19.0)
+    cost = obs.to_record()["cost"]
+    assert cost["cpu_pct_of_vcpus"] == 0.263 and cost["busy_pct"] == 2.0
+    assert "observer CPU 0.26% of the vCPUs'" in monitor_line(obs.to_record())
     assert monitor_line({"problems": ["drgn is not importable"]}) == (
         "monitor: no samples (drgn is not importable)")
     assert monitor_line(None) == "" and monitor_line({"samples": "junk"}) == ""

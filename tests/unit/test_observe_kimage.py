@@ -104,3 +104,99 @@ def test_drgn_accepts_the_vmcoreinfo_as_a_kernel() -> None:
                                       | drgn.PlatformFlags.IS_LITTLE_ENDIAN))
     prog.set_linux_kernel_custom(image.vmcoreinfo(), True)
     assert prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL
+
+
+IMAGE_VERSION = "6.12.118 (root@vm) #1 SMP Fri Dec  4 04:17:34 UTC 2026"
+BANNER_TEXT = ("Linux version 6.12.118 (root@vm) (gcc (Debian 12.2.0-14) 12.2.0, GNU ld 2.40) "
+               "#1 SMP Fri Dec  4 04:17:34 UTC 2026\n")
+
+
+def _elf_with_load(path: Path, vaddr: int, payload: bytes) -> Path:
+    """A minimal ELF64 with one PT_LOAD of ``payload`` at ``vaddr`` (file offset 0x1000)."""
+    import struct
+
+    ehdr = bytearray(64)
+    ehdr[:5] = b"\x7fELF\x02"
+    struct.pack_into("<Q", ehdr, 32, 64)  # e_phoff
+    struct.pack_into("<HH", ehdr, 54, 56, 1)  # e_phentsize, e_phnum
+    phdr = struct.pack("<IIQQQQQQ", 1, 4, 0x1000, vaddr, vaddr, len(payload), len(payload), 0)
+    data = bytes(ehdr) + phdr
+    path.write_bytes(data + bytes(0x1000 - len(data)) + payload)
+    return path
+
+
+def test_the_vmlinux_banner_is_read_where_system_map_puts_it(tmp_path: Path) -> None:
+    from ktstr.observe.kimage import vmlinux_banner
+
+    base = 0xFFFFFFFF81000000
+    elf = _elf_with_load(tmp_path / "vmlinux", base,
+                         b"x" * 0x40 + BANNER_TEXT.encode() + b"\0tail")
+    assert vmlinux_banner(elf, base + 0x40) == BANNER_TEXT
+    assert vmlinux_banner(elf, base - 8) is None  # in no segment: unknown, not garbage
+    (tmp_path / "short").write_bytes(b"\x7fELF\x02" + bytes(10))
+    with pytest.raises(ObserveError, match="truncated"):
+        vmlinux_banner(tmp_path / "short", base)
+
+
+def test_a_vmlinux_of_another_build_is_told_apart_by_its_banner() -> None:
+    from ktstr.observe.kimage import banner_mismatch
+
+    assert banner_mismatch(BANNER_TEXT, IMAGE_VERSION) is None
+    assert banner_mismatch(None, IMAGE_VERSION) is None  # unknown is not a mismatch
+    assert banner_mismatch(BANNER_TEXT, None) is None
+    rebuilt = IMAGE_VERSION.replace("04:17:34", "05:00:01")  # same tree, built again
+    assert "the booted bzImage is '6.12.118" in (banner_mismatch(BANNER_TEXT, rebuilt) or "")
+    other = IMAGE_VERSION.replace("6.12.118", "6.6.60")
+    assert banner_mismatch(BANNER_TEXT, other) is not None
+    assert "not a kernel banner" in (banner_mismatch("garbage", IMAGE_VERSION) or "")
+
+
+def test_a_bzimage_carries_its_version_string() -> None:
+    import struct
+
+    from ktstr.bzimage import kernel_version
+
+    data = bytearray(0x4000)
+    data[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", data, 0x20E, 0x3000 - 0x200)
+    data[0x3000:0x3000 + len(IMAGE_VERSION) + 1] = IMAGE_VERSION.encode() + b"\0"
+    assert kernel_version(bytes(data)) == IMAGE_VERSION
+    struct.pack_into("<H", data, 0x20E, 0)
+    assert kernel_version(bytes(data)) is None  # no string: unknown
+    assert kernel_version(b"not a kernel") is None
+    struct.pack_into("<H", data, 0x20E, 0xFFFF)  # points past the end: nothing, no raise
+    assert kernel_version(bytes(data)) is None
+
+
+class _UntouchableRam:
+    def read(self, gpa: int, length: int) -> bytes:
+        raise AssertionError("guest RAM was read")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        raise AssertionError("guest RAM was read")
+
+
+def test_the_observer_refuses_a_vmlinux_of_another_build_before_reading_the_guest(
+        tmp_path: Path) -> None:
+    import struct
+    from types import SimpleNamespace
+
+    from ktstr.observe.monitor import GuestObserver
+    from ktstr.observe.program import KernelFiles
+
+    _elf_with_load(tmp_path / "vmlinux", SYMS["linux_banner"], BANNER_TEXT.encode() + b"\0")
+    _system_map(tmp_path, SYMS)
+    image = bytearray(0x4000)
+    image[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", image, 0x20E, 0x3000 - 0x200)
+    rebuilt = IMAGE_VERSION.replace("04:17:34", "05:00:01").encode()
+    image[0x3000:0x3000 + len(rebuilt)] = rebuilt
+    (tmp_path / "bzImage").write_bytes(bytes(image))
+    observer = GuestObserver(KernelFiles.of_entry(tmp_path), kernel=tmp_path / "bzImage", hz=100)
+    observer._machine = SimpleNamespace(memory=_UntouchableRam(), vcpus=[])  # type: ignore[assignment]
+    observer._main()
+    [problem] = observer.observation.problems
+    assert "is not the booted kernel" in problem and "05:00:01" in problem
+    assert "goes on without the observer" in problem
+    cost = observer.observation.cost.record()
+    assert cost["life_s"] is not None and cost["vcpu_cpu_s"] is None  # it never sampled
