@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.ratio import mean_ratio
 from ktstr.kernel import ensure_kernel
 from ktstr.observe.program import KernelFiles
 from ktstr.runner import GuestRequest, run_guest
@@ -87,23 +88,6 @@ def _quantile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def work_ratio(on: list[int], off: list[int]) -> dict[str, float | None]:
-    """Mean work on over off, its bootstrap 95 % interval and the Mann-Whitney p-value."""
-    if not on or not off or not statistics.mean(off):
-        return {"ratio": None, "low": None, "high": None, "p": None}
-    ratio = statistics.mean(on) / statistics.mean(off)
-    if len(on) < 2 or len(off) < 2:
-        return {"ratio": round(ratio, 4), "low": None, "high": None, "p": None}
-    from scipy import stats
-
-    boot = stats.bootstrap((on, off), lambda a, b: a.mean() / b.mean(), vectorized=False,
-                           paired=False, n_resamples=4000, method="percentile",
-                           random_state=1)
-    p = stats.mannwhitneyu(on, off, alternative="two-sided").pvalue
-    return {"ratio": round(ratio, 4), "low": round(float(boot.confidence_interval.low), 4),
-            "high": round(float(boot.confidence_interval.high), 4), "p": round(float(p), 4)}
-
-
 def summarize(topo: Topology, runs: int, on: list[Result], off: list[Result]) -> dict:
     good_on = [r for r in on if r.ok]
     good_off = [r for r in off if r.ok]
@@ -122,7 +106,7 @@ def summarize(topo: Topology, runs: int, on: list[Result], off: list[Result]) ->
         "observer_busy_pct": _median([r.cost.get("busy_pct") for r in good_on]),
         "open_s": _median([r.open_s for r in good_on]),
         "interval_s": _median([r.interval_s for r in good_on]),
-        "work_on_over_off": work_ratio([r.work for r in good_on], [r.work for r in good_off]),
+        "work_on_over_off": mean_ratio([r.work for r in good_on], [r.work for r in good_off]),
     }
 
 

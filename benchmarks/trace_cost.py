@@ -4,7 +4,8 @@ Runs the steady scenario (four workers in two cgroups, ``--duration`` seconds) o
 4-CPU guest, alternating traced and untraced runs in fresh VMs, ``--runs`` times each.
 Prints per traced run the trace's size, its events, the sched_switch count per CPU
 and any buffer overruns; then the workers' total work units traced as a ratio of
-untraced. Needs usable KVM: run it inside the sandbox.
+untraced, with a bootstrap 95 % interval and the Mann-Whitney p-value. Needs usable
+KVM: run it inside the sandbox.
 
     python -m ktstr sandbox run -- python benchmarks/trace_cost.py [--runs 3]
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.ratio import mean_ratio
 from ktstr.kernel import ensure_kernel
 from ktstr.runner import GuestRequest, run_guest
 from ktstr.telemetry import telemetry_of
@@ -70,8 +72,7 @@ def main() -> int:
         "trace_bytes_median": statistics.median(r["bytes"] for r in traced) if traced else None,
         "events_median": statistics.median(r["events"] for r in traced) if traced else None,
         "every_cpu_switched": all(len(r["switches_per_cpu"]) == topo.nr_cpus for r in traced),
-        "work_traced_over_untraced": round(statistics.mean(on) / statistics.mean(off), 4)
-        if on and off else None,
+        "work_traced_over_untraced": mean_ratio(on, off),
         "untraced_spread": [min(off), max(off)] if off else None,
     }, indent=2))
     return 0
