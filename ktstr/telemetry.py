@@ -62,7 +62,8 @@ def known_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class LatencySummary:
-    """Wake latencies in microseconds."""
+    """Wake latencies in microseconds: ``count`` wakeups in all, percentiles over the
+    samples kept (a worker keeps its most recent ``LAT_CAP``)."""
 
     count: int = 0
     p50_us: float = 0.0
@@ -70,12 +71,13 @@ class LatencySummary:
     max_us: float = 0.0
 
     @classmethod
-    def from_ns(cls, samples_ns: Sequence[int], max_ns: int = 0) -> LatencySummary:
+    def from_ns(cls, samples_ns: Sequence[int], max_ns: int = 0,
+                count: int | None = None) -> LatencySummary:
         if not samples_ns:
             return cls()
         us = [s / 1000.0 for s in samples_ns]
         return cls(
-            count=len(us),
+            count=max(len(us), count or 0),
             p50_us=percentile(us, 50),
             p99_us=percentile(us, 99),
             max_us=max(max(us), max_ns / 1000.0),

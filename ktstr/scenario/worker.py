@@ -402,7 +402,8 @@ class WorkerHandle:
             off_cpu_pct=off_cpu_pct(now - win_start, cpu_ns - win_cpu),
             window_cpu_ns=max(0, cpu_ns - win_cpu) if self.window is not None else None,
             wake_latency=(
-                LatencySummary.from_ns(lat_samples, int(q[_LATMAX])) if lat_n else None
+                LatencySummary.from_ns(lat_samples, int(q[_LATMAX]), count=lat_n)
+                if lat_n else None
             ),
             allowed_cpus=sorted(self.allowed),
             isolation_violations=sorted(self.violations),

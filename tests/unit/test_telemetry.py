@@ -57,6 +57,8 @@ def test_latency_summary_from_ns() -> None:
     assert (s.count, s.p50_us, s.max_us) == (4, 2.5, 9.0)
     assert s.p99_us == pytest.approx(3.97)
     assert LatencySummary.from_ns([]).count == 0
+    kept = LatencySummary.from_ns([1000, 3000], count=10_000)
+    assert kept.count == 10_000 and kept.p50_us == 2.0
 
 
 def _worker(cgroup: str, idx: int, off: float, rate_units: int) -> WorkerStats:
