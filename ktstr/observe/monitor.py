@@ -443,7 +443,12 @@ class GuestObserver:
         try:
             self._sample_until_stopped(raw, tids)
         finally:
-            after = _host_run_ns(tids)
+            # At a stop the vCPU threads have often exited: their last sampled reading
+            # stands in for a final one that can no longer be taken.
+            samples = self.observation.samples
+            last = samples[-1].host_run_ns if samples else before
+            after = tuple(max(now, then) for now, then in
+                          zip(_host_run_ns(tids), last, strict=True))
             ran = [b - a for a, b in zip(before, after, strict=True) if a >= 0 and b >= 0]
             self.observation.cost.vcpu_cpu_s = sum(ran) / 1e9 if ran else None
 
