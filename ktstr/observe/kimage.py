@@ -41,19 +41,23 @@ class PhysReader(Protocol):
 
 def read_symbols(system_map: Path, names: Iterable[str] = SYMBOLS) -> dict[str, int]:
     """The addresses of ``names`` in a ``System.map`` (``ADDR TYPE NAME`` lines)."""
-    wanted = set(names)
-    found: dict[str, int] = {}
     try:
-        with system_map.open("rb") as fh:
-            for line in fh:
-                parts = line.split()
-                if len(parts) == 3 and parts[2].decode(errors="replace") in wanted:
-                    try:
-                        found[parts[2].decode()] = int(parts[0], 16)
-                    except ValueError:
-                        continue
+        data = system_map.read_bytes()
     except OSError as err:
         raise ObserveError(f"cannot read {system_map}: {err.strerror}") from None
+    # A search per name, not a Python loop over the map's tens of thousands of lines:
+    # on an emulated host that loop was most of the observer's CPU.
+    found: dict[str, int] = {}
+    for name in set(names):
+        at = data.find(b" " + name.encode() + b"\n")
+        if at < 0:
+            continue
+        parts = data[data.rfind(b"\n", 0, at) + 1:at].split()
+        if len(parts) == 2:
+            try:
+                found[name] = int(parts[0], 16)
+            except ValueError:
+                continue
     missing = [n for n in REQUIRED if n not in found]
     if missing:
         raise ObserveError(f"{system_map} lacks {', '.join(missing)}: not an x86-64 kernel map")
