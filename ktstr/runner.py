@@ -146,7 +146,8 @@ class GuestRun:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds since VM start on the host clock: ``hello`` (init running),
     ``scenario_start``, ``scenario_end``, ``end``; plus ``boot_ms`` from the boot port,
-    and host phases ``prep_s`` (before ``vm.run()``) and ``vm_run_s`` (``vm.run()``)."""
+    host phases ``prep_s`` (before ``vm.run()``) and ``vm_run_s`` (``vm.run()``), and the
+    guest's start-up steps as ``step.NAME`` (seconds each took, :data:`STEP_PREFIX`)."""
     channel_bytes: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -159,6 +160,11 @@ class GuestRun:
     """What the host-side observer saw (``GuestRequest.observe``)."""
     trace: TraceCapture | None = None
     """The guest's trace (``GuestRequest.trace``), reassembled."""
+
+    def startup_steps(self) -> dict[str, float]:
+        """The guest's start-up steps (name -> seconds), in the order it took them."""
+        return {k.removeprefix(STEP_PREFIX): v for k, v in self.timings.items()
+                if k.startswith(STEP_PREFIX)}
 
     @property
     def attached_state(self) -> dict[str, Any] | None:
@@ -337,6 +343,26 @@ def _poke(chan: ResultChannel, msg: dict[str, Any]) -> None:
     chan.write_guest(msg["gpa"], bytes.fromhex(msg["data"]))
 
 
+STEP_PREFIX = "step."
+"""``GuestRun.timings`` keys of the guest's own start-up steps (``hello``/``scenario_start``
+``steps``: mounts, channel, request, attach, disks, import, setup)."""
+MAX_STEPS = 16
+
+
+def guest_steps(steps: object) -> dict[str, float]:
+    """The guest's ``steps`` field, kept only where it is a short name and a sane duration
+    (the guest is hostile: at most MAX_STEPS entries, each 0..1e6 s)."""
+    if not isinstance(steps, dict):
+        return {}
+    kept: dict[str, float] = {}
+    for name, seconds in list(steps.items())[:MAX_STEPS]:
+        if (isinstance(name, str) and 0 < len(name) <= 32 and name.isidentifier()
+                and isinstance(seconds, int | float) and not isinstance(seconds, bool)
+                and 0 <= seconds <= 1e6):
+            kept[name] = float(seconds)
+    return kept
+
+
 def _last(by_type: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any] | None:
     items = by_type.get(kind)
     return items[-1] if items else None
@@ -361,6 +387,9 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: V
         valid.append((t, body))
         by_type.setdefault(body["type"], []).append(body)
         timings.setdefault(body["type"], t)
+        if body["type"] in ("hello", "scenario_start"):
+            for name, seconds in guest_steps(body.get("steps")).items():
+                timings.setdefault(STEP_PREFIX + name, seconds)
     if vm.boot_ms is not None:
         timings["boot_ms"] = vm.boot_ms
     results = by_type.get("result", [])

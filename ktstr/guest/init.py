@@ -157,6 +157,25 @@ def uptime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+class Steps:
+    """Seconds each start-up step took, for the host's phase table (``steps`` fields)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def done(self, name: str) -> None:
+        now = time.monotonic()
+        self.times[name] = round(now - self._last, 4)
+        self._last = now
+
+    def take(self) -> dict[str, float]:
+        """The steps so far (then starts afresh)."""
+        times, self.times = self.times, {}
+        self._last = time.monotonic()
+        return times
+
+
 def kernel_symbols(*names: str) -> dict[str, int | None]:
     """Addresses from /proc/kallsyms (one pass; None for a name not found)."""
     out: dict[str, int | None] = dict.fromkeys(names)
@@ -235,7 +254,7 @@ def watchdog_pokes(timeout_ms: int) -> list[dict[str, Any]]:
             poke("scx_watchdog_timeout", jiffies)]
 
 
-def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
+def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg, steps: Steps) -> int:
     sched: SchedulerProcess | None = None
     if req.scheduler is not None:
         sched = SchedulerProcess(req.scheduler, kmsg)
@@ -247,11 +266,14 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
                     chan.send(poke)  # applied by the host before send() returns, in order
             except GuestFailure as err:  # the run is still meaningful with the default
                 chan.send({"type": "warning", "text": err.message})
+        steps.done("attach")
     try:
         disks = mount_disks(req.mounts)
     except (OSError, ValueError) as err:  # a disk that never appeared, or a failed mount
         raise GuestFailure("disk", str(err)) from err
+    steps.done("disks")
     func = load_function(req.scenario or "", req.test_file)
+    steps.done("import")
     topo = Topology.parse(req.topology) if req.topology else None
     control = SchedulerControl(req.scheduler, kmsg, sched)
     ctx = Context(channel=chan, topology=topo, cpus=online_cpus(), duration_s=req.duration_s,
@@ -262,7 +284,8 @@ def run_scenario(req: RunRequest, chan: Channel, kmsg: Kmsg) -> int:
     tracer = Tracer(req.trace) if req.trace is not None else None
     if tracer is not None:
         tracer.start()
-    chan.send({"type": "scenario_start", "uptime": uptime()})
+    steps.done("setup")
+    chan.send({"type": "scenario_start", "uptime": uptime(), "steps": steps.take()})
     failure: GuestFailure | None = None
     scenario_error: Exception | None = None
     value = None
@@ -350,18 +373,23 @@ def main() -> None:
     try:
         early_mounts()
         port_write(ports.BOOT_PORT, ports.BOOT_MAGIC)
+        steps = Steps()
         os.environ.update({"PATH": PATH, "HOME": "/root"})
         late_mounts()
+        steps.done("mounts")
         chan = open_channel(read_text("/proc/cmdline"))
-        chan.send({"type": "hello", "uptime": uptime(), "kernel": os.uname().release})
+        steps.done("channel")
+        chan.send({"type": "hello", "uptime": uptime(), "kernel": os.uname().release,
+                   "steps": steps.take()})
         kmsg = Kmsg()
         req = RunRequest.from_json(Path(REQUEST_PATH).read_text())
         for name, value in {**DEFAULT_SYSCTLS, **req.sysctls}.items():
             set_sysctl(name, value)
+        steps.done("request")
         if req.shell is not None or req.interactive:
             code = run_shell(req, chan)
         else:
-            code = run_scenario(req, chan, kmsg)
+            code = run_scenario(req, chan, kmsg, steps)
     except GuestFailure as err:
         log(f"failure ({err.kind}): {err.message}")
         _send(chan, {"type": "failure", "kind": err.kind, "message": err.message,

@@ -15,7 +15,9 @@ watchdog_timeout_s, attach_attempts}, ``topology`` (label), ``nr_cpus``,
 ``scheduler_exit``, ``dilation`` {per_vcpu, mean, max} (host time each vCPU thread waited
 runnable, as a share of the run), ``performance`` (performance mode: what the host gave,
 ``PerformanceApplied.to_record``), ``console_tail`` (on failure), ``timings`` {started, finished,
-wall_s, boot_ms, vm_s, disks_s, prep_s, vm_run_s, resolve_s}, ``host`` {cpu_model,
+wall_s, boot_ms, vm_s, disks_s, prep_s, vm_run_s, resolve_s, guest_s {hello, sched_attached,
+scenario_start, scenario_end, end}: host seconds since VM start, guest_steps_s {mounts,
+channel, request, attach, disks, import, setup}: the guest's start-up steps}, ``host`` {cpu_model,
 nr_cpus, loadavg, kernel_release, ktstr_version, sandbox} (where it ran).
 
 A test run N > 1 times (``--ktstr-repeat``) adds ``repeats`` [{repeat, verdict,
@@ -237,10 +239,18 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
             "vm_s": run.vm.duration_s,
             **{k: round(run.timings[k], 3) for k in ("disks_s", "prep_s", "vm_run_s", "dump_s")
                if k in run.timings},
+            "guest_s": {k: round(run.timings[k], 3) for k in GUEST_MARKS if k in run.timings}
+            or None,
+            "guest_steps_s": {k: round(v, 3) for k, v in run.startup_steps().items()} or None,
             **plan.phases,
         },
         "host": host_context(),
     }
+
+
+GUEST_MARKS = ("hello", "sched_attached", "scenario_start", "scenario_end", "end")
+"""Guest messages whose arrival (host seconds since VM start) ``timings.guest_s`` keeps: the
+run's phases inside the VM (init running, scheduler attached, scenario, shutdown)."""
 
 
 def dilation_record(per_vcpu: Sequence[float | None]) -> dict[str, Any] | None:

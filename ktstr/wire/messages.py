@@ -41,12 +41,12 @@ def opt(*types: type, items: tuple[type, ...] = (),
 
 
 SCHEMAS: dict[str, dict[str, Field]] = {
-    "hello": {"uptime": opt(*NUMBER), "kernel": opt(str)},
+    "hello": {"uptime": opt(*NUMBER), "kernel": opt(str), "steps": opt(dict)},
     "sched_attached": {"state": opt(dict), "uptime": opt(*NUMBER)},
     "poke": {"gpa": req(int), "data": req(str), "what": opt(str)},
     "warning": {"text": req(str)},
     "log": {"text": req(str)},
-    "scenario_start": {"uptime": opt(*NUMBER)},
+    "scenario_start": {"uptime": opt(*NUMBER), "steps": opt(dict)},
     "scenario_end": {"uptime": opt(*NUMBER)},
     "sched_samples": {"samples": req(list, items=(dict,))},
     "sched_exit": {  # ktstr.guest.sched.ExitReport
