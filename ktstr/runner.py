@@ -26,7 +26,7 @@ from ktstr.vmm.devices.channel import ResultChannel
 from ktstr.vmm.performance import Performance
 from ktstr.vmm.vcpu import TRIPLE_FAULT
 from ktstr.wire.frame import decode_serial, note_error
-from ktstr.wire.messages import validate_message
+from ktstr.wire.messages import STARTUP_STEPS, validate_message
 from ktstr.wire.request import MountSpec, RunRequest, SchedulerSpec, TraceSpec
 
 if TYPE_CHECKING:
@@ -146,8 +146,9 @@ class GuestRun:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds since VM start on the host clock: ``hello`` (init running),
     ``scenario_start``, ``scenario_end``, ``end``; plus ``boot_ms`` from the boot port,
-    host phases ``prep_s`` (before ``vm.run()``) and ``vm_run_s`` (``vm.run()``), and the
-    guest's start-up steps as ``step.NAME`` (seconds each took, :data:`STEP_PREFIX`)."""
+    and host phases ``prep_s`` (before ``vm.run()``) and ``vm_run_s`` (``vm.run()``)."""
+    startup_steps: dict[str, float] = field(default_factory=dict)
+    """The guest init's start-up steps (``wire.messages.STARTUP_STEPS``): seconds each took."""
     channel_bytes: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -160,11 +161,6 @@ class GuestRun:
     """What the host-side observer saw (``GuestRequest.observe``)."""
     trace: TraceCapture | None = None
     """The guest's trace (``GuestRequest.trace``), reassembled."""
-
-    def startup_steps(self) -> dict[str, float]:
-        """The guest's start-up steps (name -> seconds), in the order it took them."""
-        return {k.removeprefix(STEP_PREFIX): v for k, v in self.timings.items()
-                if k.startswith(STEP_PREFIX)}
 
     @property
     def attached_state(self) -> dict[str, Any] | None:
@@ -343,24 +339,16 @@ def _poke(chan: ResultChannel, msg: dict[str, Any]) -> None:
     chan.write_guest(msg["gpa"], bytes.fromhex(msg["data"]))
 
 
-STEP_PREFIX = "step."
-"""``GuestRun.timings`` keys of the guest's own start-up steps (``hello``/``scenario_start``
-``steps``: mounts, channel, request, attach, disks, import, setup)."""
-MAX_STEPS = 16
+MAX_STEP_S = 1e6
+"""A start-up step said to take longer (or under 0 s) is not a duration the guest measured."""
 
 
-def guest_steps(steps: object) -> dict[str, float]:
-    """The guest's ``steps`` field, kept only where it is a short name and a sane duration
-    (the guest is hostile: at most MAX_STEPS entries, each 0..1e6 s)."""
-    if not isinstance(steps, dict):
-        return {}
-    kept: dict[str, float] = {}
-    for name, seconds in list(steps.items())[:MAX_STEPS]:
-        if (isinstance(name, str) and 0 < len(name) <= 32 and name.isidentifier()
-                and isinstance(seconds, int | float) and not isinstance(seconds, bool)
-                and 0 <= seconds <= 1e6):
-            kept[name] = float(seconds)
-    return kept
+def startup_steps(body: Mapping[str, Any]) -> dict[str, float]:
+    """The known start-up steps of a validated ``hello``/``scenario_start`` message, each
+    kept only where its duration is plausible."""
+    steps = body.get("steps") or {}
+    return {name: float(steps[name]) for name in STARTUP_STEPS.get(body["type"], ())
+            if name in steps and 0 <= steps[name] <= MAX_STEP_S}
 
 
 def _last(by_type: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any] | None:
@@ -377,6 +365,7 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: V
     """
     by_type: dict[str, list[dict[str, Any]]] = {}
     timings: dict[str, float] = {}
+    steps: dict[str, float] = {}
     errors = list(channel_errors)
     valid: list[tuple[float, dict[str, Any]]] = []
     for t, body in timed:
@@ -387,9 +376,8 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: V
         valid.append((t, body))
         by_type.setdefault(body["type"], []).append(body)
         timings.setdefault(body["type"], t)
-        if body["type"] in ("hello", "scenario_start"):
-            for name, seconds in guest_steps(body.get("steps")).items():
-                timings.setdefault(STEP_PREFIX + name, seconds)
+        for name, seconds in startup_steps(body).items():
+            steps.setdefault(name, seconds)
     if vm.boot_ms is not None:
         timings["boot_ms"] = vm.boot_ms
     results = by_type.get("result", [])
@@ -406,6 +394,7 @@ def collect(timed: Sequence[tuple[float, Any]], channel_errors: list[str], vm: V
         traceback=guest_failure.get("traceback") if guest_failure else None,
         exit_code=end.get("exit_code") if end else vm.exit_code,
         messages=[b for _, b in valid], channel_errors=errors, timings=timings,
+        startup_steps=steps,
         channel_bytes=nbytes,
         warnings=[str(m.get("text", "")) for m in by_type.get("warning", [])],
         trace=assemble(by_type.get("trace_chunk", []), _last(by_type, "trace_info")),

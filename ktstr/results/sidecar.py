@@ -241,7 +241,7 @@ def sidecar_record(plan: RunPlan, verdict: Verdict, run: GuestRun, started: floa
                if k in run.timings},
             "guest_s": {k: round(run.timings[k], 3) for k in GUEST_MARKS if k in run.timings}
             or None,
-            "guest_steps_s": {k: round(v, 3) for k, v in run.startup_steps().items()} or None,
+            "guest_steps_s": {k: round(v, 3) for k, v in run.startup_steps.items()} or None,
             **plan.phases,
         },
         "host": host_context(),

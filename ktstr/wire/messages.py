@@ -40,13 +40,25 @@ def opt(*types: type, items: tuple[type, ...] = (),
     return Field(types, False, items, fields)
 
 
+STARTUP_STEPS = {
+    "hello": ("mounts", "channel"),
+    "scenario_start": ("request", "attach", "disks", "import", "setup"),
+}
+"""The guest init's start-up steps each message reports (``steps``: seconds each took), in
+the order the init takes them."""
+
+
+def _steps(kind: str) -> Field:
+    return opt(dict, fields={name: opt(*NUMBER) for name in STARTUP_STEPS[kind]})
+
+
 SCHEMAS: dict[str, dict[str, Field]] = {
-    "hello": {"uptime": opt(*NUMBER), "kernel": opt(str), "steps": opt(dict)},
+    "hello": {"uptime": opt(*NUMBER), "kernel": opt(str), "steps": _steps("hello")},
     "sched_attached": {"state": opt(dict), "uptime": opt(*NUMBER)},
     "poke": {"gpa": req(int), "data": req(str), "what": opt(str)},
     "warning": {"text": req(str)},
     "log": {"text": req(str)},
-    "scenario_start": {"uptime": opt(*NUMBER), "steps": opt(dict)},
+    "scenario_start": {"uptime": opt(*NUMBER), "steps": _steps("scenario_start")},
     "scenario_end": {"uptime": opt(*NUMBER)},
     "sched_samples": {"samples": req(list, items=(dict,))},
     "sched_exit": {  # ktstr.guest.sched.ExitReport
