@@ -40,6 +40,8 @@ from ktstr.vmm import layout
 from ktstr.vmm.vm import DEFAULT_CMDLINE, EXIT_FRUGAL_CMDLINE, QUIET_CMDLINE, Vm
 
 EXTRA_CMDLINE = "printk.time=1"
+QEMU_CMDLINE = f"{DEFAULT_CMDLINE} {EXIT_FRUGAL_CMDLINE} {QUIET_CMDLINE} {EXTRA_CMDLINE}"
+"""What our VMM gives a quiet boot with EXTRA_CMDLINE, spelled out for QEMU."""
 UPTIME_RE = re.compile(rb"\[\s*(\d+\.\d+)\] " + INIT_MARKER.encode())
 
 
@@ -172,14 +174,13 @@ def compare_logs(args: argparse.Namespace, topo: Topology, tmp: Path) -> None:
     since the previous line both boots printed)."""
     initrd = initramfs.write_busybox_initramfs(tmp / "dmesg.cpio", DMESG_INIT,
                                                why="the dmesg init is a busybox script")
-    cmdline = f"{DEFAULT_CMDLINE} {EXIT_FRUGAL_CMDLINE} {QUIET_CMDLINE} {EXTRA_CMDLINE}"
     args.log_dir.mkdir(parents=True, exist_ok=True)
     per_line: dict[tuple[str, int], list[tuple[float, float, str]]] = {}
     ends: list[tuple[float, float]] = []
     for i in range(args.runs):
         *_, ours_log = boot_ours(args.kernel, initrd, topo, args.memory_mb, args.timeout)
         _, _, qemu_log = boot_qemu(args.qemu, args.kernel, initrd, topo, args.memory_mb,
-                                   cmdline, args.timeout, until=DMESG_END)
+                                   QEMU_CMDLINE, args.timeout, until=DMESG_END)
         (args.log_dir / f"ours-{i + 1}.log").write_bytes(ours_log)
         (args.log_dir / f"qemu-{i + 1}.log").write_bytes(qemu_log)
         ours, qemu = log_lines(dmesg_of(ours_log)), log_lines(dmesg_of(qemu_log))
@@ -217,13 +218,12 @@ def main() -> int:
                         help="where --compare-log keeps both boot logs")
     args = parser.parse_args()
     topo = Topology.parse(args.topology)
-    cmdline = f"{DEFAULT_CMDLINE} {EXIT_FRUGAL_CMDLINE} {QUIET_CMDLINE} {EXTRA_CMDLINE}"
     tmp = Path(tempfile.mkdtemp(prefix="ktstr-bench-"))
     try:
-        initrd = build_initramfs(tmp / "init.cpio")
         if args.compare_log and args.qemu:
             compare_logs(args, topo, tmp)
             return 0
+        initrd = build_initramfs(tmp / "init.cpio")
         ours: list[float] = []
         ours_port: list[float] = []
         ours_up: list[float] = []
@@ -245,7 +245,7 @@ def main() -> int:
                     f"guest uptime {up or 0:.0f} ms)")
             if args.qemu:
                 qms, qup, _ = boot_qemu(args.qemu, args.kernel, initrd, topo, args.memory_mb,
-                                     cmdline, args.timeout)
+                                     QEMU_CMDLINE, args.timeout)
                 qemu.append(qms)
                 if qup is not None:
                     qemu_up.append(qup)

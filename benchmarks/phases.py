@@ -85,7 +85,8 @@ def main() -> int:
             or [record.get("timings") or {}]
     finally:
         shutil.rmtree(results, ignore_errors=True)
-    rows = [p for t in runs if (p := phases(t)) is not None]
+    kept = [(t, p) for t in runs if (p := phases(t)) is not None]
+    rows = [p for _, p in kept]
     if not rows:
         print("no run has every phase mark", file=sys.stderr)
         return 1
@@ -98,7 +99,7 @@ def main() -> int:
         values = [r[name] for r in rest]
         print(f"{name:<26}{statistics.median(values):9.2f}{min(values):8.2f}"
               f"{max(values):8.2f}{first[name]:9.2f}")
-    steps = [t.get("guest_steps_s") or {} for t in runs[1:] or runs]
+    steps = [t.get("guest_steps_s") or {} for t, _ in kept[1:] or kept]
     names = list(dict.fromkeys(k for st in steps for k in st))
     if names:
         print("guest start-up steps (median s): " + ", ".join(
